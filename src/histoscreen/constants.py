@@ -1,0 +1,25 @@
+"""The numbers every stage agrees on: patch geometry and the Kaggle file-name pattern."""
+
+import re
+
+# Patches are 50x50 px cut on a 50-px grid; coordinates in names are 1-based
+# (x, y = 1, 51, 101, ...), and a patch covers slide pixels [x-1, x+49) x [y-1, y+49).
+PATCH_SIZE = 50
+GRID_STEP = 50
+COORD_ORIGIN = 1
+
+# Edge patches are padded with white: background on a bright-field slide is white.
+BACKGROUND_RGB = (255, 255, 255)
+
+PATCH_NAME_PATTERN = re.compile(
+    r"^(?P<patient>\d+)_idx5_x(?P<x>\d+)_y(?P<y>\d+)_class(?P<label>[01])\.png$"
+)
+PATCH_NAME_TEMPLATE = "{patient}_idx5_x{x}_y{y}_class{label}.png"
+PATCH_NAME_HINT = "<patient>_idx5_x<X>_y<Y>_class<0|1>.png"
+
+# The Kaggle archive repeats the whole set under this folder.
+KAGGLE_DUPLICATE_FOLDER = "IDC_regular_ps50_idx5"
+
+# Patient ids of generated slides start here, far from every real id, so synthetic
+# patches can never be mistaken for real ones.
+SYNTHETIC_PATIENT_BASE = 900000

@@ -1,0 +1,59 @@
+"""Parse and build Kaggle patch file names: <patient>_idx5_x<X>_y<Y>_class<C>.png."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from histoscreen.constants import (
+    COORD_ORIGIN,
+    GRID_STEP,
+    PATCH_NAME_PATTERN,
+    PATCH_NAME_TEMPLATE,
+)
+
+
+@dataclass(frozen=True)
+class PatchName:
+    patient: str
+    x: int
+    y: int
+    label: int
+
+    @property
+    def key(self) -> tuple[str, int, int]:
+        """What makes a patch unique: the archive's doubled copies share it."""
+        return (self.patient, self.x, self.y)
+
+    @property
+    def column(self) -> int:
+        return (self.x - COORD_ORIGIN) // GRID_STEP
+
+    @property
+    def row(self) -> int:
+        return (self.y - COORD_ORIGIN) // GRID_STEP
+
+
+def parse_patch_name(file_name: str) -> PatchName | None:
+    """Return the parts of a Kaggle patch name, or None when it does not follow the pattern.
+
+    >>> parse_patch_name("10253_idx5_x601_y851_class0.png")
+    PatchName(patient='10253', x=601, y=851, label=0)
+    """
+    match = PATCH_NAME_PATTERN.match(file_name)
+    if match is None:
+        return None
+    return PatchName(
+        patient=match["patient"],
+        x=int(match["x"]),
+        y=int(match["y"]),
+        label=int(match["label"]),
+    )
+
+
+def patch_file_name(patient: str, x: int, y: int, label: int) -> str:
+    return PATCH_NAME_TEMPLATE.format(patient=patient, x=x, y=y, label=label)
+
+
+def patient_sort_key(patient: str) -> tuple[int, str]:
+    """Numeric order for digit ids ('9023' before '10253') without assuming they are digits."""
+    return (len(patient), patient)

@@ -1,0 +1,122 @@
+"""Reading single patch files: finding them, checking their names and decoding their pixels.
+
+Every check returns a reason a person can act on, so a bad file is reported, never
+silently dropped. `prepare` uses these now; prediction on loose folders will too.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from io import BytesIO
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from histoscreen.constants import (
+    BACKGROUND_RGB,
+    COORD_ORIGIN,
+    GRID_STEP,
+    PATCH_NAME_HINT,
+    PATCH_SIZE,
+)
+from histoscreen.data.naming import PatchName, parse_patch_name
+
+_MODE_DESCRIPTIONS = {
+    "1": "1-bit black and white",
+    "L": "grayscale",
+    "LA": "grayscale with alpha",
+    "I": "32-bit grayscale",
+    "I;16": "16-bit grayscale",
+    "P": "palette",
+    "RGBA": "RGB with an alpha channel",
+    "CMYK": "CMYK",
+}
+
+
+@dataclass(frozen=True)
+class DecodedPatch:
+    """A patch padded to PATCH_SIZE x PATCH_SIZE, or the reason it could not be read."""
+
+    pixels: np.ndarray | None  # uint8, PATCH_SIZE x PATCH_SIZE x 3
+    width: int
+    height: int
+    digest: bytes
+    reason: str | None
+
+
+def find_files(folder: Path) -> list[Path]:
+    """Every regular, non-hidden file below `folder`, in a stable order."""
+    found: list[Path] = []
+    for root, dirs, files in os.walk(folder):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        found.extend(Path(root, f) for f in sorted(files) if not f.startswith("."))
+    return found
+
+
+def check_name(path: Path) -> tuple[PatchName | None, str | None]:
+    """Parse the file name and check it against the folders it sits in.
+
+    The Kaggle layout is <patient>/<0|1>/<name>; when those folders are present they
+    must agree with the name, since a disagreement means a label or patient mix-up.
+    """
+    if path.suffix.lower() != ".png":
+        return None, f"not a .png file (suffix {path.suffix or 'none'!r})"
+    name = parse_patch_name(path.name)
+    if name is None:
+        return None, f"name does not match {PATCH_NAME_HINT}"
+    for axis, value in (("x", name.x), ("y", name.y)):
+        if (value - COORD_ORIGIN) % GRID_STEP:
+            return None, f"{axis}={value} is not on the {GRID_STEP}-px grid (1, 51, 101, ...)"
+    label_folder = path.parent.name
+    if label_folder in ("0", "1"):
+        if int(label_folder) != name.label:
+            return None, f"label class{name.label} in the name disagrees with its folder {label_folder}/"
+        patient_folder = path.parent.parent.name
+        if patient_folder.isdigit() and patient_folder != name.patient:
+            return None, f"named for patient {name.patient} but stored in patient folder {patient_folder}/"
+    return name, None
+
+
+def decode_patch(path: Path) -> DecodedPatch:
+    """Decode one patch file, padding edge patches with background to the full size."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as error:
+        return _rejected(f"unreadable file ({error.strerror or error})")
+    return decode_patch_bytes(data)
+
+
+def decode_patch_bytes(data: bytes) -> DecodedPatch:
+    """Decode the bytes of one patch PNG; see decode_patch."""
+    if not data:
+        return _rejected("empty file (0 bytes)")
+    try:
+        with Image.open(BytesIO(data)) as image:
+            if image.format != "PNG":
+                return _rejected(f"not a PNG image (format {image.format})")
+            width, height = image.size
+            # Checked before decoding, so an oversized file cannot exhaust memory.
+            if width > PATCH_SIZE or height > PATCH_SIZE or width < 1 or height < 1:
+                return _rejected(f"size {width}x{height} does not fit in {PATCH_SIZE}x{PATCH_SIZE}")
+            if image.mode != "RGB":
+                described = _MODE_DESCRIPTIONS.get(image.mode, image.mode)
+                return _rejected(f"{described} image (mode {image.mode}); expected 8-bit RGB")
+            image.load()
+            pixels = np.asarray(image, dtype=np.uint8)
+    except UnidentifiedImageError:
+        return _rejected("not an image (unreadable as PNG)")
+    except (OSError, SyntaxError, ValueError) as error:
+        return _rejected(f"corrupt or truncated PNG ({error})")
+    padded = np.empty((PATCH_SIZE, PATCH_SIZE, 3), dtype=np.uint8)
+    padded[:] = BACKGROUND_RGB
+    padded[:height, :width] = pixels
+    digest = hashlib.blake2b(padded.tobytes(), digest_size=16)
+    digest.update(f"{width}x{height}".encode())
+    return DecodedPatch(padded, width, height, digest.digest(), None)
+
+
+def _rejected(reason: str) -> DecodedPatch:
+    return DecodedPatch(None, 0, 0, b"", reason)

@@ -1,0 +1,52 @@
+"""Shared fixtures: synthetic slides in the Kaggle layout, and the real patches when present."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import zipfile
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from histoscreen.data import synthesize
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def shared_data_folder() -> Path | None:
+    """../shared/data/idc beside the checkout (or HISTOSCREEN_SHARED_DATA), if it is there."""
+    configured = os.environ.get("HISTOSCREEN_SHARED_DATA")
+    folder = Path(configured) if configured else REPO_ROOT.parent / "shared" / "data" / "idc"
+    return folder if (folder / "unpack.py").is_file() else None
+
+
+@pytest.fixture(scope="session")
+def synthetic_archive(tmp_path_factory) -> Path:
+    """Three synthetic slides laid out like the Kaggle archive: every patch twice."""
+    root = tmp_path_factory.mktemp("archive") / "kaggle"
+    synthesize(root, patients=3, seed=11, doubled=True)
+    return root
+
+
+@pytest.fixture(scope="session")
+def real_val_patches() -> tuple[Path, Counter]:
+    """The real official-val patches unpacked as PNG, and the (patient, label) counts in val.zip.
+
+    CI unpacks them first and names the folder in HISTOSCREEN_REAL_VAL; otherwise they are
+    unpacked here into .cache/ (unpack.py skips files already written).
+    """
+    shared = shared_data_folder()
+    if shared is None:
+        pytest.skip("real IDC patches not available: ../shared/data/idc is absent (users don't have it)")
+    target = Path(os.environ.get("HISTOSCREEN_REAL_VAL") or REPO_ROOT / ".cache" / "real-idc" / "val")
+    subprocess.run(
+        [sys.executable, str(shared / "unpack.py"), str(target), "--split", "val"],
+        check=True,
+        capture_output=True,
+    )
+    with zipfile.ZipFile(shared / "val.zip") as archive:
+        expected = Counter(tuple(member.split("/")[:2]) for member in archive.namelist() if member.endswith(".webp"))
+    return target, expected

@@ -1,0 +1,64 @@
+"""The histoscreen command as a user runs it: a real process, real files, exit codes."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from histoscreen.data import PatchStore
+
+
+def histoscreen(*args: str) -> subprocess.CompletedProcess:
+    installed = Path(sys.executable).parent / "histoscreen"
+    command = [str(installed)] if installed.exists() else [sys.executable, "-m", "histoscreen.cli"]
+    return subprocess.run(command + list(args), capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("command", [[], ["prepare"], ["synth"], ["splits"]])
+def test_help_on_every_command(command):
+    result = histoscreen(*command, "--help")
+    assert result.returncode == 0
+    assert "usage: histoscreen" in result.stdout
+
+
+def test_synth_prepare_splits_round_trip(tmp_path):
+    synth = histoscreen("synth", str(tmp_path / "slides"), "--patients", "2", "--seed", "3", "--doubled")
+    assert synth.returncode == 0, synth.stderr
+    assert "SYNTHETIC" in synth.stdout
+
+    prepared = histoscreen("prepare", str(tmp_path / "slides"), str(tmp_path / "store"))
+    assert prepared.returncode == 0, prepared.stderr
+    store = PatchStore(tmp_path / "store")
+    assert f"patches: {len(store):,} from 2 patients" in prepared.stdout
+    assert f"duplicate copies dropped: {len(store):,}" in prepared.stdout
+
+    splits = histoscreen("splits", str(tmp_path / "store"), "--scheme", "kfold", "--folds", "2", "--out", str(tmp_path / "folds.csv"))
+    assert splits.returncode == 0, splits.stderr
+    assert "kfold-2-of-2" in splits.stdout
+    assert (tmp_path / "folds.csv").read_text().startswith("patient,split,round\n")
+
+
+def test_quiet_prints_nothing(tmp_path):
+    synth = histoscreen("synth", str(tmp_path / "slides"), "--patients", "1", "--quiet")
+    prepared = histoscreen("prepare", str(tmp_path / "slides"), str(tmp_path / "store"), "--quiet")
+    assert (synth.returncode, prepared.returncode) == (0, 0)
+    assert synth.stdout + synth.stderr + prepared.stdout + prepared.stderr == ""
+
+
+def test_failures_are_one_line_with_a_nonzero_exit(tmp_path):
+    missing = histoscreen("prepare", str(tmp_path / "nowhere"), str(tmp_path / "store"))
+    assert missing.returncode == 2
+    assert missing.stderr.strip().splitlines() == [f"histoscreen prepare: error: {tmp_path / 'nowhere'}: no such folder"]
+
+    (tmp_path / "slides" / "900000" / "0").mkdir(parents=True)
+    (tmp_path / "slides" / "900000" / "0" / "900000_idx5_x1_y1_class0.png").write_bytes(b"")
+    strict = histoscreen("prepare", str(tmp_path / "slides"), str(tmp_path / "store"), "--strict")
+    assert strict.returncode == 2
+    assert "empty file (0 bytes)" in strict.stderr and len(strict.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "store").exists()
+
+    not_a_store = histoscreen("splits", str(tmp_path / "slides"))
+    assert not_a_store.returncode == 2 and "not a patch store" in not_a_store.stderr
