@@ -50,3 +50,40 @@ def real_val_patches() -> tuple[Path, Counter]:
     with zipfile.ZipFile(shared / "val.zip") as archive:
         expected = Counter(tuple(member.split("/")[:2]) for member in archive.namelist() if member.endswith(".webp"))
     return target, expected
+
+
+TINY_ARCHITECTURE = {"widths": [8, 16, 16, 24], "dropout": 0.0}
+
+
+def tiny_config(**overrides):
+    """A model small enough to train on synthetic slides in seconds: the held-out synthetic
+    patients are the val fold of a 3-fold split."""
+    from histoscreen.training import TrainConfig
+
+    settings = dict(
+        architecture="compact", architecture_kwargs=TINY_ARCHITECTURE, epochs=3, batch_size=128,
+        learning_rate=3e-3, split="kfold", folds=3, fold=1, seed=0, threads=2,
+    )
+    settings.update(overrides)
+    return TrainConfig(**settings)
+
+
+@pytest.fixture(scope="session")
+def synthetic_store(tmp_path_factory) -> Path:
+    """Six synthetic slides, packed."""
+    from histoscreen.data import prepare
+
+    root = tmp_path_factory.mktemp("synthetic-store")
+    synthesize(root / "slides", patients=6, seed=21)
+    prepare(root / "slides", root / "store")
+    return root / "store"
+
+
+@pytest.fixture(scope="session")
+def tiny_model(synthetic_store, tmp_path_factory) -> Path:
+    """A tiny model trained for a few seconds on four synthetic patients."""
+    from histoscreen.training import train
+
+    out = tmp_path_factory.mktemp("tiny-model") / "model"
+    train(synthetic_store, out, tiny_config())
+    return out

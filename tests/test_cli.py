@@ -17,7 +17,7 @@ def histoscreen(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(command + list(args), capture_output=True, text=True, timeout=300)
 
 
-@pytest.mark.parametrize("command", [[], ["prepare"], ["synth"], ["splits"]])
+@pytest.mark.parametrize("command", [[], ["prepare"], ["synth"], ["splits"], ["train"], ["evaluate"], ["predict"], ["screen"]])
 def test_help_on_every_command(command):
     result = histoscreen(*command, "--help")
     assert result.returncode == 0
@@ -62,3 +62,41 @@ def test_failures_are_one_line_with_a_nonzero_exit(tmp_path):
 
     not_a_store = histoscreen("splits", str(tmp_path / "slides"))
     assert not_a_store.returncode == 2 and "not a patch store" in not_a_store.stderr
+
+
+def test_train_evaluate_predict_from_the_command_line(synthetic_store, tmp_path):
+    model = tmp_path / "model"
+    trained = histoscreen(
+        "train", str(synthetic_store), "--out", str(model), "--epochs", "2", "--arch-kwargs", '{"widths": [8, 16]}',
+        "--split-scheme", "kfold", "--folds", "3", "--fold", "2", "--threads", "2",
+    )
+    assert trained.returncode == 0, trained.stderr
+    assert "val patients" in trained.stdout and "epoch 2/2" in trained.stderr
+    assert (model / "model.safetensors").is_file() and (model / "model.json").is_file()
+    assert "histoscreen train" in (model / "model.json").read_text()  # the command is recorded
+
+    evaluated = histoscreen(
+        "evaluate", str(synthetic_store), "--model", str(model), "--split", "val", "--split-scheme", "kfold",
+        "--folds", "3", "--fold", "2", "--out", str(tmp_path / "eval"), "--bootstrap", "50",
+    )
+    assert evaluated.returncode == 0, evaluated.stderr
+    assert "balanced_accuracy" in evaluated.stdout and "95% CI" in evaluated.stdout
+    assert (tmp_path / "eval" / "metrics.json").is_file() and (tmp_path / "eval" / "roc.png").is_file()
+
+    predicted = histoscreen("predict", str(synthetic_store), "--model", str(model / "model.json"), "--out", str(tmp_path / "p.csv"))
+    assert predicted.returncode == 0, predicted.stderr
+    assert (tmp_path / "p.csv").read_text().startswith("path,patient,x,y,prob_idc,pred\n")
+
+    no_official_patients = histoscreen("train", str(synthetic_store), "--out", str(tmp_path / "m2"), "--epochs", "1")
+    assert no_official_patients.returncode == 2
+    assert "leaves 0 train and 0 val patches" in no_official_patients.stderr
+
+
+def test_a_pickle_handed_as_a_model_is_refused(tmp_path, synthetic_store):
+    import torch
+
+    torch.save({"weights": torch.zeros(3)}, tmp_path / "model.pt")
+    result = histoscreen("predict", str(synthetic_store), "--model", str(tmp_path / "model.pt"), "--out", str(tmp_path / "p.csv"))
+    assert result.returncode == 2
+    assert "never unpickles" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "p.csv").exists()

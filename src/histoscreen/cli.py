@@ -7,6 +7,7 @@ returns the lines of its summary, printed once the bar is gone; it exits 0; any 
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 from collections.abc import Sequence
 
@@ -103,6 +104,106 @@ def _command_splits(args: argparse.Namespace, progress: Progress) -> list[str]:
     return lines
 
 
+def _split_options(args: argparse.Namespace) -> dict:
+    return {
+        "extra_to_train": getattr(args, "extra_to_train", False),
+        "folds": args.folds,
+        "fold": args.fold,
+        "seed": args.split_seed,
+        "csv_path": args.split_csv,
+    }
+
+
+def _add_split_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--split-scheme", choices=["official", "kfold", "csv"], default="official",
+                        help="official 84/29/49 lists (default), a k-fold round, or --split-csv")
+    parser.add_argument("--folds", type=int, default=5, help="kfold: number of folds (default 5)")
+    parser.add_argument("--fold", type=int, default=1, help="kfold: the round whose held-out fold is val (1-based)")
+    parser.add_argument("--split-seed", type=int, default=0, help="kfold: seed of the fold assignment")
+    parser.add_argument("--split-csv", help="csv: file with columns patient,split")
+
+
+def _command_train(args: argparse.Namespace, progress: Progress) -> list[str]:
+    import json
+
+    from histoscreen.training import TrainConfig, train
+
+    options = _split_options(args)
+    config = TrainConfig(
+        architecture=args.arch,
+        architecture_kwargs=json.loads(args.arch_kwargs) if args.arch_kwargs else {},
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        learning_rate=args.lr,
+        weight_decay=args.weight_decay,
+        warmup_epochs=args.warmup_epochs,
+        balance=args.balance,
+        stain_jitter=args.stain_jitter,
+        seed=args.seed,
+        split=args.split_scheme,
+        extra_to_train=options["extra_to_train"],
+        folds=args.folds,
+        fold=args.fold,
+        split_csv=args.split_csv,
+        min_sensitivity=args.min_sensitivity,
+        max_train_patches=args.max_train_patches,
+        device=args.device,
+        threads=args.threads,
+    )
+    lines: list[str] = []
+    log = (lambda line: None) if args.quiet else (lambda line: tqdm.write(line, file=sys.stderr))
+    command = "histoscreen " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    result = train(args.store, args.out, config, resume=args.resume, progress=progress, log=log, command=command)
+    validation = result.metadata.validation["plain"]
+    lines.append(f"model: {result.model_path}")
+    lines.append(
+        f"val patients ({validation['patches']:,} patches), threshold {result.metadata.threshold:.4f}: "
+        f"accuracy {validation['accuracy']:.4f}, balanced accuracy {validation['balanced_accuracy']:.4f}, "
+        f"sensitivity {validation['sensitivity']:.4f}, specificity {validation['specificity']:.4f}, "
+        f"AUC {validation['roc_auc']:.4f}"
+    )
+    return lines
+
+
+def _command_evaluate(args: argparse.Namespace, progress: Progress) -> list[str]:
+    from histoscreen.inference import evaluate
+
+    report = evaluate(
+        args.store, args.out, model=args.model, split=args.split, scheme=args.split_scheme,
+        split_options={k: v for k, v in _split_options(args).items() if k != "extra_to_train"},
+        tta=args.tta, bootstrap_rounds=args.bootstrap, device=args.device, overwrite=args.overwrite, progress=progress,
+    )
+    measured, metrics, ci = report["measured_on"], report["metrics"], report["confidence_95"]
+    lines = [f"{measured['split']}: {measured['patients']} patients, {measured['patches']:,} patches ({measured['idc_patches']:,} IDC)"]
+    for name in ("accuracy", "balanced_accuracy", "sensitivity", "specificity", "precision", "f1", "roc_auc", "pr_auc"):
+        lines.append(f"  {name:18s} {metrics[name]:.4f}  (95% CI {ci[name][0]:.4f}-{ci[name][1]:.4f}, patient bootstrap)")
+    lines.append(f"  {'brier':18s} {metrics['brier']:.4f}")
+    lines.append(f"  {'ece':18s} {metrics['ece']:.4f}")
+    lines.append(f"written: {args.out}/metrics.json, per_patient.csv, " + ", ".join(report["plots"]))
+    return lines
+
+
+def _command_predict(args: argparse.Namespace, progress: Progress) -> list[str]:
+    from histoscreen.inference import predict
+
+    summary = predict(
+        args.inputs, args.out, model=args.model, tta=args.tta, batch_size=args.batch_size,
+        workers=args.workers, device=args.device, progress=progress,
+    )
+    return summary.lines()
+
+
+def _command_screen(args: argparse.Namespace, progress: Progress) -> list[str]:
+    from histoscreen.screening import screen
+
+    result = screen(
+        args.input, args.out, model=args.model, tta=args.tta, um_per_px=args.um_per_px, labels_csv=args.labels,
+        use_name_labels=not args.ignore_name_labels, device=args.device, workers=args.workers,
+        overwrite=args.overwrite, progress=progress,
+    )
+    return result.lines()
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors")
@@ -157,6 +258,89 @@ def build_parser() -> argparse.ArgumentParser:
     splits.add_argument("--csv", help="csv: file with columns patient,split")
     splits.add_argument("--out", help="write the split(s) as CSV: patient,split,round")
     splits.set_defaults(run=_command_splits)
+
+    train = commands.add_parser(
+        "train",
+        parents=[common],
+        help="train an IDC model on a store's train patients, select and calibrate on its val patients",
+        description="Train on the train patients of a patient split, keep the epoch with the best val balanced "
+        "accuracy, then fit temperature and threshold on the val patients. Writes OUT/model.safetensors + "
+        "model.json, OUT/metrics.jsonl and a checkpoint every epoch (OUT/checkpoints).",
+    )
+    train.add_argument("store", help="a store written by 'histoscreen prepare'")
+    train.add_argument("--out", required=True, help="model folder to create (or to resume)")
+    train.add_argument("--arch", default="compact", help="architecture: compact (default) or residual")
+    train.add_argument("--arch-kwargs", help='architecture options as JSON, e.g. \'{"widths": [16, 32, 48, 64]}\'')
+    train.add_argument("--epochs", type=int, default=20)
+    train.add_argument("--batch-size", type=int, default=256)
+    train.add_argument("--lr", type=float, default=2e-3, help="peak learning rate of AdamW (default 2e-3)")
+    train.add_argument("--weight-decay", type=float, default=0.05)
+    train.add_argument("--warmup-epochs", type=float, default=1.0)
+    train.add_argument("--balance", choices=["weighted", "sampler", "none"], default="weighted",
+                       help="class imbalance: weighted loss (default), balanced sampling, or neither")
+    train.add_argument("--stain-jitter", type=float, default=0.05, help="HED stain jitter strength; 0 for none (default 0.05)")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--extra-to-train", action="store_true", help="official split: add patients outside the lists to train")
+    _add_split_arguments(train)
+    train.add_argument("--min-sensitivity", type=float, help="threshold: highest specificity with at least this sensitivity")
+    train.add_argument("--max-train-patches", type=int, help="train on a seeded subsample of this many patches")
+    train.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:1, ...")
+    train.add_argument("--threads", type=int, help="CPU threads for torch")
+    train.add_argument("--resume", action="store_true", help="continue a killed run in OUT where it stopped")
+    train.set_defaults(run=_command_train)
+
+    evaluate = commands.add_parser(
+        "evaluate",
+        parents=[common],
+        help="metrics with patient-bootstrap confidence intervals, per-patient table and plots",
+        description="Evaluate a model on the patients of one split of a store, at the model's own threshold.",
+    )
+    evaluate.add_argument("store", help="a store written by 'histoscreen prepare'")
+    evaluate.add_argument("--model", help="model (.safetensors with its .json, or a folder); default: the shipped model")
+    evaluate.add_argument("--split", choices=["train", "val", "test"], default="test")
+    _add_split_arguments(evaluate)
+    evaluate.add_argument("--out", required=True, help="folder for metrics.json, per_patient.csv and plots")
+    evaluate.add_argument("--tta", action="store_true", help="average the 8 dihedral views")
+    evaluate.add_argument("--bootstrap", type=int, default=1000, help="patient resamples for the 95%% intervals")
+    evaluate.add_argument("--device", default="auto")
+    evaluate.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    evaluate.set_defaults(run=_command_evaluate)
+
+    predict = commands.add_parser(
+        "predict",
+        parents=[common],
+        help="IDC probability and call for every patch of stores, folders or files",
+        description="Write a CSV with one row per patch: path,patient,x,y,prob_idc,pred. Folders are searched "
+        "recursively; files that are not valid patches are listed in OUT.rejects.csv.",
+    )
+    predict.add_argument("inputs", nargs="+", help="packed stores, folders of patch PNGs, or PNG files")
+    predict.add_argument("--out", required=True, help="CSV file to write")
+    predict.add_argument("--model", help="model (.safetensors with its .json, or a folder); default: the shipped model")
+    predict.add_argument("--tta", action="store_true", help="average the 8 dihedral views")
+    predict.add_argument("--batch-size", type=int, default=1024)
+    predict.add_argument("--workers", type=int, help="decoding processes for PNG input (default: all cores)")
+    predict.add_argument("--device", default="auto")
+    predict.set_defaults(run=_command_predict)
+
+    screen = commands.add_parser(
+        "screen",
+        parents=[common],
+        help="screen a batch of slides: heatmaps, tumour burden, triage ranking, explanations, HTML report",
+        description="Rebuild every slide in INPUT from its patches, predict IDC, and write REPORT_DIR/index.html "
+        "(open it from disk), slides.csv, slides.json, errors.csv and per-slide heatmaps, GeoJSON regions and "
+        "Grad-CAM explanations. A screening aid, not a diagnosis.",
+    )
+    screen.add_argument("input", help="a Kaggle-layout folder (one patient or many), a folder of named patches, or a store")
+    screen.add_argument("--out", required=True, help="report folder to create")
+    screen.add_argument("--model", help="model (.safetensors with its .json, or a folder); default: the shipped model")
+    screen.add_argument("--tta", action="store_true", help="average the 8 dihedral views; flag patches whose views disagree")
+    screen.add_argument("--um-per-px", type=float, help="pixel size in micrometres, to report region areas in mm²")
+    screen.add_argument("--labels", help="ground truth CSV with columns patient,x,y,label (else the labels in names)")
+    screen.add_argument("--ignore-name-labels", action="store_true", help="the class in file names is not ground truth")
+    screen.add_argument("--workers", type=int, help="decoding processes for PNG input (default: all cores)")
+    screen.add_argument("--device", default="auto")
+    screen.add_argument("--overwrite", action="store_true", help="replace REPORT_DIR if it exists")
+    screen.set_defaults(run=_command_screen)
     return parser
 
 

@@ -10,11 +10,9 @@ from __future__ import annotations
 
 import csv
 import json
-import multiprocessing
 import os
 import time
 from collections import Counter
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -26,7 +24,7 @@ from histoscreen import HistoscreenError, __version__
 from histoscreen.atomic import atomic_folder
 from histoscreen.constants import PATCH_SIZE
 from histoscreen.data.naming import PatchName, patient_sort_key
-from histoscreen.data.patch_files import DecodedPatch, check_name, decode_patch_bytes, find_files
+from histoscreen.data.patch_files import check_name, decode_files, find_files
 from histoscreen.data.store import (
     CONFLICTS_FILE,
     INDEX_FILE,
@@ -38,9 +36,6 @@ from histoscreen.data.store import (
     PatchStore,
 )
 from histoscreen.progress import Progress, silent
-
-_CHUNK = 256
-
 
 @dataclass(frozen=True)
 class Reject:
@@ -140,7 +135,7 @@ def prepare(
         kept: list[tuple[Path, int, int, bytes] | None] = [None] * len(keys)
         conflicts: list[Conflict] = []
         duplicates = done = 0
-        for paths, chunk in _decode_all(ordered, names, workers):
+        for paths, chunk in decode_files([(path, names[path].key) for path in ordered], workers):
             first_copies = []
             for row, path in enumerate(paths):
                 if chunk.reasons[row] is not None:
@@ -229,61 +224,6 @@ def prepare(
         PatchStore(partial)  # the store must open before it is published
     summary.seconds = time.perf_counter() - started
     return summary
-
-
-@dataclass
-class _DecodedChunk:
-    """Decoded patches of one chunk of files, packed so that workers send one array."""
-
-    pixels: np.ndarray  # n x PATCH_SIZE x PATCH_SIZE x 3; rows of rejected files are zero
-    widths: list[int]
-    heights: list[int]
-    digests: list[bytes]
-    reasons: list[str | None]
-
-
-def _decode_chunk(items: list[tuple[Path, tuple]]) -> _DecodedChunk:
-    pixels = np.zeros((len(items), PATCH_SIZE, PATCH_SIZE, 3), dtype=np.uint8)
-    chunk = _DecodedChunk(pixels, [], [], [], [])
-    previous_key, previous_bytes, previous = None, b"", None
-    for row, (path, key) in enumerate(items):
-        try:
-            data = path.read_bytes()
-        except OSError as error:
-            data, decoded = b"", DecodedPatch(None, 0, 0, b"", f"unreadable file ({error.strerror or error})")
-        else:
-            # The archive's two copies of a patch come one after the other and are
-            # usually the same file byte for byte: decode such a twin only once.
-            if key == previous_key and data and data == previous_bytes:
-                decoded = previous
-            else:
-                decoded = decode_patch_bytes(data)
-        if decoded.pixels is not None:
-            pixels[row] = decoded.pixels
-        chunk.widths.append(decoded.width)
-        chunk.heights.append(decoded.height)
-        chunk.digests.append(decoded.digest)
-        chunk.reasons.append(decoded.reason)
-        previous_key, previous_bytes, previous = key, data, decoded
-    return chunk
-
-
-def _decode_all(
-    paths: list[Path], names: dict[Path, PatchName], workers: int | None
-) -> Iterator[tuple[list[Path], _DecodedChunk]]:
-    """Chunks of decoded patches, in the order of `paths`, from worker processes."""
-    workers = workers or os.cpu_count() or 1
-    items = [(path, names[path].key) for path in paths]
-    chunks = [items[i : i + _CHUNK] for i in range(0, len(items), _CHUNK)]
-    if workers == 1 or len(chunks) < 2:
-        for chunk in chunks:
-            yield [path for path, _ in chunk], _decode_chunk(chunk)
-        return
-    # imap keeps the order and only a few chunks in flight, so memory stays bounded
-    # whatever the size of the set.
-    with multiprocessing.get_context("spawn" if os.name == "nt" else "fork").Pool(workers) as pool:
-        for chunk, decoded in zip(chunks, pool.imap(_decode_chunk, chunks)):
-            yield [path for path, _ in chunk], decoded
 
 
 def _compact(path: Path, patches: np.memmap, filled: list[int]) -> np.memmap:

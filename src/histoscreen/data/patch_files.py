@@ -7,7 +7,9 @@ silently dropped. `prepare` uses these now; prediction on loose folders will too
 from __future__ import annotations
 
 import hashlib
+import multiprocessing
 import os
+from collections.abc import Hashable, Iterator
 from io import BytesIO
 from dataclasses import dataclass
 from pathlib import Path
@@ -116,6 +118,64 @@ def decode_patch_bytes(data: bytes) -> DecodedPatch:
     digest = hashlib.blake2b(padded.tobytes(), digest_size=16)
     digest.update(f"{width}x{height}".encode())
     return DecodedPatch(padded, width, height, digest.digest(), None)
+
+
+@dataclass
+class DecodedChunk:
+    """Decoded patches of one chunk of files, packed so that workers send one array."""
+
+    pixels: np.ndarray  # n x PATCH_SIZE x PATCH_SIZE x 3; rows of rejected files are zero
+    widths: list[int]
+    heights: list[int]
+    digests: list[bytes]
+    reasons: list[str | None]
+
+
+def _decode_chunk(items: list[tuple[Path, Hashable]]) -> DecodedChunk:
+    pixels = np.zeros((len(items), PATCH_SIZE, PATCH_SIZE, 3), dtype=np.uint8)
+    chunk = DecodedChunk(pixels, [], [], [], [])
+    previous_key, previous_bytes, previous = None, b"", None
+    for row, (path, key) in enumerate(items):
+        try:
+            data = path.read_bytes()
+        except OSError as error:
+            data, decoded = b"", _rejected(f"unreadable file ({error.strerror or error})")
+        else:
+            # The archive's two copies of a patch come one after the other and are
+            # usually the same file byte for byte: decode such a twin only once.
+            if key == previous_key and data and data == previous_bytes:
+                decoded = previous
+            else:
+                decoded = decode_patch_bytes(data)
+        if decoded.pixels is not None:
+            pixels[row] = decoded.pixels
+        chunk.widths.append(decoded.width)
+        chunk.heights.append(decoded.height)
+        chunk.digests.append(decoded.digest)
+        chunk.reasons.append(decoded.reason)
+        previous_key, previous_bytes, previous = key, data, decoded
+    return chunk
+
+
+def decode_files(
+    items: list[tuple[Path, Hashable]], workers: int | None = None, chunk_size: int = 256
+) -> Iterator[tuple[list[Path], DecodedChunk]]:
+    """Decode (path, key) items in chunks, in order, in worker processes.
+
+    Items with equal keys next to each other whose files are byte-identical are decoded
+    once (the Kaggle archive's twins). Each chunk comes with its paths.
+    """
+    workers = workers or os.cpu_count() or 1
+    chunks = [items[i : i + chunk_size] for i in range(0, len(items), chunk_size)]
+    if workers == 1 or len(chunks) < 2:
+        for chunk in chunks:
+            yield [path for path, _ in chunk], _decode_chunk(chunk)
+        return
+    # imap keeps the order and only a few chunks in flight, so memory stays bounded
+    # whatever the size of the set.
+    with multiprocessing.get_context("spawn" if os.name == "nt" else "fork").Pool(workers) as pool:
+        for chunk, decoded in zip(chunks, pool.imap(_decode_chunk, chunks)):
+            yield [path for path, _ in chunk], decoded
 
 
 def _rejected(reason: str) -> DecodedPatch:

@@ -132,3 +132,31 @@ def csv_split(path: str | os.PathLike) -> PatientSplit:
                 )
             members[split].add(patient)
     return PatientSplit(*(frozenset(members[s]) for s in SPLIT_NAMES), name=path.name)
+
+
+def resolve_split(
+    patient_table: pd.DataFrame,
+    scheme: str = "official",
+    *,
+    extra_to_train: bool = False,
+    folds: int = 5,
+    fold: int = 1,
+    seed: int = 0,
+    csv_path: str | os.PathLike | None = None,
+) -> PatientSplit:
+    """One split of a store's patients, by name: the CLI and training share this.
+
+    scheme: 'official', 'kfold' (round `fold` of `folds`, 1-based) or 'csv' (`csv_path`).
+    """
+    present = patient_table["patient"].tolist()
+    if scheme == "official":
+        return official_split(present, extra_to_train=extra_to_train)
+    if scheme == "kfold":
+        if not 1 <= fold <= folds:
+            raise HistoscreenError(f"fold must be between 1 and {folds}, got {fold}")
+        return kfold_splits(patient_table, folds, seed=seed, exclude=official_lists()["test"])[fold - 1]
+    if scheme == "csv":
+        if csv_path is None:
+            raise HistoscreenError("the csv split scheme needs a CSV file (--split-csv)")
+        return csv_split(csv_path)
+    raise HistoscreenError(f"unknown split scheme {scheme!r}; expected official, kfold or csv")

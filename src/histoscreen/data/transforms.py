@@ -1,0 +1,106 @@
+"""Batch transforms on patch tensors: normalisation, dihedral views, stain and colour jitter.
+
+Only transforms that suit 50x50 tissue patches: the 8 symmetries of the square (tissue has
+no orientation), stain jitter in HED space (labs stain differently) and mild brightness and
+contrast. No free rotations, shifts or zooms: on 50-px patches they crop or blur the
+nuclei the decision rests on.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+# Ruifrok & Johnston's haematoxylin, eosin and DAB optical-density vectors (as in
+# scikit-image's rgb2hed), rows are stains.
+_RGB_FROM_HED = torch.tensor([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]])
+_HED_FROM_RGB = torch.linalg.inv(_RGB_FROM_HED)
+_MIN_INTENSITY = 1e-6
+
+DIHEDRAL_VIEWS = 8
+
+
+@dataclass(frozen=True)
+class Normalisation:
+    """Per-channel mean and std of RGB values scaled to [0, 1]."""
+
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+    @classmethod
+    def of(cls, patches: np.ndarray, sample: int = 20000, seed: int = 0) -> Normalisation:
+        """Estimate from up to `sample` patches of an N x H x W x 3 uint8 array."""
+        rng = np.random.default_rng(seed)
+        chosen = np.sort(rng.choice(len(patches), size=min(sample, len(patches)), replace=False))
+        values = patches[chosen].reshape(-1, 3).astype(np.float64) / 255.0
+        return cls(tuple(values.mean(0).round(6).tolist()), tuple(values.std(0).round(6).tolist()))
+
+
+def to_model_input(patches: torch.Tensor, normalisation: Normalisation) -> torch.Tensor:
+    """uint8 N x H x W x 3 -> normalised float N x 3 x H x W, channels-last in memory."""
+    images = patches.permute(0, 3, 1, 2).float().div_(255.0)
+    return normalise(images, normalisation)
+
+
+def normalise(images: torch.Tensor, normalisation: Normalisation) -> torch.Tensor:
+    mean = torch.tensor(normalisation.mean, device=images.device).view(1, 3, 1, 1)
+    std = torch.tensor(normalisation.std, device=images.device).view(1, 3, 1, 1)
+    return (images - mean) / std
+
+
+def dihedral(images: torch.Tensor, view: int) -> torch.Tensor:
+    """One of the 8 symmetries of the square: `view` % 4 quarter turns, flipped if view >= 4."""
+    turned = torch.rot90(images, view % 4, dims=(-2, -1))
+    return turned.flip(-1) if view >= 4 else turned
+
+
+def random_dihedral(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    views = torch.randint(0, DIHEDRAL_VIEWS, (len(images),), generator=generator)
+    out = torch.empty_like(images)
+    for view in range(DIHEDRAL_VIEWS):
+        chosen = views == view
+        if chosen.any():
+            out[chosen] = dihedral(images[chosen], view)
+    return out
+
+
+def stain_jitter(
+    images: torch.Tensor, generator: torch.Generator, *, scale: float = 0.05, shift: float = 0.05
+) -> torch.Tensor:
+    """Perturb each patch's haematoxylin, eosin and DAB concentrations (images in [0, 1]).
+
+    Per patch and stain: concentration * U(1 - scale, 1 + scale) + U(-shift, shift), the
+    HED augmentation of Tellez et al. (2019).
+    """
+    count = len(images)
+    density = -torch.log(images.clamp_min(_MIN_INTENSITY))
+    stains = torch.einsum("nchw,cs->nshw", density, _HED_FROM_RGB.to(images.device))
+    alpha = 1 + (torch.rand(count, 3, 1, 1, generator=generator) * 2 - 1) * scale
+    beta = (torch.rand(count, 3, 1, 1, generator=generator) * 2 - 1) * shift
+    stains = stains * alpha.to(images.device) + beta.to(images.device)
+    density = torch.einsum("nshw,sc->nchw", stains, _RGB_FROM_HED.to(images.device))
+    return torch.exp(-density).clamp_(0, 1)
+
+
+def brightness_contrast(
+    images: torch.Tensor, generator: torch.Generator, *, brightness: float = 0.05, contrast: float = 0.1
+) -> torch.Tensor:
+    count = len(images)
+    gain = 1 + (torch.rand(count, 1, 1, 1, generator=generator) * 2 - 1) * contrast
+    offset = (torch.rand(count, 1, 1, 1, generator=generator) * 2 - 1) * brightness
+    mean = images.mean(dim=(1, 2, 3), keepdim=True)
+    return ((images - mean) * gain.to(images.device) + mean + offset.to(images.device)).clamp_(0, 1)
+
+
+def augment(
+    patches: torch.Tensor, normalisation: Normalisation, generator: torch.Generator, *, stain: float
+) -> torch.Tensor:
+    """Training view of a uint8 NHWC batch: dihedral, stain and colour jitter, normalised."""
+    images = patches.permute(0, 3, 1, 2).float().div_(255.0)
+    images = random_dihedral(images, generator)
+    if stain > 0:
+        images = stain_jitter(images, generator, scale=stain, shift=stain)
+        images = brightness_contrast(images, generator)
+    return normalise(images, normalisation).contiguous(memory_format=torch.channels_last)

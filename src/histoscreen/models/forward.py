@@ -1,0 +1,52 @@
+"""The one batched forward pass every stage uses: training's validation, evaluation,
+prediction and screening. uint8 patches in, IDC logits out."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from histoscreen.data.transforms import DIHEDRAL_VIEWS, Normalisation, dihedral, to_model_input
+
+
+def pick_device(requested: str = "auto") -> torch.device:
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(requested)
+
+
+@torch.inference_mode()
+def batched_view_logits(
+    model: torch.nn.Module,
+    patches: np.ndarray | torch.Tensor,
+    normalisation: Normalisation,
+    *,
+    views: int = 1,
+    batch_size: int = 1024,
+    device: torch.device | None = None,
+) -> np.ndarray:
+    """Logits (views x N) for N x 50 x 50 x 3 uint8 patches under the first `views` dihedral views."""
+    device = device or next(model.parameters()).device
+    model.eval()
+    outputs = []
+    for start in range(0, len(patches), batch_size):
+        # a copy: store patches are a read-only memory map, which torch will not wrap
+        batch = torch.as_tensor(np.array(patches[start : start + batch_size])).to(device, non_blocking=True)
+        images = to_model_input(batch, normalisation).contiguous(memory_format=torch.channels_last)
+        logits = torch.stack([model(dihedral(images, v)) for v in range(views)]).float()
+        outputs.append(logits.cpu().numpy())
+    return np.concatenate(outputs, axis=1) if outputs else np.empty((views, 0), dtype=np.float32)
+
+
+def batched_logits(
+    model: torch.nn.Module,
+    patches: np.ndarray | torch.Tensor,
+    normalisation: Normalisation,
+    *,
+    tta: bool = False,
+    batch_size: int = 1024,
+    device: torch.device | None = None,
+) -> np.ndarray:
+    """Logits for N x 50 x 50 x 3 uint8 patches; with `tta`, the mean over the 8 dihedral views."""
+    views = DIHEDRAL_VIEWS if tta else 1
+    return batched_view_logits(model, patches, normalisation, views=views, batch_size=batch_size, device=device).mean(0)

@@ -1,0 +1,118 @@
+"""Metric functions against hand-computed values and scikit-learn; threshold and calibration."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from sklearn import metrics as sk
+from sklearn.linear_model import LogisticRegression
+
+from histoscreen.evaluation import (
+    bootstrap_by_patient,
+    choose_threshold,
+    classification_metrics,
+    confusion_counts,
+    expected_calibration_error,
+    fit_calibration,
+    per_patient_table,
+    roc_auc,
+    sigmoid,
+)
+
+
+def test_hand_computed_example():
+    labels = np.array([1, 1, 1, 0, 0, 0, 0, 0])
+    probs = np.array([0.9, 0.6, 0.3, 0.7, 0.2, 0.1, 0.4, 0.05])
+    m = classification_metrics(labels, probs, threshold=0.5)
+    # predicted IDC: 0.9, 0.6, 0.7 -> tp 2, fp 1, fn 1, tn 4
+    assert (m["tn"], m["fp"], m["fn"], m["tp"]) == (4, 1, 1, 2)
+    assert m["accuracy"] == pytest.approx(6 / 8)
+    assert m["sensitivity"] == pytest.approx(2 / 3)
+    assert m["specificity"] == pytest.approx(4 / 5)
+    assert m["balanced_accuracy"] == pytest.approx((2 / 3 + 4 / 5) / 2)
+    assert m["precision"] == pytest.approx(2 / 3)
+    assert m["f1"] == pytest.approx(2 / 3)
+    # positive-negative pairs ranked right: 0.9 beats all 5, 0.6 beats 4, 0.3 beats 3 -> 12 of 15
+    assert m["roc_auc"] == pytest.approx(12 / 15)
+    assert m["brier"] == pytest.approx(np.mean((probs - labels) ** 2))
+
+
+def test_a_class_with_no_positives():
+    labels = np.zeros(4, dtype=int)
+    probs = np.array([0.1, 0.7, 0.2, 0.3])
+    m = classification_metrics(labels, probs, 0.5)
+    assert math.isnan(m["sensitivity"]) and math.isnan(m["roc_auc"]) and math.isnan(m["pr_auc"])
+    assert m["specificity"] == pytest.approx(0.75)
+    assert m["balanced_accuracy"] == pytest.approx(0.75)  # the mean of the recalls that exist
+    assert m["precision"] == 0.0 and m["f1"] == 0.0
+    assert confusion_counts(labels, probs >= 0.5) == (3, 1, 0, 0)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_against_scikit_learn(seed):
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 2, 700)
+    probs = np.clip(np.round(rng.random(700) * 0.8 + labels * 0.2, 2), 0, 1)  # rounding makes ties
+    m = classification_metrics(labels, probs, 0.45)
+    predicted = probs >= 0.45
+    assert m["roc_auc"] == pytest.approx(sk.roc_auc_score(labels, probs))
+    assert m["pr_auc"] == pytest.approx(sk.average_precision_score(labels, probs))
+    assert m["balanced_accuracy"] == pytest.approx(sk.balanced_accuracy_score(labels, predicted))
+    assert m["accuracy"] == pytest.approx(sk.accuracy_score(labels, predicted))
+    assert m["f1"] == pytest.approx(sk.f1_score(labels, predicted))
+    assert m["precision"] == pytest.approx(sk.precision_score(labels, predicted))
+    assert m["sensitivity"] == pytest.approx(sk.recall_score(labels, predicted))
+    assert m["brier"] == pytest.approx(sk.brier_score_loss(labels, probs))
+
+
+def test_threshold_maximises_balanced_accuracy_or_meets_the_sensitivity_floor():
+    rng = np.random.default_rng(5)
+    labels = rng.integers(0, 2, 400)
+    probs = sigmoid(rng.normal(0, 1, 400) + 1.5 * labels)
+    chosen = choose_threshold(labels, probs)
+    best_by_brute_force = max(classification_metrics(labels, probs, t)["balanced_accuracy"] for t in np.unique(probs))
+    assert classification_metrics(labels, probs, chosen)["balanced_accuracy"] == pytest.approx(best_by_brute_force)
+    floor = choose_threshold(labels, probs, min_sensitivity=0.95)
+    at_floor = classification_metrics(labels, probs, floor)
+    assert at_floor["sensitivity"] >= 0.95
+    feasible = [t for t in np.unique(probs) if classification_metrics(labels, probs, t)["sensitivity"] >= 0.95]
+    assert at_floor["specificity"] == pytest.approx(max(classification_metrics(labels, probs, t)["specificity"] for t in feasible))
+
+
+def test_calibration_matches_logistic_regression_and_lowers_ece():
+    rng = np.random.default_rng(3)
+    true_logits = rng.normal(-1, 2, 5000)
+    labels = (rng.random(5000) < sigmoid(true_logits)).astype(int)
+    overconfident = 3 * true_logits + 2  # a model too sure of itself, shifted like a weighted loss
+    temperature, bias = fit_calibration(labels, overconfident)
+    reference = LogisticRegression(C=1e9, max_iter=1000).fit(overconfident[:, None], labels)
+    assert 1 / temperature == pytest.approx(reference.coef_[0, 0], rel=1e-3)
+    assert bias == pytest.approx(reference.intercept_[0], rel=1e-3, abs=1e-3)
+    assert temperature == pytest.approx(3, rel=0.1)
+    before = expected_calibration_error(labels, sigmoid(overconfident))
+    after = expected_calibration_error(labels, sigmoid(overconfident / temperature + bias))
+    assert after < before / 3
+
+
+def test_patient_bootstrap_brackets_the_estimate_and_is_wider_than_patch_resampling():
+    rng = np.random.default_rng(7)
+    patients = np.repeat([f"p{i}" for i in range(12)], 60)
+    # patients differ: each has its own offset, so patches of one patient are correlated
+    offsets = np.repeat(rng.normal(0, 1.5, 12), 60)
+    labels = rng.integers(0, 2, len(patients))
+    probs = sigmoid(2 * (labels - 0.5) + offsets + rng.normal(0, 0.5, len(patients)))
+    point = classification_metrics(labels, probs, 0.5)
+    by_patient = bootstrap_by_patient(labels, probs, patients, 0.5, rounds=300)
+    by_patch = bootstrap_by_patient(labels, probs, np.arange(len(patients)), 0.5, rounds=300)
+    for name in ("accuracy", "roc_auc"):
+        assert by_patient[name].low <= point[name] <= by_patient[name].high
+        assert by_patient[name].high - by_patient[name].low > by_patch[name].high - by_patch[name].low
+
+
+def test_per_patient_table():
+    table = per_patient_table(np.array([1, 0, 0, 1]), np.array([0.9, 0.8, 0.1, 0.2]), np.array(["a", "a", "b", "b"]), 0.5)
+    a, b = table.set_index("patient").loc["a"], table.set_index("patient").loc["b"]
+    assert (a.patches, a.accuracy, a.sensitivity, a.specificity) == (2, 0.5, 1.0, 0.0)
+    assert (b.true_idc_fraction, b.predicted_idc_fraction) == (0.5, 0.0)

@@ -1,0 +1,72 @@
+"""Prediction: calibration and threshold applied as stored, folders with bad files, the shipped model."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from histoscreen.data import PatchStore, synthesize
+from histoscreen.evaluation import sigmoid
+from histoscreen.inference import Predictor, predict, shipped_model_path
+from histoscreen.models.checkpoint import load_model
+from histoscreen.models.forward import batched_logits
+
+
+def read_predictions(path):
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_predict_applies_the_stored_temperature_bias_and_threshold(tiny_model, synthetic_store, tmp_path):
+    model_dir = tmp_path / "model"
+    shutil.copytree(tiny_model, model_dir, ignore=shutil.ignore_patterns("checkpoints"))
+    metadata = json.loads((model_dir / "model.json").read_text())
+    metadata.update(temperature=2.5, bias=-0.3, threshold=0.4, tta_temperature=0.5, tta_bias=0.2, tta_threshold=0.6)
+    (model_dir / "model.json").write_text(json.dumps(metadata))
+
+    store = PatchStore(synthetic_store)
+    model, loaded = load_model(model_dir)
+    for tta, (temperature, bias, threshold) in ((False, (2.5, -0.3, 0.4)), (True, (0.5, 0.2, 0.6))):
+        predict([synthetic_store], tmp_path / "preds.csv", model=model_dir, tta=tta)
+        rows = read_predictions(tmp_path / "preds.csv")
+        expected = sigmoid(batched_logits(model, store.patches[:], loaded.normalisation, tta=tta) / temperature + bias)
+        got = np.array([float(r["prob_idc"]) for r in rows])
+        np.testing.assert_allclose(got, expected, atol=2e-6)
+        assert [int(r["pred"]) for r in rows] == (expected >= threshold).astype(int).tolist()
+        assert 0 < sum(int(r["pred"]) for r in rows) < len(rows)
+
+
+def test_predict_on_a_folder_with_a_corrupt_file(tiny_model, tmp_path):
+    synthesize(tmp_path / "slides", patients=1, seed=2)
+    files = sorted((tmp_path / "slides").rglob("*.png"))
+    broken = files[3]
+    broken.write_bytes(broken.read_bytes()[: broken.stat().st_size // 2])
+    loose = tmp_path / "loose" / "scan.png"  # a valid patch whose name does not parse
+    loose.parent.mkdir()
+    shutil.copy(files[0], loose)
+
+    summary = predict([tmp_path / "slides", loose], tmp_path / "out" / "preds.csv", model=tiny_model)
+
+    rows = read_predictions(tmp_path / "out" / "preds.csv")
+    assert summary.patches == len(rows) == len(files)  # all but the broken one, plus the loose one
+    assert str(broken) not in {r["path"] for r in rows}
+    unparsed = next(r for r in rows if r["path"] == str(loose))
+    assert (unparsed["patient"], unparsed["x"], unparsed["y"]) == ("", "", "")
+    parsed = next(r for r in rows if r["path"] == str(files[0]))
+    assert parsed["patient"] == "900000" and parsed["x"] and parsed["y"]
+    assert float(parsed["prob_idc"]) == pytest.approx(float(unparsed["prob_idc"]))
+    rejects = read_predictions(tmp_path / "out" / "preds.rejects.csv")
+    assert [r["path"] for r in rejects] == [str(broken)] and "truncated" in rejects[0]["reason"]
+
+
+def test_the_shipped_model_loads_and_predicts_on_synthetic_patches(synthetic_store):
+    assert shipped_model_path().is_file(), "the shipped model is missing from the package"
+    predictor = Predictor()
+    probabilities = predictor.probabilities(PatchStore(synthetic_store).patches[:64])
+    assert probabilities.shape == (64,) and np.isfinite(probabilities).all()
+    assert ((probabilities >= 0) & (probabilities <= 1)).all()
+    assert predictor.metadata.training["train_patches"] > 20000  # trained on the real train patients

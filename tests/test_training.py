@@ -1,0 +1,89 @@
+"""Training on synthetic slides: it learns, it checkpoints, and a killed run resumes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from histoscreen import HistoscreenError
+from histoscreen.inference import evaluate
+from histoscreen.models.checkpoint import load_model
+from histoscreen.training import learning_rate_at, train
+
+from conftest import TINY_ARCHITECTURE, tiny_config
+
+
+def test_a_tiny_model_beats_chance_on_held_out_synthetic_patients(tiny_model, synthetic_store, tmp_path):
+    report = evaluate(
+        synthetic_store, tmp_path / "eval", model=tiny_model, split="val", scheme="kfold",
+        split_options={"folds": 3, "fold": 1, "seed": 0}, bootstrap_rounds=50,
+    )
+    held_out = report["metrics"]
+    assert report["measured_on"]["patients"] == 2
+    assert held_out["balanced_accuracy"] > 0.8, held_out
+    assert held_out["roc_auc"] > 0.9, held_out
+    assert {"roc.png", "pr.png", "confusion.png", "calibration.png", "training_curves.png"} <= set(os.listdir(tmp_path / "eval"))
+    per_patient = (tmp_path / "eval" / "per_patient.csv").read_text().splitlines()
+    assert len(per_patient) == 3
+
+
+def test_model_metadata_records_training_and_calibration(tiny_model):
+    _, metadata = load_model(tiny_model)
+    assert metadata.architecture == "compact" and metadata.architecture_kwargs == TINY_ARCHITECTURE
+    assert len(metadata.training["history"]) == 3
+    assert metadata.training["best_epoch"] in (1, 2, 3)
+    assert not set(metadata.training["train_patients"]) & set(metadata.training["val_patients"])
+    assert 0 < metadata.threshold < 1 and metadata.temperature > 0
+    assert metadata.validation["plain"]["patches"] == metadata.training["val_patches"]
+    lines = (tiny_model / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in lines] == [1, 2, 3]
+
+
+def test_learning_rate_warms_up_then_decays_to_zero():
+    rates = [learning_rate_at(step, 100, 10, 1.0) for step in range(100)]
+    assert rates[0] == pytest.approx(0.1) and rates[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(rates[10:], rates[11:]))
+    assert rates[-1] < 0.01
+
+
+def test_killed_run_resumes_to_the_same_result(synthetic_store, tmp_path):
+    epochs = 4
+    straight = train(synthetic_store, tmp_path / "straight", tiny_config(epochs=epochs))
+
+    out = tmp_path / "killed"
+    command = [
+        sys.executable, "-m", "histoscreen.cli", "train", str(synthetic_store), "--out", str(out),
+        "--arch-kwargs", json.dumps(TINY_ARCHITECTURE), "--epochs", str(epochs), "--batch-size", "128",
+        "--lr", "0.003", "--split-scheme", "kfold", "--folds", "3", "--fold", "1", "--threads", "2", "--quiet",
+    ]
+    process = subprocess.Popen(command)
+    log = out / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while process.poll() is None and time.monotonic() < deadline and not (log.exists() and log.read_text().strip()):
+        time.sleep(0.01)
+    assert process.poll() is None, "training ended before it could be killed"
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    done_before_kill = len(log.read_text().splitlines())
+    assert 1 <= done_before_kill < epochs
+    assert not (out / "model.safetensors").exists()
+
+    with pytest.raises(HistoscreenError, match="pass --resume"):
+        train(synthetic_store, out, tiny_config(epochs=epochs))
+    with pytest.raises(HistoscreenError, match="changed: learning_rate"):
+        train(synthetic_store, out, tiny_config(epochs=epochs, learning_rate=0.01), resume=True)
+
+    resumed = subprocess.run(command + ["--resume"], capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    history = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [h["epoch"] for h in history] == list(range(1, epochs + 1))
+    model, metadata = load_model(out)
+    for resumed_epoch, straight_epoch in zip(history, straight.history):
+        assert resumed_epoch["val_loss"] == pytest.approx(straight_epoch["val_loss"], rel=1e-3)
+    assert metadata.threshold == pytest.approx(straight.metadata.threshold, rel=1e-2)
