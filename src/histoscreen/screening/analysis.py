@@ -1,0 +1,217 @@
+"""What a pathologist reads off a slide's probability map: tumour burden, connected IDC
+regions, uncertain patches, the triage order, and region outlines for QuPath."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from histoscreen.constants import GRID_STEP
+
+# A patch whose calibrated probability lies this close to the threshold is shown to a
+# person rather than trusted either way.
+UNCERTAIN_MARGIN = 0.1
+
+
+def connected_regions(mask: np.ndarray) -> tuple[np.ndarray, int]:
+    """Label 4-connected regions of True cells: (labels with 0 = background, region count).
+
+    4-connectivity: tumour touching only at a corner is counted as two foci.
+
+    >>> connected_regions(np.array([[1, 1, 0], [0, 0, 0], [0, 1, 1]], dtype=bool))[1]
+    2
+    """
+    labels = np.zeros(mask.shape, dtype=np.int32)
+    count = 0
+    rows, columns = mask.shape
+    for start in zip(*np.nonzero(mask)):
+        if labels[start]:
+            continue
+        count += 1
+        labels[start] = count
+        stack = [start]
+        while stack:
+            r, c = stack.pop()
+            for nr, nc in ((r - 1, c), (r + 1, c), (r, c - 1), (r, c + 1)):
+                if 0 <= nr < rows and 0 <= nc < columns and mask[nr, nc] and not labels[nr, nc]:
+                    labels[nr, nc] = count
+                    stack.append((nr, nc))
+    return labels, count
+
+
+def largest_region(mask: np.ndarray) -> int:
+    """Cells in the largest 4-connected region of `mask` (0 when there is none)."""
+    labels, count = connected_regions(mask)
+    return int(np.bincount(labels.ravel())[1:].max()) if count else 0
+
+
+@dataclass
+class SlideSummary:
+    patient: str
+    patches: int
+    idc_patches: int
+    idc_fraction: float  # tumour burden: IDC patches / patches screened
+    largest_region_patches: int
+    largest_region_mm2: float | None  # only with a known pixel size
+    confident_region_patches: int  # largest region of IDC patches that are not uncertain
+    mean_prob: float
+    max_prob: float
+    uncertain: int
+    rank: int = 0
+    # with ground truth (labels in names, or --labels)
+    true_idc_patches: int | None = None
+    true_idc_fraction: float | None = None
+    sensitivity: float | None = None
+    specificity: float | None = None
+    agreement: float | None = None
+
+    def as_row(self) -> dict:
+        return asdict(self)
+
+
+def summarise_slide(
+    patient: str,
+    probability_grid: np.ndarray,
+    threshold: float,
+    *,
+    uncertain_grid: np.ndarray | None = None,
+    truth_grid: np.ndarray | None = None,
+    um_per_px: float | None = None,
+) -> SlideSummary:
+    """Summary of one slide from its probability grid (NaN where no patch was screened).
+
+    `uncertain_grid` marks extra uncertain patches (e.g. test-time views that disagree);
+    patches within UNCERTAIN_MARGIN of the threshold are always uncertain. `truth_grid`
+    holds true labels (NaN where unknown).
+    """
+    screened = ~np.isnan(probability_grid)
+    probabilities = probability_grid[screened]
+    idc = screened & (np.nan_to_num(probability_grid, nan=-1.0) >= threshold)
+    uncertain = screened & (np.abs(np.nan_to_num(probability_grid, nan=-9.0) - threshold) < UNCERTAIN_MARGIN)
+    if uncertain_grid is not None:
+        uncertain |= screened & uncertain_grid
+    largest = largest_region(idc)
+    summary = SlideSummary(
+        patient=patient,
+        patches=int(screened.sum()),
+        idc_patches=int(idc.sum()),
+        idc_fraction=float(idc.sum() / max(screened.sum(), 1)),
+        largest_region_patches=largest,
+        largest_region_mm2=None if um_per_px is None else largest * (GRID_STEP * um_per_px / 1000.0) ** 2,
+        confident_region_patches=largest_region(idc & ~uncertain),
+        mean_prob=float(probabilities.mean()) if probabilities.size else 0.0,
+        max_prob=float(probabilities.max()) if probabilities.size else 0.0,
+        uncertain=int(uncertain.sum()),
+    )
+    if truth_grid is not None and not np.isnan(truth_grid[screened]).any():
+        truth = screened & (np.nan_to_num(truth_grid) == 1)
+        positives, negatives = truth.sum(), (screened & ~truth).sum()
+        summary.true_idc_patches = int(positives)
+        summary.true_idc_fraction = float(positives / max(screened.sum(), 1))
+        summary.sensitivity = float((idc & truth).sum() / positives) if positives else None
+        summary.specificity = float((~idc & screened & ~truth).sum() / negatives) if negatives else None
+        summary.agreement = float(((idc == truth) & screened).sum() / max(screened.sum(), 1))
+    return summary
+
+
+def rank_slides(summaries: list[SlideSummary]) -> list[SlideSummary]:
+    """Most suspicious first: the largest confident IDC region, then burden, then peak probability."""
+    ordered = sorted(
+        summaries,
+        key=lambda s: (-s.confident_region_patches, -s.idc_fraction, -s.max_prob, s.patient),
+    )
+    for rank, summary in enumerate(ordered, start=1):
+        summary.rank = rank
+    return ordered
+
+
+def region_polygons(mask: np.ndarray, cell: int = GRID_STEP) -> list[list[list[tuple[int, int]]]]:
+    """Outlines of the 4-connected regions of `mask`, in slide pixel coordinates.
+
+    One polygon per region: its outer ring first, then its holes; each ring closed (first
+    point repeated). Cell (row, column) covers pixels [column*cell, (column+1)*cell) x
+    [row*cell, (row+1)*cell).
+    """
+    labels, count = connected_regions(mask)
+    polygons = []
+    for region in range(1, count + 1):
+        rings = _trace_rings(labels == region)
+        rings.sort(key=lambda ring: -abs(_signed_area(ring)))  # the outer ring encloses the most
+        polygons.append([[(int(x) * cell, int(y) * cell) for x, y in ring] for ring in rings])
+    return polygons
+
+
+def _trace_rings(cells: np.ndarray) -> list[list[tuple[int, int]]]:
+    """Boundary rings of one region by walking its cells' edges with the region on the right."""
+    outgoing: dict[tuple[int, int], list[tuple[int, int]]] = {}
+    edges = set()
+    for r, c in zip(*np.nonzero(cells)):
+        corners = [(c, r), (c + 1, r), (c + 1, r + 1), (c, r + 1)]
+        for start, end in zip(corners, corners[1:] + corners[:1]):
+            if (end, start) in edges:
+                edges.discard((end, start))  # shared with a neighbouring cell: not boundary
+            else:
+                edges.add((start, end))
+    for start, end in edges:
+        outgoing.setdefault(start, []).append(end)
+    rings = []
+    while edges:
+        first = min(edges)
+        ring, (start, end) = [first[0]], first
+        while True:
+            edges.discard((start, end))
+            outgoing[start].remove(end)
+            ring.append(end)
+            if end == ring[0] and not outgoing.get(end):
+                break
+            choices = outgoing[end]
+            if len(choices) > 1:
+                # two cells meet at a corner only: turn right, staying with the same cell,
+                # so corner-touching cells are never joined (4-connectivity)
+                dx, dy = end[0] - start[0], end[1] - start[1]
+                right = (end[0] - dy, end[1] + dx)
+                following = right if right in choices else choices[0]
+            else:
+                following = choices[0]
+            start, end = end, following
+        rings.append(_simplify(ring))
+    return rings
+
+
+def _simplify(ring: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Drop points in the middle of straight runs; the ring stays closed."""
+    points = ring[:-1]
+    kept = [
+        p for i, p in enumerate(points)
+        if (points[i - 1][0] - p[0]) * (points[(i + 1) % len(points)][1] - p[1])
+        != (points[i - 1][1] - p[1]) * (points[(i + 1) % len(points)][0] - p[0])
+    ]
+    return kept + kept[:1]
+
+
+def _signed_area(ring: list[tuple[int, int]]) -> float:
+    return 0.5 * sum(x0 * y1 - x1 * y0 for (x0, y0), (x1, y1) in zip(ring, ring[1:]))
+
+
+def regions_geojson(mask: np.ndarray, probability_grid: np.ndarray, patient: str) -> dict:
+    """IDC regions as a GeoJSON FeatureCollection of polygons in slide pixel coordinates
+    (x to the right, y down, origin at the slide's top-left), as QuPath imports them."""
+    labels, _ = connected_regions(mask)
+    features = []
+    for number, rings in enumerate(region_polygons(mask), start=1):
+        inside = labels == number
+        features.append(
+            {
+                "type": "Feature",
+                "geometry": {"type": "Polygon", "coordinates": [[list(p) for p in ring] for ring in rings]},
+                "properties": {
+                    "objectType": "annotation",
+                    "classification": {"name": "IDC (predicted)", "color": [220, 40, 40]},
+                    "name": f"{patient} IDC region {number}",
+                    "patches": int(inside.sum()),
+                    "mean_prob": float(np.nanmean(probability_grid[inside])),
+                },
+            }
+        )
+    return {"type": "FeatureCollection", "features": features}

@@ -1,0 +1,147 @@
+"""The static HTML report: opens from disk, needs no server and loads nothing from outside."""
+
+from __future__ import annotations
+
+import json
+from html import escape
+from pathlib import Path
+
+from histoscreen.screening.analysis import SlideSummary
+from histoscreen.screening.slides import ScreeningError
+
+DISCLAIMER = (
+    "Screening aid, not a diagnosis. These maps show where a model trained on public data "
+    "estimates invasive ductal carcinoma (IDC) is likely; every finding needs review by a pathologist."
+)
+
+STYLE = """
+body { font-family: system-ui, -apple-system, Segoe UI, sans-serif; margin: 1.5rem; color: #1d1d1f; }
+.disclaimer { background: #fff4e5; border-left: 4px solid #f0a020; padding: .6rem 1rem; margin: 1rem 0; }
+table { border-collapse: collapse; font-size: .9rem; }
+th, td { border-bottom: 1px solid #ddd; padding: .35rem .6rem; text-align: right; vertical-align: middle; }
+th { background: #f4f4f6; position: sticky; top: 0; }
+td.left, th.left { text-align: left; }
+.flag { display: inline-block; padding: 0 .4rem; border-radius: .3rem; font-size: .8rem; margin: 0 .1rem; }
+.flag.idc { background: #fde2e2; color: #8a1010; }
+.flag.review { background: #fff1c2; color: #6b5200; }
+.gallery { display: flex; flex-wrap: wrap; gap: .8rem; }
+.gallery figure { margin: 0; }
+.gallery figcaption { font-size: .8rem; max-width: 440px; }
+img.thumb { max-height: 90px; max-width: 160px; }
+img.view { max-width: 100%; }
+.pictures { display: flex; flex-wrap: wrap; gap: 1rem; }
+.pictures > div { flex: 1 1 480px; }
+"""
+
+
+def _page(title: str, body: str) -> str:
+    return (
+        "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+        f"<title>{escape(title)}</title><style>{STYLE}</style></head><body>\n"
+        f"<p class=\"disclaimer\">{escape(DISCLAIMER)}</p>\n{body}\n</body></html>\n"
+    )
+
+
+def _percent(value: float | None) -> str:
+    return "" if value is None else f"{value:.1%}"
+
+
+def _flags(summary: SlideSummary) -> str:
+    flags = []
+    if summary.confident_region_patches:
+        flags.append('<span class="flag idc">IDC region</span>')
+    if summary.uncertain:
+        flags.append(f'<span class="flag review">{summary.uncertain} to review</span>')
+    return "".join(flags)
+
+
+def _region(summary: SlideSummary) -> str:
+    text = f"{summary.largest_region_patches}"
+    if summary.largest_region_mm2 is not None:
+        text += f" ({summary.largest_region_mm2:.2f} mm²)"
+    return text
+
+
+def write_index(folder: Path, slides: list[SlideSummary], errors: list[ScreeningError], settings: dict) -> None:
+    labelled = any(s.true_idc_fraction is not None for s in slides)
+    header = ["rank", "slide", "thumbnail", "patches", "IDC patches", "burden", "largest region (patches)",
+              "mean p", "max p", "flags"]
+    if labelled:
+        header += ["true burden", "sensitivity", "specificity", "agreement"]
+    rows = []
+    for s in slides:
+        link = f"slides/{escape(s.patient)}.html"
+        cells = [
+            f"<td>{s.rank}</td>",
+            f'<td class="left"><a href="{link}">{escape(s.patient)}</a></td>',
+            f'<td class="left"><a href="{link}"><img class="thumb" src="slides/{escape(s.patient)}/thumbnail.png" alt="slide {escape(s.patient)}"></a></td>',
+            f"<td>{s.patches:,}</td>",
+            f"<td>{s.idc_patches:,}</td>",
+            f"<td>{_percent(s.idc_fraction)}</td>",
+            f"<td>{_region(s)}</td>",
+            f"<td>{s.mean_prob:.2f}</td>",
+            f"<td>{s.max_prob:.2f}</td>",
+            f'<td class="left">{_flags(s)}</td>',
+        ]
+        if labelled:
+            cells += [f"<td>{_percent(s.true_idc_fraction)}</td>", f"<td>{_percent(s.sensitivity)}</td>",
+                      f"<td>{_percent(s.specificity)}</td>", f"<td>{_percent(s.agreement)}</td>"]
+        rows.append(f'<tr class="slide">{"".join(cells)}</tr>')
+    problems = ""
+    if errors:
+        items = "".join(f"<li><code>{escape(e.where)}</code>: {escape(e.problem)}</li>" for e in errors[:200])
+        more = f"<p>… and {len(errors) - 200} more in errors.csv</p>" if len(errors) > 200 else ""
+        problems = f'<h2>Problems ({len(errors)})</h2><ul id="problems">{items}</ul>{more}'
+    body = (
+        f"<h1>IDC screening: {len(slides)} slides</h1>"
+        f"<p>Ranked most suspicious first: largest confident IDC region (patches above the threshold "
+        f"{settings['threshold']:.3f} and not uncertain), then burden (IDC patches / patches screened). "
+        f"Model: <code>{escape(Path(settings['model']).name)}</code>{' with dihedral TTA' if settings['tta'] else ''}. "
+        f"Machine-readable: <a href=\"slides.csv\">slides.csv</a>, <a href=\"slides.json\">slides.json</a>, "
+        f"<a href=\"errors.csv\">errors.csv</a>.</p>"
+        f'<table id="slides"><thead><tr>{"".join(f"<th>{h}</th>" for h in header)}</tr></thead>'
+        f"<tbody>{''.join(rows)}</tbody></table>{problems}"
+    )
+    (folder / "index.html").write_text(_page("IDC screening report", body))
+
+
+def write_slide_page(folder: Path, summary: SlideSummary, settings: dict) -> None:
+    patient = escape(summary.patient)
+    slide_folder = folder / "slides" / summary.patient
+    gallery = json.loads((slide_folder / "gallery.json").read_text())
+    facts = [
+        ("rank", f"{summary.rank}"),
+        ("patches screened", f"{summary.patches:,}"),
+        ("IDC patches", f"{summary.idc_patches:,}"),
+        ("tumour burden (IDC patches / patches)", _percent(summary.idc_fraction)),
+        ("largest IDC region", f"{_region(summary)} patches" if summary.largest_region_mm2 is None else _region(summary)),
+        ("mean / max probability", f"{summary.mean_prob:.3f} / {summary.max_prob:.3f}"),
+        ("uncertain patches (flagged for review)", f"{summary.uncertain:,}"),
+    ]
+    if summary.true_idc_fraction is not None:
+        facts += [
+            ("true burden", _percent(summary.true_idc_fraction)),
+            ("sensitivity / specificity on this slide", f"{_percent(summary.sensitivity) or 'n/a'} / {_percent(summary.specificity) or 'n/a'}"),
+            ("agreement with ground truth", _percent(summary.agreement)),
+        ]
+    table = "".join(f'<tr><th class="left">{escape(k)}</th><td>{escape(v)}</td></tr>' for k, v in facts)
+    truth = ""
+    if (slide_folder / "truth.png").exists():
+        truth = f'<div><h3>Ground truth</h3><img class="view" src="{patient}/truth.png" alt="ground truth map"></div>'
+    figures = "".join(
+        f'<figure><img src="{patient}/{escape(item["file"])}" alt="{escape(item["caption"])}">'
+        f"<figcaption>{escape(item['caption'])}</figcaption></figure>"
+        for item in gallery
+    )
+    body = (
+        f'<p><a href="../index.html">← all slides</a></p><h1>Slide {patient}</h1>'
+        f"<table>{table}</table>"
+        f'<div class="pictures"><div><h3>IDC heatmap</h3><img class="view" src="{patient}/heatmap.png" alt="IDC heatmap"></div>{truth}</div>'
+        f'<p>Tissue mosaic at full resolution: <a href="{patient}/mosaic.jpg">mosaic.jpg</a>. '
+        f'IDC regions for QuPath (GeoJSON, slide pixel coordinates): <a href="{patient}/regions.geojson">regions.geojson</a>. '
+        f'Every patch with its probability and call: <a href="{patient}/patches.csv">patches.csv</a>.</p>'
+        f"<h2>Explained patches</h2><p>The most suspicious patches and the uncertain ones (within 0.1 of the threshold"
+        f"{' or whose dihedral views disagree' if settings['tta'] else ''}): each patch, then its Grad-CAM "
+        f'overlay, where brighter means more evidence for IDC.</p><div class="gallery">{figures}</div>'
+    )
+    (folder / "slides" / f"{summary.patient}.html").write_text(_page(f"Slide {summary.patient}", body))

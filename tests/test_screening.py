@@ -1,0 +1,196 @@
+"""Screening: slides rebuilt exactly, burden and regions by hand, triage order, GeoJSON,
+robustness to bad input, and the report in a real headless browser."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from histoscreen.data import generate_slide, synthesize
+from histoscreen.screening import build_mosaic, find_slides, rank_slides, region_polygons, screen, summarise_slide
+
+CHROMIUM = Path("/usr/bin/chromium")
+
+
+def test_a_rebuilt_slide_equals_the_drawn_slide(tmp_path):
+    synthesize(tmp_path / "slides", patients=2, seed=8, doubled=True)
+    errors = []
+    sources = find_slides(tmp_path / "slides", errors)
+    assert [s.patient for s in sources] == ["900000", "900001"] and errors == []
+    for index, source in enumerate(sources):
+        slide = source.load(errors)
+        drawn = generate_slide(index, seed=8)
+        mosaic = build_mosaic(slide)
+        covered = np.zeros(drawn.tissue.shape, dtype=bool)
+        for x, y, w, h in zip(slide.xs, slide.ys, slide.widths, slide.heights):
+            covered[y - 1 : y - 1 + h, x - 1 : x - 1 + w] = True
+        height, width = mosaic.shape[:2]
+        np.testing.assert_array_equal(mosaic[covered[:height, :width]], drawn.rgb[:height, :width][covered[:height, :width]])
+        assert (mosaic[~covered[:height, :width]] == 255).all()  # missing patches stay background
+        assert covered[drawn.tissue].mean() > 0.9  # nearly all tissue was cut into patches
+
+
+def test_burden_and_region_size_on_a_hand_made_grid():
+    nan = np.nan
+    grid = np.array(
+        [
+            [0.9, 0.8, 0.1, nan],
+            [0.7, 0.2, 0.1, 0.95],
+            [nan, 0.1, 0.55, 0.6],
+            [0.3, nan, 0.1, 0.1],
+        ]
+    )
+    summary = summarise_slide("p", grid, threshold=0.5, um_per_px=2.0)
+    assert summary.patches == 13
+    assert summary.idc_patches == 6  # 0.9 0.8 0.7 | 0.95 0.55 0.6
+    assert summary.idc_fraction == pytest.approx(6 / 13)
+    assert summary.largest_region_patches == 3  # both regions have 3 cells
+    assert summary.largest_region_mm2 == pytest.approx(3 * (50 * 2.0 / 1000) ** 2)
+    assert summary.uncertain == 2  # 0.55 and 0.6 lie within 0.1 of the threshold
+    assert summary.confident_region_patches == 3  # the 0.9/0.8/0.7 corner
+    assert summary.max_prob == pytest.approx(0.95)
+    assert summary.mean_prob == pytest.approx(np.nanmean(grid))
+    truth = np.where(np.isnan(grid), nan, (np.nan_to_num(grid) >= 0.5).astype(float))
+    truth[3, 0] = 1.0  # one IDC patch the model missed
+    checked = summarise_slide("p", grid, threshold=0.5, truth_grid=truth)
+    assert checked.sensitivity == pytest.approx(6 / 7) and checked.specificity == pytest.approx(1.0)
+    assert checked.agreement == pytest.approx(12 / 13)
+
+
+def test_ranking_puts_the_largest_confident_region_first():
+    def slide(patient, idc_cells):
+        grid = np.full((10, 10), 0.05)
+        grid.flat[:idc_cells] = 0.95
+        return summarise_slide(patient, grid, 0.5)
+
+    ranked = rank_slides([slide("small", 3), slide("none", 0), slide("large", 30), slide("medium", 12)])
+    assert [s.patient for s in ranked] == ["large", "medium", "small", "none"]
+    assert [s.rank for s in ranked] == [1, 2, 3, 4]
+
+
+def point_in_polygon(x: float, y: float, rings) -> bool:
+    inside = False
+    for ring in rings:
+        for (x0, y0), (x1, y1) in zip(ring, ring[1:]):
+            if (y0 > y) != (y1 > y) and x < x0 + (y - y0) * (x1 - x0) / (y1 - y0):
+                inside = not inside
+    return inside
+
+
+def test_region_polygons_cover_exactly_the_cells_above_threshold():
+    rng = np.random.default_rng(4)
+    mask = rng.random((14, 17)) < 0.45
+    mask[5:8, 5:8] = True
+    mask[6, 6] = False  # a hole
+    polygons = region_polygons(mask, cell=50)
+    for r in range(mask.shape[0]):
+        for c in range(mask.shape[1]):
+            hits = sum(point_in_polygon(c * 50 + 25, r * 50 + 25, rings) for rings in polygons)
+            assert hits == int(mask[r, c]), (r, c)
+    for rings in polygons:
+        for ring in rings:
+            assert ring[0] == ring[-1] and len(ring) >= 5
+
+
+@pytest.fixture(scope="module")
+def screened_batch(tiny_model, tmp_path_factory):
+    """Three held-out synthetic slides with known tumour sizes, a broken patch and an empty slide folder."""
+    root = tmp_path_factory.mktemp("screen")
+    synthesize(root / "input", patients=3, seed=99, first_index=20, idc_fractions=[0.05, 0.5, 0.0])
+    victim = sorted((root / "input" / "900020").rglob("*.png"))[7]
+    victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
+    (root / "input" / "900077" / "0").mkdir(parents=True)
+    result = screen(root / "input", root / "report", model=tiny_model, um_per_px=0.25)
+    return result, root / "report", victim
+
+
+def test_ranking_follows_the_known_tumour_sizes(screened_batch):
+    result, _, _ = screened_batch
+    assert [s.patient for s in result.slides] == ["900021", "900020", "900022"]
+    large, small, none = result.slides
+    assert large.idc_fraction > small.idc_fraction > none.idc_fraction
+    assert large.largest_region_patches > small.largest_region_patches
+    assert large.largest_region_mm2 == pytest.approx(large.largest_region_patches * (50 * 0.25 / 1000) ** 2)
+
+
+def test_broken_patch_and_empty_slide_are_reported_and_the_rest_screened(screened_batch):
+    result, report, victim = screened_batch
+    with open(report / "errors.csv", newline="") as handle:
+        problems = {row["where"]: row["problem"] for row in csv.DictReader(handle)}
+    assert "truncated" in problems[str(victim)]
+    assert any(where.endswith("900077") and "no patches" in problem for where, problem in problems.items())
+    assert len(result.slides) == 3
+    index = (report / "index.html").read_text()
+    assert "900077" in index and "truncated" in index
+
+
+def test_slides_csv_and_json_hold_the_summary(screened_batch):
+    result, report, _ = screened_batch
+    with open(report / "slides.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    required = ["rank", "patient", "patches", "idc_patches", "idc_fraction", "largest_region_patches", "mean_prob", "max_prob", "uncertain"]
+    assert list(rows[0])[0] == "rank" and set(required) <= set(rows[0])
+    assert [r["patient"] for r in rows] == [s.patient for s in result.slides]
+    assert all(0 <= float(r["idc_fraction"]) <= 1 for r in rows)
+    data = json.loads((report / "slides.json").read_text())
+    assert [s["rank"] for s in data["slides"]] == [1, 2, 3]
+    assert data["slides"][0]["true_idc_fraction"] is not None  # labels from the Kaggle names
+
+
+def test_geojson_regions_cover_the_above_threshold_patches(screened_batch):
+    result, report, _ = screened_batch
+    for summary in result.slides:
+        collection = json.loads((report / "slides" / summary.patient / "regions.geojson").read_text())
+        assert collection["type"] == "FeatureCollection"
+        assert all(f["type"] == "Feature" and f["geometry"]["type"] == "Polygon" for f in collection["features"])
+        assert sum(f["properties"]["patches"] for f in collection["features"]) == summary.idc_patches
+        polygons = [f["geometry"]["coordinates"] for f in collection["features"]]
+        for rings in polygons:
+            assert all(ring[0] == ring[-1] and len(ring) >= 5 for ring in rings)
+        with open(report / "slides" / summary.patient / "patches.csv", newline="") as handle:
+            patches = list(csv.DictReader(handle))
+        assert len(patches) == summary.patches
+        for patch in patches:
+            centre_x, centre_y = int(patch["x"]) - 1 + 25, int(patch["y"]) - 1 + 25
+            hits = sum(point_in_polygon(centre_x, centre_y, rings) for rings in polygons)
+            assert hits == int(patch["pred"]), patch
+
+
+@pytest.mark.skipif(not CHROMIUM.exists(), reason="Debian's chromium is not installed (.ci/run installs it with apt-get)")
+def test_the_report_opens_in_a_headless_browser_without_outside_requests(screened_batch):
+    from playwright.sync_api import sync_playwright
+
+    result, report, _ = screened_batch
+    outside, broken = [], []
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(
+            executable_path=str(CHROMIUM),
+            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                  "--no-first-run", "--disable-sync"],
+        )
+        page = browser.new_page()
+        page.on("request", lambda request: outside.append(request.url) if not request.url.startswith(("file://", "data:")) else None)
+        page.on("requestfailed", lambda request: broken.append(request.url))
+        page.goto((report / "index.html").as_uri())
+        rows = page.locator("#slides tbody tr.slide")
+        assert rows.count() == len(result.slides) == 3
+        assert "not a diagnosis" in page.content()
+        links = page.eval_on_selector_all("#slides a", "links => links.map(a => a.href)")
+        slide_pages = sorted({link for link in links if link.endswith(".html")})
+        assert len(slide_pages) == 3
+        for link in slide_pages + [(report / "index.html").as_uri()]:
+            page.goto(link)
+            page.wait_for_load_state("load")
+            images = page.eval_on_selector_all("img", "imgs => imgs.map(i => [i.src, i.complete && i.naturalWidth > 0])")
+            assert images, link
+            assert all(ok for _, ok in images), [src for src, ok in images if not ok]
+            for href in page.eval_on_selector_all("a", "links => links.map(a => a.href)"):
+                assert href.startswith("file://"), href
+                assert Path(href[len("file://"):].split("#")[0]).exists(), href
+        browser.close()
+    assert outside == [] and broken == []
