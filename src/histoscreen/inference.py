@@ -52,7 +52,7 @@ class Predictor:
         *,
         tta: bool = False,
         device: str = "auto",
-        batch_size: int = 1024,
+        batch_size: int = 256,
     ):
         self.model_path = Path(model_path) if model_path is not None else shipped_model_path()
         self.device = pick_device(device)
@@ -129,7 +129,7 @@ class PredictSummary:
 def iterate_patches(
     inputs: Sequence[str | os.PathLike],
     *,
-    batch_size: int = 1024,
+    batch_size: int = 256,
     workers: int | None = None,
     rejects: list[Reject],
     progress: Progress = silent,
@@ -207,7 +207,7 @@ def predict(
     *,
     model: str | os.PathLike | None = None,
     tta: bool = False,
-    batch_size: int = 1024,
+    batch_size: int = 256,
     workers: int | None = None,
     device: str = "auto",
     progress: Progress = silent,

@@ -22,7 +22,7 @@ def batched_view_logits(
     normalisation: Normalisation,
     *,
     views: int = 1,
-    batch_size: int = 1024,
+    batch_size: int = 256,
     device: torch.device | None = None,
 ) -> np.ndarray:
     """Logits (views x N) for N x 50 x 50 x 3 uint8 patches under the first `views` dihedral views."""
@@ -44,7 +44,7 @@ def batched_logits(
     normalisation: Normalisation,
     *,
     tta: bool = False,
-    batch_size: int = 1024,
+    batch_size: int = 256,
     device: torch.device | None = None,
 ) -> np.ndarray:
     """Logits for N x 50 x 50 x 3 uint8 patches; with `tta`, the mean over the 8 dihedral views."""
