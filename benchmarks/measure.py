@@ -33,10 +33,10 @@ def _tree(pid: int) -> list[int]:
     return pids
 
 
-def run_measured(command: list[str]) -> tuple[float, float]:
+def run_measured(command: list[str], stdout=subprocess.DEVNULL) -> tuple[float, float]:
     """Wall seconds and peak anonymous resident memory (MiB) of the whole process tree."""
     started = time.perf_counter()
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL)
+    process = subprocess.Popen(command, stdout=stdout)
     peak = 0
     while process.poll() is None:
         peak = max(peak, sum(_anonymous_kib(p) for p in _tree(process.pid)))

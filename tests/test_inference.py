@@ -31,7 +31,7 @@ def test_predict_applies_the_stored_temperature_bias_and_threshold(tiny_model, s
     store = PatchStore(synthetic_store)
     model, loaded = load_model(model_dir)
     for tta, (temperature, bias, threshold) in ((False, (2.5, -0.3, 0.4)), (True, (0.5, 0.2, 0.6))):
-        predict([synthetic_store], tmp_path / "preds.csv", model=model_dir, tta=tta)
+        predict([synthetic_store], tmp_path / "preds.csv", model=model_dir, tta=tta, backend="torch")
         rows = read_predictions(tmp_path / "preds.csv")
         expected = sigmoid(batched_logits(model, store.patches[:], loaded.normalisation, tta=tta) / temperature + bias)
         got = np.array([float(r["prob_idc"]) for r in rows])

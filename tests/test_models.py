@@ -30,7 +30,7 @@ def test_flops_of_a_one_layer_pair_by_hand():
 
 
 def test_unknown_architecture_is_named():
-    with pytest.raises(HistoscreenError, match="unknown model 'vgg'; available: compact, residual"):
+    with pytest.raises(HistoscreenError, match="unknown model .vgg.; available: compact, residual, resnet18"):
         create_model("vgg")
 
 

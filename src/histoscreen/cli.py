@@ -171,7 +171,8 @@ def _command_evaluate(args: argparse.Namespace, progress: Progress) -> list[str]
     report = evaluate(
         args.store, args.out, model=args.model, split=args.split, scheme=args.split_scheme,
         split_options={k: v for k, v in _split_options(args).items() if k != "extra_to_train"},
-        tta=args.tta, bootstrap_rounds=args.bootstrap, device=args.device, overwrite=args.overwrite, progress=progress,
+        tta=args.tta, bootstrap_rounds=args.bootstrap, device=args.device, backend=args.backend,
+        overwrite=args.overwrite, progress=progress,
     )
     measured, metrics, ci = report["measured_on"], report["metrics"], report["confidence_95"]
     lines = [f"{measured['split']}: {measured['patients']} patients, {measured['patches']:,} patches ({measured['idc_patches']:,} IDC)"]
@@ -188,7 +189,7 @@ def _command_predict(args: argparse.Namespace, progress: Progress) -> list[str]:
 
     summary = predict(
         args.inputs, args.out, model=args.model, tta=args.tta, batch_size=args.batch_size,
-        workers=args.workers, device=args.device, progress=progress,
+        workers=args.workers, device=args.device, backend=args.backend, progress=progress,
     )
     return summary.lines()
 
@@ -198,10 +199,23 @@ def _command_screen(args: argparse.Namespace, progress: Progress) -> list[str]:
 
     result = screen(
         args.input, args.out, model=args.model, tta=args.tta, um_per_px=args.um_per_px, labels_csv=args.labels,
-        use_name_labels=not args.ignore_name_labels, device=args.device, workers=args.workers,
+        use_name_labels=not args.ignore_name_labels, device=args.device, backend=args.backend, workers=args.workers,
         overwrite=args.overwrite, progress=progress,
     )
     return result.lines()
+
+
+def _command_export(args: argparse.Namespace, progress: Progress) -> list[str]:
+    from histoscreen.backends import export_model
+    from histoscreen.inference import shipped_model_path
+
+    written = export_model(args.model or shipped_model_path(), args.out, format=args.format, um_per_px=args.um_per_px)
+    return [f"written: {path}" for path in written]
+
+
+def _add_backend_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--backend", choices=["auto", "torch", "onnx"], default="auto",
+                        help="auto (default): ONNX Runtime on CPU when installed, else torch")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -303,6 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--tta", action="store_true", help="average the 8 dihedral views")
     evaluate.add_argument("--bootstrap", type=int, default=1000, help="patient resamples for the 95%% intervals")
     evaluate.add_argument("--device", default="auto")
+    _add_backend_argument(evaluate)
     evaluate.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     evaluate.set_defaults(run=_command_evaluate)
 
@@ -320,6 +335,7 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--batch-size", type=int, default=256, help="patches per forward pass (default 256: as fast here as larger batches, with a quarter of the memory)")
     predict.add_argument("--workers", type=int, help="decoding processes for PNG input (default: all cores)")
     predict.add_argument("--device", default="auto")
+    _add_backend_argument(predict)
     predict.set_defaults(run=_command_predict)
 
     screen = commands.add_parser(
@@ -339,8 +355,23 @@ def build_parser() -> argparse.ArgumentParser:
     screen.add_argument("--ignore-name-labels", action="store_true", help="the class in file names is not ground truth")
     screen.add_argument("--workers", type=int, help="decoding processes for PNG input (default: all cores)")
     screen.add_argument("--device", default="auto")
+    _add_backend_argument(screen)
     screen.add_argument("--overwrite", action="store_true", help="replace REPORT_DIR if it exists")
     screen.set_defaults(run=_command_screen)
+
+    export = commands.add_parser(
+        "export",
+        parents=[common],
+        help="export a model to ONNX or TorchScript (with a WSInfer/QuPath config.json)",
+        description="ONNX: uint8 patches (N x 50 x 50 x 3) in, IDC logits out, normalisation inside; the "
+        "metadata JSON is written beside it. TorchScript: normalised float patches in, two calibrated logits "
+        "(non-IDC, IDC) out, with config.json for QuPath's WSInfer extension.",
+    )
+    export.add_argument("model", nargs="?", help="model to export (default: the shipped model)")
+    export.add_argument("--format", choices=["onnx", "torchscript"], required=True)
+    export.add_argument("--out", required=True, help="file to write (e.g. model.onnx or torchscript_model.pt)")
+    export.add_argument("--um-per-px", type=float, help="pixel size for config.json (default 4.0, the Kaggle set's 2.5x)")
+    export.set_defaults(run=_command_export)
     return parser
 
 

@@ -23,3 +23,7 @@ KAGGLE_DUPLICATE_FOLDER = "IDC_regular_ps50_idx5"
 # Patient ids of generated slides start here, far from every real id, so synthetic
 # patches can never be mistaken for real ones.
 SYNTHETIC_PATIENT_BASE = 900000
+
+# Micrometres per pixel of the Kaggle patches: slides scanned at 40x (about 0.25 um/px)
+# and downsampled 16 times to 2.5x (Janowczyk & Madabhushi 2016). Approximate.
+KAGGLE_UM_PER_PX = 4.0

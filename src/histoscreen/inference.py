@@ -32,7 +32,8 @@ from histoscreen.evaluation import (
 )
 from histoscreen.models.checkpoint import load_model
 from histoscreen.data.transforms import DIHEDRAL_VIEWS
-from histoscreen.models.forward import batched_logits, batched_view_logits, pick_device
+from histoscreen.backends import OnnxRunner, resolve_backend
+from histoscreen.models.forward import batched_view_logits, pick_device
 from histoscreen.progress import Progress, silent
 
 SHIPPED_MODEL_NAME = "idc-compact"
@@ -44,7 +45,8 @@ def shipped_model_path() -> Path:
 
 
 class Predictor:
-    """A loaded model with the temperature and threshold that go with the chosen mode."""
+    """A loaded model with the temperature and threshold that go with the chosen mode, run
+    by torch or ONNX Runtime (`backend`: auto picks ONNX Runtime on CPU when installed)."""
 
     def __init__(
         self,
@@ -53,11 +55,15 @@ class Predictor:
         tta: bool = False,
         device: str = "auto",
         batch_size: int = 256,
+        backend: str = "auto",
     ):
         self.model_path = Path(model_path) if model_path is not None else shipped_model_path()
         self.device = pick_device(device)
         model, self.metadata = load_model(self.model_path)
         self.model = model.to(self.device, memory_format=torch.channels_last)
+        self.backend = resolve_backend(backend, self.device)
+        self.onnx = OnnxRunner(model, self.metadata, device=self.device) if self.backend == "onnx" else None
+        self.model.to(self.device)
         self.tta = tta
         self.batch_size = batch_size
 
@@ -73,23 +79,23 @@ class Predictor:
     def threshold(self) -> float:
         return self.metadata.tta_threshold if self.tta else self.metadata.threshold
 
+    def view_logits(self, patches: np.ndarray) -> np.ndarray:
+        """Raw logits, views x N: one view, or the 8 dihedral ones with TTA."""
+        views = DIHEDRAL_VIEWS if self.tta else 1
+        if self.onnx is not None:
+            return self.onnx.view_logits(patches, views=views, batch_size=self.batch_size)
+        return batched_view_logits(
+            self.model, patches, self.metadata.normalisation, views=views, batch_size=self.batch_size, device=self.device
+        )
+
     def probabilities(self, patches: np.ndarray) -> np.ndarray:
         """Calibrated IDC probabilities for N x 50 x 50 x 3 uint8 patches."""
-        logits = batched_logits(
-            self.model, patches, self.metadata.normalisation, tta=self.tta, batch_size=self.batch_size, device=self.device
-        )
-        return sigmoid(logits / self.temperature + self.bias)
+        return sigmoid(self.view_logits(patches).mean(0) / self.temperature + self.bias)
 
     def probabilities_with_disagreement(self, patches: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Calibrated probabilities, and which patches' dihedral views fall on both sides of
         the threshold (always False without TTA)."""
-        if not self.tta:
-            probabilities = self.probabilities(patches)
-            return probabilities, np.zeros(len(probabilities), dtype=bool)
-        views = batched_view_logits(
-            self.model, patches, self.metadata.normalisation, views=DIHEDRAL_VIEWS,
-            batch_size=self.batch_size, device=self.device,
-        )
+        views = self.view_logits(patches)
         calls = sigmoid(views / self.temperature + self.bias) >= self.threshold
         probabilities = sigmoid(views.mean(0) / self.temperature + self.bias)
         return probabilities, calls.any(0) & ~calls.all(0)
@@ -210,6 +216,7 @@ def predict(
     batch_size: int = 256,
     workers: int | None = None,
     device: str = "auto",
+    backend: str = "auto",
     progress: Progress = silent,
 ) -> PredictSummary:
     """Write one CSV row per patch: path, patient, x, y, prob_idc, pred (0/1 at the model's
@@ -217,7 +224,7 @@ def predict(
     OUT.rejects.csv beside the predictions."""
     started = time.perf_counter()
     out_csv = Path(out_csv)
-    predictor = Predictor(model, tta=tta, device=device, batch_size=batch_size)
+    predictor = Predictor(model, tta=tta, device=device, batch_size=batch_size, backend=backend)
     rejects: list[Reject] = []
     patches = idc = 0
     out_csv.parent.mkdir(parents=True, exist_ok=True)
@@ -254,6 +261,7 @@ def evaluate(
     tta: bool = False,
     bootstrap_rounds: int = 1000,
     device: str = "auto",
+    backend: str = "auto",
     overwrite: bool = False,
     progress: Progress = silent,
 ) -> dict:
@@ -265,7 +273,7 @@ def evaluate(
     rows = store.rows_of(patients)
     if len(rows) == 0:
         raise HistoscreenError(f"{store.path}: no patches of the {split} patients of the {chosen.name} split")
-    predictor = Predictor(model, tta=tta, device=device)
+    predictor = Predictor(model, tta=tta, device=device, backend=backend)
     probabilities = np.concatenate(
         [predictor.probabilities(store.patches[rows[i : i + 8192]]) for i in range(0, len(rows), 8192)]
     )
@@ -283,6 +291,7 @@ def evaluate(
             "idc_patches": int(labels.sum()),
         },
         "model": str(predictor.model_path),
+        "backend": predictor.backend,
         "tta": tta,
         "threshold": threshold,
         "temperature": predictor.temperature,

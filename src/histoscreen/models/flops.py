@@ -8,8 +8,8 @@ from torch import nn
 from histoscreen.constants import PATCH_SIZE
 
 
-def count_flops(model: nn.Module) -> int:
-    """Multiply-adds x 2 of one forward pass on a PATCH_SIZE x PATCH_SIZE patch (conv and linear)."""
+def count_flops(model: nn.Module, size: int = PATCH_SIZE) -> int:
+    """Multiply-adds x 2 of one forward pass on a size x size patch (conv and linear layers)."""
     total = 0
 
     def on_conv(module: nn.Conv2d, _inputs, output: torch.Tensor) -> None:
@@ -29,7 +29,7 @@ def count_flops(model: nn.Module) -> int:
     was_training = model.training
     model.eval()
     with torch.no_grad():
-        model(torch.zeros(1, 3, PATCH_SIZE, PATCH_SIZE))
+        model(torch.zeros(1, 3, size, size))
     model.train(was_training)
     for hook in hooks:
         hook.remove()

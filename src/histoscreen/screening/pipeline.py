@@ -95,6 +95,7 @@ def screen(
     labels_csv: str | os.PathLike | None = None,
     use_name_labels: bool = True,
     device: str = "auto",
+    backend: str = "auto",
     workers: int | None = None,
     overwrite: bool = False,
     progress: Progress = silent,
@@ -103,7 +104,7 @@ def screen(
     started = time.perf_counter()
     if um_per_px is not None and um_per_px <= 0:
         raise HistoscreenError(f"--um-per-px must be positive, got {um_per_px}")
-    predictor = Predictor(model, tta=tta, device=device)
+    predictor = Predictor(model, tta=tta, device=device, backend=backend)
     truth = read_labels_csv(labels_csv) if labels_csv else None
     errors: list[ScreeningError] = []
     slides = find_slides(source, errors)
@@ -132,6 +133,7 @@ def screen(
         settings = {
             "model": str(predictor.model_path),
             "tta": tta,
+            "backend": predictor.backend,
             "threshold": predictor.threshold,
             "uncertain_margin": UNCERTAIN_MARGIN,
             "um_per_px": um_per_px,

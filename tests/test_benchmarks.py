@@ -1,0 +1,19 @@
+"""The benchmark scripts run (in quick mode) so they cannot rot; their figures are not asserted."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_throughput_benchmark_quick_mode_runs():
+    result = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "throughput.py"), "--quick"],
+        capture_output=True, text=True, timeout=600, cwd=REPO,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    for row in ("ResNet-18 @224", "packed store, ONNX Runtime", "PNG folder, torch", "% of limit", "the whole Kaggle set"):
+        assert row in result.stdout
