@@ -28,7 +28,7 @@ from histoscreen.screening.analysis import (
     summarise_slide,
 )
 from histoscreen.screening.explain import grad_cam
-from histoscreen.screening.render import THUMBNAIL_PX, explanation_figure, heatmap_figure, save_png, shrink
+from histoscreen.screening.render import THUMBNAIL_PX, explanation_figure, heatmap_image, save_png, shrink
 from histoscreen.screening.report import write_index, write_slide_page
 from histoscreen.screening.slides import NO_LABEL, ScreeningError, SlidePatches, build_mosaic, find_slides
 
@@ -163,11 +163,11 @@ def _screen_slide(slide: SlidePatches, predictor: Predictor, folder: Path, um_pe
     Image.fromarray(mosaic).save(folder / "mosaic.jpg", quality=90)
     save_png(shrink(mosaic, THUMBNAIL_PX), folder / "thumbnail.png")
     threshold = predictor.threshold
-    heatmap_figure(mosaic, probability_grid, threshold, folder / "heatmap.png",
-                   title=f"{slide.patient}: IDC probability (outline: above threshold {threshold:.2f})")
+    heatmap_image(mosaic, probability_grid, threshold, folder / "heatmap.png",
+                  title=f"{slide.patient}: IDC probability (cyan outline: at or above threshold {threshold:.2f})")
     if truth_grid is not None:
-        heatmap_figure(mosaic, truth_grid, 0.5, folder / "truth.png", title=f"{slide.patient}: ground truth (IDC = 1)",
-                       values_label="true label")
+        heatmap_image(mosaic, truth_grid, 0.5, folder / "truth.png", title=f"{slide.patient}: ground truth (IDC = 1, outlined)",
+                      values_label="true label")
     uncertain = (np.abs(probabilities - threshold) < UNCERTAIN_MARGIN) | disagree
     with open(folder / "patches.csv", "w", newline="") as handle:
         writer = csv.writer(handle)

@@ -5,12 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
 from histoscreen.constants import GRID_STEP
 
 THUMBNAIL_PX = 320
-VIEW_PX = 1200  # longest side of the pictures on a slide's page
+VIEW_PX = 1000  # longest side of the pictures on a slide's page
+OUTLINE_RGB = (0, 229, 255)
 
 
 def save_png(pixels: np.ndarray, path: Path) -> None:
@@ -26,72 +27,59 @@ def shrink(mosaic: np.ndarray, longest: int) -> np.ndarray:
     return np.asarray(Image.fromarray(mosaic).resize(size, Image.Resampling.BOX))
 
 
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _region_outline(axes, mask: np.ndarray, colour: str) -> None:
-    """Draw the borders between cells inside and outside `mask` (slide pixel coordinates)."""
-    padded = np.pad(mask, 1)
-    segments = []
-    rows, columns = np.nonzero(padded[1:-1, 1:-1] != padded[:-2, 1:-1])  # horizontal borders above cells
-    segments += [[(c * GRID_STEP, r * GRID_STEP), ((c + 1) * GRID_STEP, r * GRID_STEP)] for r, c in zip(rows, columns)]
-    rows, columns = np.nonzero(padded[1:-1, 1:-1] != padded[1:-1, :-2])  # vertical borders left of cells
-    segments += [[(c * GRID_STEP, r * GRID_STEP), (c * GRID_STEP, (r + 1) * GRID_STEP)] for r, c in zip(rows, columns)]
-    last_row = np.nonzero(mask[-1])[0]
-    segments += [[(c * GRID_STEP, mask.shape[0] * GRID_STEP), ((c + 1) * GRID_STEP, mask.shape[0] * GRID_STEP)] for c in last_row]
-    last_column = np.nonzero(mask[:, -1])[0]
-    segments += [[(mask.shape[1] * GRID_STEP, r * GRID_STEP), (mask.shape[1] * GRID_STEP, (r + 1) * GRID_STEP)] for r in last_column]
-    if segments:
-        from matplotlib.collections import LineCollection
-
-        axes.add_collection(LineCollection(segments, colors=colour, linewidths=1.2))
-
-
-def heatmap_figure(
+def heatmap_image(
     mosaic: np.ndarray,
-    probability_grid: np.ndarray,
+    value_grid: np.ndarray,
     threshold: float,
     path: Path,
     *,
     title: str,
     values_label: str = "IDC probability",
-    outline: np.ndarray | None = None,
 ) -> None:
-    """The mosaic with a semi-transparent perceptual colour map of `probability_grid` on the
-    screened patches, a colour bar, and the outline of the cells above `threshold`."""
-    plt = _plt()
-    height, width = mosaic.shape[:2]
-    view = shrink(mosaic, VIEW_PX)
-    figure_width = 9.0
-    figure, axes = plt.subplots(figsize=(figure_width, max(3.0, figure_width * height / width * 0.85)))
-    extent = (0, width, height, 0)
-    axes.imshow(view, extent=extent, interpolation="nearest")
-    grid_extent = (0, probability_grid.shape[1] * GRID_STEP, probability_grid.shape[0] * GRID_STEP, 0)
+    """The mosaic with a semi-transparent perceptual colour map (inferno) of `value_grid`
+    over the screened patches, the outline of the cells at or above `threshold` in cyan,
+    and a colour bar. Drawn with numpy and Pillow: a tenth of the time matplotlib takes."""
+    from matplotlib import colormaps
+
+    view = shrink(mosaic, VIEW_PX).astype(np.float32)
+    height, width = view.shape[:2]
+    scale = width / mosaic.shape[1]
+    rows = np.minimum((np.arange(height) / scale // GRID_STEP).astype(int), value_grid.shape[0] - 1)
+    columns = np.minimum((np.arange(width) / scale // GRID_STEP).astype(int), value_grid.shape[1] - 1)
+    values = value_grid[rows[:, None], columns[None, :]]
+    known = ~np.isnan(values)
+    level = np.nan_to_num(values)
     # Opacity grows with the value, so tissue the model finds unremarkable stays visible.
-    opacity = np.where(np.isnan(probability_grid), 0.0, 0.2 + 0.5 * np.nan_to_num(probability_grid))
-    overlay = axes.imshow(
-        np.ma.masked_invalid(probability_grid), cmap="inferno", vmin=0, vmax=1, alpha=opacity,
-        extent=grid_extent, interpolation="nearest",
-    )
-    mask = np.nan_to_num(probability_grid, nan=-1) >= threshold if outline is None else outline
-    _region_outline(axes, mask, "#00e5ff")
-    axes.set_xlim(0, width)
-    axes.set_ylim(height, 0)
-    axes.set_title(title, fontsize=10)
-    axes.set_xlabel("slide x (px)")
-    axes.set_ylabel("slide y (px)")
-    bar = figure.colorbar(overlay, ax=axes, fraction=0.035, pad=0.02)
-    bar.set_label(values_label)
-    bar.ax.axhline(threshold, color="#00e5ff", linewidth=2)
-    figure.tight_layout()
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
+    opacity = np.where(known, 0.2 + 0.5 * level, 0.0)[..., None]
+    colours = colormaps["inferno"](level)[..., :3] * 255
+    blended = view * (1 - opacity) + colours * opacity
+    above = known & (level >= threshold)
+    border = np.zeros_like(above)
+    border[:, 1:] |= above[:, 1:] != above[:, :-1]
+    border[1:, :] |= above[1:, :] != above[:-1, :]
+    border[:, 0] |= above[:, 0]
+    border[:, -1] |= above[:, -1]
+    border[0, :] |= above[0, :]
+    border[-1, :] |= above[-1, :]
+    blended[border] = OUTLINE_RGB
+
+    font = ImageFont.load_default(size=14)
+    title_height, legend_width = 28, 110
+    canvas = Image.new("RGB", (width + legend_width, height + title_height), (255, 255, 255))
+    canvas.paste(Image.fromarray(blended.astype(np.uint8)), (0, title_height))
+    draw = ImageDraw.Draw(canvas)
+    draw.text((4, 6), title, fill=(0, 0, 0), font=font)
+    bar_top, bar_height, bar_left = title_height + 10, max(60, min(300, height - 20)), width + 14
+    gradient = colormaps["inferno"](np.linspace(1, 0, bar_height))[:, :3] * 255
+    canvas.paste(Image.fromarray(np.repeat(gradient[:, None, :], 18, axis=1).astype(np.uint8)), (bar_left, bar_top))
+    for value in (0.0, 0.5, 1.0):
+        y = bar_top + round((1 - value) * (bar_height - 1))
+        draw.line([(bar_left + 18, y), (bar_left + 22, y)], fill=(0, 0, 0))
+        draw.text((bar_left + 25, y - 7), f"{value:.1f}", fill=(0, 0, 0), font=font)
+    y = bar_top + round((1 - threshold) * (bar_height - 1))
+    draw.line([(bar_left - 3, y), (bar_left + 21, y)], fill=OUTLINE_RGB, width=3)
+    draw.text((bar_left, bar_top + bar_height + 6), values_label.replace(" ", "\n", 1), fill=(0, 0, 0), font=font)
+    canvas.save(path)
 
 
 def explanation_figure(patch: np.ndarray, cam: np.ndarray, path: Path, scale: int = 4) -> None:
