@@ -17,7 +17,6 @@ from histoscreen.evaluation import (
     expected_calibration_error,
     fit_calibration,
     per_patient_table,
-    roc_auc,
     sigmoid,
 )
 
