@@ -12,19 +12,6 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-METRIC_NAMES = (
-    "accuracy",
-    "balanced_accuracy",
-    "sensitivity",
-    "specificity",
-    "precision",
-    "f1",
-    "roc_auc",
-    "pr_auc",
-    "brier",
-    "ece",
-)
-
 
 def confusion_counts(labels: np.ndarray, predicted: np.ndarray) -> tuple[int, int, int, int]:
     """(tn, fp, fn, tp).
@@ -103,7 +90,8 @@ def expected_calibration_error(labels: np.ndarray, probabilities: np.ndarray, bi
 
 
 def classification_metrics(labels: np.ndarray, probabilities: np.ndarray, threshold: float = 0.5) -> dict:
-    """Every metric of METRIC_NAMES plus the confusion counts, at `threshold`."""
+    """Accuracy, balanced accuracy, sensitivity, specificity, precision, F1, ROC-AUC, PR-AUC,
+    Brier score, ECE and the confusion counts, at `threshold`."""
     labels = np.asarray(labels).astype(int)
     probabilities = np.asarray(probabilities, dtype=np.float64)
     tn, fp, fn, tp = confusion_counts(labels, probabilities >= threshold)

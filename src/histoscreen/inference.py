@@ -110,7 +110,6 @@ class PatchBatch:
     patients: list[str | None]
     xs: list[int | None]
     ys: list[int | None]
-    labels: list[int | None]
 
 
 @dataclass
@@ -124,12 +123,11 @@ class PredictSummary:
 
     def lines(self) -> list[str]:
         rate = self.patches / self.seconds if self.seconds else 0.0
-        lines = [
+        return [
             f"predictions: {self.out}",
             f"patches: {self.patches:,} predicted, {self.idc_patches:,} called IDC, in {self.seconds:.1f} s ({rate:,.0f} patches/s)",
             f"rejected files: {len(self.rejects):,}" + (f" (see {self.rejects_path})" if self.rejects_path else ""),
         ]
-        return lines
 
 
 def iterate_patches(
@@ -168,7 +166,6 @@ def iterate_patches(
                 part["patient"].tolist(),
                 part["x"].tolist(),
                 part["y"].tolist(),
-                part["label"].tolist(),
             )
             done += len(part)
             progress("predicting", done, total)
@@ -203,7 +200,6 @@ def _file_batch(decoded: list[tuple[np.ndarray, str]]) -> PatchBatch:
         [n.patient if n else None for n in names],
         [n.x if n else None for n in names],
         [n.y if n else None for n in names],
-        [n.label if n else None for n in names],
     )
 
 

@@ -22,6 +22,7 @@ from safetensors.torch import save as safetensors_bytes
 
 from histoscreen import HistoscreenError, __version__
 from histoscreen.atomic import atomic_write_bytes, atomic_write_text
+from histoscreen.data.naming import patient_sort_key
 from histoscreen.data.splits import resolve_split
 from histoscreen.data.store import PatchStore
 from histoscreen.data.transforms import Normalisation, augment
@@ -250,8 +251,8 @@ def train(
             "config": asdict(config),
             "best_epoch": state["best_epoch"],
             "history": state["history"],
-            "train_patients": sorted(split.train & set(store.patients), key=lambda p: (len(p), p)),
-            "val_patients": sorted(split.val & set(store.patients), key=lambda p: (len(p), p)),
+            "train_patients": sorted(split.train & set(store.patients), key=patient_sort_key),
+            "val_patients": sorted(split.val & set(store.patients), key=patient_sort_key),
             "train_patches": int(len(train_rows)),
             "train_idc_patches": int(train_labels.sum()),
             "val_patches": int(len(val_rows)),

@@ -82,17 +82,8 @@ def check_name(path: Path) -> tuple[PatchName | None, str | None]:
     return name, None
 
 
-def decode_patch(path: Path) -> DecodedPatch:
-    """Decode one patch file, padding edge patches with background to the full size."""
-    try:
-        data = Path(path).read_bytes()
-    except OSError as error:
-        return _rejected(f"unreadable file ({error.strerror or error})")
-    return decode_patch_bytes(data)
-
-
 def decode_patch_bytes(data: bytes) -> DecodedPatch:
-    """Decode the bytes of one patch PNG; see decode_patch."""
+    """Decode one patch PNG, padding edge patches with background to the full size."""
     if not data:
         return _rejected("empty file (0 bytes)")
     try:

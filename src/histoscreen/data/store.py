@@ -20,6 +20,7 @@ import pandas as pd
 
 from histoscreen import HistoscreenError
 from histoscreen.constants import PATCH_SIZE
+from histoscreen.data.naming import patient_sort_key
 
 STORE_FORMAT = "histoscreen-patch-store"
 STORE_VERSION = 1
@@ -71,7 +72,7 @@ class PatchStore:
 
     @property
     def patients(self) -> list[str]:
-        return sorted(self.index["patient"].unique().tolist(), key=lambda p: (len(p), p))
+        return sorted(self.index["patient"].unique().tolist(), key=patient_sort_key)
 
     @property
     def labels(self) -> np.ndarray:

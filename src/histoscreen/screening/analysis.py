@@ -14,6 +14,13 @@ from histoscreen.constants import GRID_STEP
 UNCERTAIN_MARGIN = 0.1
 
 
+def uncertain_patches(probabilities: np.ndarray, threshold: float, views_disagree: np.ndarray | None = None) -> np.ndarray:
+    """Patches to show a person: within UNCERTAIN_MARGIN of the threshold, or whose
+    test-time views fall on both sides of it. NaN (no patch) is never uncertain."""
+    uncertain = np.abs(np.nan_to_num(probabilities, nan=np.inf) - threshold) < UNCERTAIN_MARGIN
+    return uncertain | views_disagree if views_disagree is not None else uncertain
+
+
 def connected_regions(mask: np.ndarray) -> tuple[np.ndarray, int]:
     """Label 4-connected regions of True cells: (labels with 0 = background, region count).
 
@@ -88,9 +95,7 @@ def summarise_slide(
     screened = ~np.isnan(probability_grid)
     probabilities = probability_grid[screened]
     idc = screened & (np.nan_to_num(probability_grid, nan=-1.0) >= threshold)
-    uncertain = screened & (np.abs(np.nan_to_num(probability_grid, nan=-9.0) - threshold) < UNCERTAIN_MARGIN)
-    if uncertain_grid is not None:
-        uncertain |= screened & uncertain_grid
+    uncertain = screened & uncertain_patches(probability_grid, threshold, uncertain_grid)
     largest = largest_region(idc)
     summary = SlideSummary(
         patient=patient,

@@ -26,6 +26,7 @@ from histoscreen.screening.analysis import (
     rank_slides,
     regions_geojson,
     summarise_slide,
+    uncertain_patches,
 )
 from histoscreen.screening.explain import grad_cam
 from histoscreen.screening.render import THUMBNAIL_PX, explanation_figure, heatmap_image, save_png, shrink
@@ -168,7 +169,7 @@ def _screen_slide(slide: SlidePatches, predictor: Predictor, folder: Path, um_pe
     if truth_grid is not None:
         heatmap_image(mosaic, truth_grid, 0.5, folder / "truth.png", title=f"{slide.patient}: ground truth (IDC = 1, outlined)",
                       values_label="true label")
-    uncertain = (np.abs(probabilities - threshold) < UNCERTAIN_MARGIN) | disagree
+    uncertain = uncertain_patches(probabilities, threshold, disagree)
     with open(folder / "patches.csv", "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["x", "y", "prob_idc", "pred", "uncertain", "label"])
