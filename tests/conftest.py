@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -87,3 +89,18 @@ def tiny_model(synthetic_store, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("tiny-model") / "model"
     train(synthetic_store, out, tiny_config())
     return out
+
+
+@pytest.fixture
+def edited_tiny_model(tiny_model, tmp_path):
+    """Make a copy of the tiny model whose metadata `edit(metadata_dict)` changes; returns its folder."""
+
+    def make(edit) -> Path:
+        model_dir = tmp_path / "edited-model"
+        shutil.copytree(tiny_model, model_dir, ignore=shutil.ignore_patterns("checkpoints"))
+        metadata = json.loads((model_dir / "model.json").read_text())
+        edit(metadata)
+        (model_dir / "model.json").write_text(json.dumps(metadata))
+        return model_dir
+
+    return make

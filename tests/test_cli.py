@@ -17,7 +17,7 @@ def histoscreen(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(command + list(args), capture_output=True, text=True, timeout=300)
 
 
-@pytest.mark.parametrize("command", [[], ["prepare"], ["synth"], ["splits"], ["train"], ["evaluate"], ["predict"], ["screen"]])
+@pytest.mark.parametrize("command", [[], ["prepare"], ["synth"], ["splits"], ["train"], ["calibrate"], ["evaluate"], ["predict"], ["screen"], ["export"]])
 def test_help_on_every_command(command):
     result = histoscreen(*command, "--help")
     assert result.returncode == 0

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import json
 import shutil
 
 import numpy as np
@@ -21,12 +20,10 @@ def read_predictions(path):
         return list(csv.DictReader(handle))
 
 
-def test_predict_applies_the_stored_temperature_bias_and_threshold(tiny_model, synthetic_store, tmp_path):
-    model_dir = tmp_path / "model"
-    shutil.copytree(tiny_model, model_dir, ignore=shutil.ignore_patterns("checkpoints"))
-    metadata = json.loads((model_dir / "model.json").read_text())
-    metadata.update(temperature=2.5, bias=-0.3, threshold=0.4, tta_temperature=0.5, tta_bias=0.2, tta_threshold=0.6)
-    (model_dir / "model.json").write_text(json.dumps(metadata))
+def test_predict_applies_the_stored_temperature_bias_and_threshold(edited_tiny_model, synthetic_store, tmp_path):
+    model_dir = edited_tiny_model(
+        lambda metadata: metadata.update(temperature=2.5, bias=-0.3, threshold=0.4, tta_temperature=0.5, tta_bias=0.2, tta_threshold=0.6)
+    )
 
     store = PatchStore(synthetic_store)
     model, loaded = load_model(model_dir)

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from histoscreen.data import generate_slide, synthesize
+from histoscreen.inference import predict
 from histoscreen.screening import build_mosaic, find_slides, rank_slides, region_polygons, screen, summarise_slide
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -158,6 +159,36 @@ def test_geojson_regions_cover_the_above_threshold_patches(screened_batch):
             centre_x, centre_y = int(patch["x"]) - 1 + 25, int(patch["y"]) - 1 + 25
             hits = sum(point_in_polygon(centre_x, centre_y, rings) for rings in polygons)
             assert hits == int(patch["pred"]), patch
+
+
+def probabilities_by_position(csv_path) -> dict[tuple[int, int], float]:
+    with open(csv_path, newline="") as handle:
+        return {(int(r["x"]), int(r["y"])): float(r["prob_idc"]) for r in csv.DictReader(handle)}
+
+
+def test_screening_uses_slide_context_by_default_and_predict_agrees(screened_batch, tiny_model, tmp_path):
+    result, report, victim = screened_batch
+    settings = json.loads((report / "slides.json").read_text())["settings"]
+    assert settings["context"] is True and settings["context_settings"]["radius"] >= 1
+    assert "with slide context" in (report / "index.html").read_text()
+    slide = result.slides[0].patient
+    predict([victim.parents[2] / slide], tmp_path / "preds.csv", model=tiny_model, context=True)
+    expected = probabilities_by_position(tmp_path / "preds.csv")
+    screened = probabilities_by_position(report / "slides" / slide / "patches.csv")
+    assert screened.keys() == expected.keys()
+    assert all(abs(screened[key] - expected[key]) < 1e-5 for key in screened)
+
+
+def test_no_context_judges_each_patch_alone(tiny_model, tmp_path):
+    synthesize(tmp_path / "input", patients=1, seed=5, first_index=30)
+    screen(tmp_path / "input", tmp_path / "report", model=tiny_model, context=False)
+    predict([tmp_path / "input"], tmp_path / "preds.csv", model=tiny_model)
+    settings = json.loads((tmp_path / "report" / "slides.json").read_text())["settings"]
+    assert settings["context"] is False and "context_settings" not in settings
+    expected = probabilities_by_position(tmp_path / "preds.csv")
+    screened = probabilities_by_position(tmp_path / "report" / "slides" / "900030" / "patches.csv")
+    assert screened.keys() == expected.keys()
+    assert all(abs(screened[key] - expected[key]) < 1e-5 for key in screened)
 
 
 @pytest.mark.skipif(not CHROMIUM.exists(), reason="Debian's chromium is not installed (.ci/run installs it with apt-get)")

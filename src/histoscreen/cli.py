@@ -17,6 +17,7 @@ from histoscreen import HistoscreenError, __version__
 from histoscreen.progress import Progress, silent
 
 EXIT_USAGE_OR_INPUT = 2
+CONTEXT_HELP = "blend each patch's score with its neighbours' on the slide (the model's slide-context calibration)"
 
 
 class ProgressBar:
@@ -162,7 +163,39 @@ def _command_train(args: argparse.Namespace, progress: Progress) -> list[str]:
         f"sensitivity {validation['sensitivity']:.4f}, specificity {validation['specificity']:.4f}, "
         f"AUC {validation['roc_auc']:.4f}"
     )
-    return lines
+    return lines + _context_lines(result.metadata)
+
+
+def _context_lines(metadata) -> list[str]:
+    if not metadata.context:
+        return []
+    validation = metadata.validation["context_plain"]
+    return [
+        f"with slide context (radius {metadata.context['radius']}, weight {metadata.context['weight']}), threshold "
+        f"{metadata.context['threshold']:.4f}: accuracy {validation['accuracy']:.4f}, balanced accuracy "
+        f"{validation['balanced_accuracy']:.4f}, sensitivity {validation['sensitivity']:.4f}, specificity "
+        f"{validation['specificity']:.4f}, AUC {validation['roc_auc']:.4f}"
+    ]
+
+
+def _command_calibrate(args: argparse.Namespace, progress: Progress) -> list[str]:
+    from histoscreen.inference import shipped_model_path
+    from histoscreen.training import recalibrate
+
+    options = {k: v for k, v in _split_options(args).items() if k != "extra_to_train"}
+    metadata, path = recalibrate(
+        args.store, args.model or shipped_model_path(), args.out, scheme=args.split_scheme, split_options=options,
+        min_sensitivity=args.min_sensitivity, device=args.device,
+    )
+    validation = metadata.validation["plain"]
+    return [
+        f"model: {path}",
+        f"calibrated on {len(metadata.validation['patients'])} {metadata.validation['split']} patients "
+        f"({validation['patches']:,} patches), threshold {metadata.threshold:.4f}: accuracy {validation['accuracy']:.4f}, "
+        f"balanced accuracy {validation['balanced_accuracy']:.4f}, sensitivity {validation['sensitivity']:.4f}, "
+        f"specificity {validation['specificity']:.4f}",
+        *_context_lines(metadata),
+    ]
 
 
 def _command_evaluate(args: argparse.Namespace, progress: Progress) -> list[str]:
@@ -171,7 +204,7 @@ def _command_evaluate(args: argparse.Namespace, progress: Progress) -> list[str]
     report = evaluate(
         args.store, args.out, model=args.model, split=args.split, scheme=args.split_scheme,
         split_options={k: v for k, v in _split_options(args).items() if k != "extra_to_train"},
-        tta=args.tta, bootstrap_rounds=args.bootstrap, device=args.device, backend=args.backend,
+        tta=args.tta, context=args.context, bootstrap_rounds=args.bootstrap, device=args.device, backend=args.backend,
         overwrite=args.overwrite, progress=progress,
     )
     measured, metrics, ci = report["measured_on"], report["metrics"], report["confidence_95"]
@@ -188,7 +221,7 @@ def _command_predict(args: argparse.Namespace, progress: Progress) -> list[str]:
     from histoscreen.inference import predict
 
     summary = predict(
-        args.inputs, args.out, model=args.model, tta=args.tta, batch_size=args.batch_size,
+        args.inputs, args.out, model=args.model, tta=args.tta, context=args.context, batch_size=args.batch_size,
         workers=args.workers, device=args.device, backend=args.backend, progress=progress,
     )
     return summary.lines()
@@ -198,7 +231,7 @@ def _command_screen(args: argparse.Namespace, progress: Progress) -> list[str]:
     from histoscreen.screening import screen
 
     result = screen(
-        args.input, args.out, model=args.model, tta=args.tta, um_per_px=args.um_per_px, labels_csv=args.labels,
+        args.input, args.out, model=args.model, tta=args.tta, context=False if args.no_context else None, um_per_px=args.um_per_px, labels_csv=args.labels,
         use_name_labels=not args.ignore_name_labels, device=args.device, backend=args.backend, workers=args.workers,
         overwrite=args.overwrite, progress=progress,
     )
@@ -303,6 +336,21 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", action="store_true", help="continue a killed run in OUT where it stopped")
     train.set_defaults(run=_command_train)
 
+    calibrate = commands.add_parser(
+        "calibrate",
+        parents=[common],
+        help="refit a model's temperature, threshold and slide context on the val patients of a store",
+        description="Write a copy of MODEL whose calibration, threshold and slide-context settings are fitted on the "
+        "val patients of STORE (for example a lab's own labelled patients in a csv split). The weights are unchanged.",
+    )
+    calibrate.add_argument("store", help="a store written by 'histoscreen prepare'")
+    calibrate.add_argument("--model", help="model to start from (default: the shipped model)")
+    calibrate.add_argument("--out", required=True, help="model file (.safetensors) or folder to write")
+    _add_split_arguments(calibrate)
+    calibrate.add_argument("--min-sensitivity", type=float, help="threshold: highest specificity with at least this sensitivity")
+    calibrate.add_argument("--device", default="auto")
+    calibrate.set_defaults(run=_command_calibrate)
+
     evaluate = commands.add_parser(
         "evaluate",
         parents=[common],
@@ -315,6 +363,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_split_arguments(evaluate)
     evaluate.add_argument("--out", required=True, help="folder for metrics.json, per_patient.csv and plots")
     evaluate.add_argument("--tta", action="store_true", help="average the 8 dihedral views")
+    evaluate.add_argument("--context", action="store_true", help=CONTEXT_HELP)
     evaluate.add_argument("--bootstrap", type=int, default=1000, help="patient resamples for the 95%% intervals")
     evaluate.add_argument("--device", default="auto")
     _add_backend_argument(evaluate)
@@ -332,6 +381,7 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--out", required=True, help="CSV file to write")
     predict.add_argument("--model", help="model (.safetensors with its .json, or a folder); default: the shipped model")
     predict.add_argument("--tta", action="store_true", help="average the 8 dihedral views")
+    predict.add_argument("--context", action="store_true", help=CONTEXT_HELP + " (all patches are read before any row is written)")
     predict.add_argument("--batch-size", type=int, default=256, help="patches per forward pass (default 256: as fast here as larger batches, with a quarter of the memory)")
     predict.add_argument("--workers", type=int, help="decoding processes for PNG input (default: all cores)")
     predict.add_argument("--device", default="auto")
@@ -350,6 +400,8 @@ def build_parser() -> argparse.ArgumentParser:
     screen.add_argument("--out", required=True, help="report folder to create")
     screen.add_argument("--model", help="model (.safetensors with its .json, or a folder); default: the shipped model")
     screen.add_argument("--tta", action="store_true", help="average the 8 dihedral views; flag patches whose views disagree")
+    screen.add_argument("--no-context", action="store_true",
+                        help="judge each patch on its own (default: blend with its neighbours when the model has a slide-context calibration)")
     screen.add_argument("--um-per-px", type=float, help="pixel size in micrometres, to report region areas in mm²")
     screen.add_argument("--labels", help="ground truth CSV with columns patient,x,y,label (else the labels in names)")
     screen.add_argument("--ignore-name-labels", action="store_true", help="the class in file names is not ground truth")

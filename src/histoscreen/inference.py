@@ -8,7 +8,7 @@ import json
 import os
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
 
@@ -31,6 +31,7 @@ from histoscreen.evaluation import (
     write_plots,
 )
 from histoscreen.models.checkpoint import load_model
+from histoscreen.models.context import SlidePositions, blend_with_neighbours
 from histoscreen.data.transforms import DIHEDRAL_VIEWS
 from histoscreen.backends import OnnxRunner, resolve_backend
 from histoscreen.models.forward import batched_view_logits, pick_device
@@ -46,13 +47,19 @@ def shipped_model_path() -> Path:
 
 class Predictor:
     """A loaded model with the temperature and threshold that go with the chosen mode, run
-    by torch or ONNX Runtime (`backend`: auto picks ONNX Runtime on CPU when installed)."""
+    by torch or ONNX Runtime (`backend`: auto picks ONNX Runtime on CPU when installed).
+
+    With `context`, a patch's score is blended with its neighbours' on the slide
+    (models/context.py) and the context calibration and threshold apply; that needs every
+    patch of a slide at once, with its position.
+    """
 
     def __init__(
         self,
         model_path: str | os.PathLike | None = None,
         *,
         tta: bool = False,
+        context: bool = False,
         device: str = "auto",
         batch_size: int = 256,
         backend: str = "auto",
@@ -60,24 +67,50 @@ class Predictor:
         self.model_path = Path(model_path) if model_path is not None else shipped_model_path()
         self.device = pick_device(device)
         model, self.metadata = load_model(self.model_path)
+        if context and not self.metadata.context:
+            raise HistoscreenError(
+                f"{self.model_path}: this model has no slide-context calibration; "
+                "fit one with 'histoscreen calibrate STORE --model MODEL --out NEW_MODEL'"
+            )
         self.model = model.to(self.device, memory_format=torch.channels_last)
         self.backend = resolve_backend(backend, self.device)
         self.onnx = OnnxRunner(model, self.metadata, device=self.device) if self.backend == "onnx" else None
         self.model.to(self.device)
         self.tta = tta
+        self.context = context
         self.batch_size = batch_size
 
     @property
+    def _prefix(self) -> str:
+        return "tta_" if self.tta else ""
+
+    @property
     def temperature(self) -> float:
-        return self.metadata.tta_temperature if self.tta else self.metadata.temperature
+        """Of the patch logit (the context step has its own, in `metadata.context`)."""
+        return getattr(self.metadata, f"{self._prefix}temperature")
 
     @property
     def bias(self) -> float:
-        return self.metadata.tta_bias if self.tta else self.metadata.bias
+        return getattr(self.metadata, f"{self._prefix}bias")
+
+    @property
+    def patch_threshold(self) -> float:
+        return getattr(self.metadata, f"{self._prefix}threshold")
 
     @property
     def threshold(self) -> float:
-        return self.metadata.tta_threshold if self.tta else self.metadata.threshold
+        """The threshold that goes with `probabilities`: the context one with context."""
+        return self.metadata.context[f"{self._prefix}threshold"] if self.context else self.patch_threshold
+
+    def settings(self) -> dict:
+        """What decides the calls, for reports."""
+        settings = {"model": str(self.model_path), "backend": self.backend, "tta": self.tta, "context": self.context,
+                    "threshold": self.threshold, "temperature": self.temperature, "bias": self.bias}
+        if self.context:
+            settings["context_settings"] = {key: self.metadata.context[key] for key in ("radius", "weight")} | {
+                key: self.metadata.context[f"{self._prefix}{key}"] for key in ("temperature", "bias")
+            }
+        return settings
 
     def view_logits(self, patches: np.ndarray) -> np.ndarray:
         """Raw logits, views x N: one view, or the 8 dihedral ones with TTA."""
@@ -88,17 +121,33 @@ class Predictor:
             self.model, patches, self.metadata.normalisation, views=views, batch_size=self.batch_size, device=self.device
         )
 
-    def probabilities(self, patches: np.ndarray) -> np.ndarray:
-        """Calibrated IDC probabilities for N x 50 x 50 x 3 uint8 patches."""
-        return sigmoid(self.view_logits(patches).mean(0) / self.temperature + self.bias)
+    def patch_logits(self, patches: np.ndarray) -> np.ndarray:
+        """Calibrated logits of each patch on its own."""
+        return self.view_logits(patches).mean(0) / self.temperature + self.bias
 
-    def probabilities_with_disagreement(self, patches: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def finish(self, patch_logits: np.ndarray, positions: SlidePositions | None = None) -> np.ndarray:
+        """Probabilities from calibrated patch logits: sigmoid, or with context, blended with
+        the neighbours among the same `positions` (all the patches of the slides at hand)."""
+        if not self.context:
+            return sigmoid(patch_logits)
+        context = self.metadata.context
+        if positions is None:
+            positions = SlidePositions.of([None] * len(patch_logits), [None] * len(patch_logits), [None] * len(patch_logits))
+        mixed = blend_with_neighbours(patch_logits, positions, context["radius"], context["weight"])
+        return sigmoid(mixed / context[f"{self._prefix}temperature"] + context[f"{self._prefix}bias"])
+
+    def probabilities(self, patches: np.ndarray, positions: SlidePositions | None = None) -> np.ndarray:
+        """Calibrated IDC probabilities for N x 50 x 50 x 3 uint8 patches."""
+        return self.finish(self.patch_logits(patches), positions)
+
+    def probabilities_with_disagreement(
+        self, patches: np.ndarray, positions: SlidePositions | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Calibrated probabilities, and which patches' dihedral views fall on both sides of
-        the threshold (always False without TTA)."""
-        views = self.view_logits(patches)
-        calls = sigmoid(views / self.temperature + self.bias) >= self.threshold
-        probabilities = sigmoid(views.mean(0) / self.temperature + self.bias)
-        return probabilities, calls.any(0) & ~calls.all(0)
+        the patch threshold (always False without TTA)."""
+        views = self.view_logits(patches) / self.temperature + self.bias
+        calls = sigmoid(views) >= self.patch_threshold
+        return self.finish(views.mean(0), positions), calls.any(0) & ~calls.all(0)
 
 
 @dataclass
@@ -209,6 +258,7 @@ def predict(
     *,
     model: str | os.PathLike | None = None,
     tta: bool = False,
+    context: bool = False,
     batch_size: int = 256,
     workers: int | None = None,
     device: str = "auto",
@@ -217,10 +267,11 @@ def predict(
 ) -> PredictSummary:
     """Write one CSV row per patch: path, patient, x, y, prob_idc, pred (0/1 at the model's
     threshold). Unparsable names leave patient, x and y empty. Bad files go to
-    OUT.rejects.csv beside the predictions."""
+    OUT.rejects.csv beside the predictions. With `context`, every patch is predicted before
+    any row is written, as a patch's neighbours may come later."""
     started = time.perf_counter()
     out_csv = Path(out_csv)
-    predictor = Predictor(model, tta=tta, device=device, batch_size=batch_size, backend=backend)
+    predictor = Predictor(model, tta=tta, context=context, device=device, batch_size=batch_size, backend=backend)
     rejects: list[Reject] = []
     patches = idc = 0
     out_csv.parent.mkdir(parents=True, exist_ok=True)
@@ -229,13 +280,24 @@ def predict(
         with open(partial, "w", newline="") as handle:
             writer = csv.writer(handle)
             writer.writerow(["path", "patient", "x", "y", "prob_idc", "pred"])
+            held: list[tuple[PatchBatch, np.ndarray]] = []
             for batch in iterate_patches(inputs, batch_size=batch_size, workers=workers, rejects=rejects, progress=progress):
-                probabilities = predictor.probabilities(batch.pixels)
-                calls = probabilities >= predictor.threshold
-                for path, patient, x, y, probability, call in zip(batch.paths, batch.patients, batch.xs, batch.ys, probabilities, calls):
-                    writer.writerow([path, patient or "", "" if x is None else x, "" if y is None else y, f"{probability:.6f}", int(call)])
-                patches += len(probabilities)
-                idc += int(calls.sum())
+                logits = predictor.patch_logits(batch.pixels)
+                if context:
+                    held.append((replace(batch, pixels=np.empty(0)), logits))
+                else:
+                    idc += _write_predictions(writer, batch, predictor.finish(logits), predictor.threshold)
+                patches += len(logits)
+            if held:
+                whole = PatchBatch(np.empty(0), [], [], [], [])
+                for batch, _ in held:
+                    whole.paths += batch.paths
+                    whole.patients += batch.patients
+                    whole.xs += batch.xs
+                    whole.ys += batch.ys
+                positions = SlidePositions.of(whole.patients, whole.xs, whole.ys)
+                probabilities = predictor.finish(np.concatenate([logits for _, logits in held]), positions)
+                idc += _write_predictions(writer, whole, probabilities, predictor.threshold)
         os.replace(partial, out_csv)
     finally:
         partial.unlink(missing_ok=True)
@@ -244,6 +306,14 @@ def predict(
         rejects_path = out_csv.with_suffix(".rejects.csv")
         pd.DataFrame([(r.path, r.reason) for r in rejects], columns=["path", "reason"]).to_csv(rejects_path, index=False)
     return PredictSummary(out_csv, patches, idc, time.perf_counter() - started, rejects, rejects_path)
+
+
+def _write_predictions(writer, batch: PatchBatch, probabilities: np.ndarray, threshold: float) -> int:
+    """One CSV row per patch; returns how many were called IDC."""
+    calls = probabilities >= threshold
+    for path, patient, x, y, probability, call in zip(batch.paths, batch.patients, batch.xs, batch.ys, probabilities, calls):
+        writer.writerow([path, patient or "", "" if x is None else x, "" if y is None else y, f"{probability:.6f}", int(call)])
+    return int(calls.sum())
 
 
 def evaluate(
@@ -255,6 +325,7 @@ def evaluate(
     scheme: str = "official",
     split_options: dict | None = None,
     tta: bool = False,
+    context: bool = False,
     bootstrap_rounds: int = 1000,
     device: str = "auto",
     backend: str = "auto",
@@ -269,9 +340,11 @@ def evaluate(
     rows = store.rows_of(patients)
     if len(rows) == 0:
         raise HistoscreenError(f"{store.path}: no patches of the {split} patients of the {chosen.name} split")
-    predictor = Predictor(model, tta=tta, device=device, backend=backend)
-    probabilities = np.concatenate(
-        [predictor.probabilities(store.patches[rows[i : i + 8192]]) for i in range(0, len(rows), 8192)]
+    predictor = Predictor(model, tta=tta, context=context, device=device, backend=backend)
+    logits = np.concatenate([predictor.patch_logits(store.patches[rows[i : i + 8192]]) for i in range(0, len(rows), 8192)])
+    chosen_index = store.index.iloc[rows]
+    probabilities = predictor.finish(
+        logits, SlidePositions.of(chosen_index["patient"].tolist(), chosen_index["x"].tolist(), chosen_index["y"].tolist())
     )
     labels = store.labels[rows]
     patient_of_row = store.index["patient"].to_numpy()[rows]
@@ -286,12 +359,7 @@ def evaluate(
             "patches": int(len(rows)),
             "idc_patches": int(labels.sum()),
         },
-        "model": str(predictor.model_path),
-        "backend": predictor.backend,
-        "tta": tta,
-        "threshold": threshold,
-        "temperature": predictor.temperature,
-        "bias": predictor.bias,
+        **predictor.settings(),
         "metrics": metrics,
         "confidence_95": {name: [i.low, i.high] for name, i in intervals.items()},
         "bootstrap": f"{bootstrap_rounds} resamples of patients with replacement",
@@ -301,7 +369,7 @@ def evaluate(
         per_patient_table(labels, probabilities, patient_of_row, threshold).to_csv(partial / "per_patient.csv", index=False)
         report["plots"] = write_plots(
             labels, probabilities, threshold, partial,
-            title=f"{split} ({len(set(patient_of_row))} patients)",
+            title=f"{split} ({len(set(patient_of_row))} patients{', dihedral TTA' if tta else ''}{', slide context' if context else ''})",
             history=predictor.metadata.training.get("history"),
         )
     progress("evaluating", 1, 1)

@@ -26,9 +26,10 @@ from histoscreen.data.naming import patient_sort_key
 from histoscreen.data.splits import resolve_split
 from histoscreen.data.store import PatchStore
 from histoscreen.data.transforms import Normalisation, augment
-from histoscreen.evaluation import choose_threshold, classification_metrics, fit_calibration, sigmoid
+from histoscreen.evaluation import choose_threshold, classification_metrics, confusion_counts, fit_calibration, sigmoid
 from histoscreen.models import count_flops, create_model
-from histoscreen.models.checkpoint import ModelMetadata, read_safetensors, save_model
+from histoscreen.models.checkpoint import ModelMetadata, load_model, read_safetensors, save_model
+from histoscreen.models.context import CONTEXT_RADII, CONTEXT_WEIGHTS, SlidePositions, blend_with_neighbours
 from histoscreen.models.forward import batched_logits, pick_device
 from histoscreen.progress import Progress, silent
 
@@ -269,7 +270,13 @@ def train(
         },
     )
     model.to(device)
-    calibrate(model, metadata, val_patches, val_labels, min_sensitivity=config.min_sensitivity, device=device)
+    val_index = store.index.iloc[val_rows]
+    calibrate(
+        model, metadata, val_patches, val_labels,
+        positions=SlidePositions.of(val_index["patient"].tolist(), val_index["x"].tolist(), val_index["y"].tolist()),
+        patients=val_index["patient"].to_numpy(dtype=object),
+        min_sensitivity=config.min_sensitivity, device=device,
+    )
     model_path = save_model(model.cpu(), metadata, out_dir / "model.safetensors")
     log(f"model: {model_path} (val: {_summary(metadata.validation['plain'])})")
     return TrainResult(model_path, metadata, state["history"])
@@ -281,26 +288,123 @@ def calibrate(
     patches: np.ndarray,
     labels: np.ndarray,
     *,
+    positions: SlidePositions | None = None,
+    patients: np.ndarray | None = None,
     min_sensitivity: float | None = None,
     device: torch.device | None = None,
 ) -> None:
     """Fit temperature and bias, then the threshold on calibrated probabilities, with and
-    without TTA.
+    without TTA; with `positions`, also the slide context (radius and weight by balanced
+    accuracy, then its own temperature, bias and threshold).
 
     Only ever called on val patients: a threshold tuned on test would flatter every figure.
+    `patients` (one per patch) adds leave-one-patient-out estimates of how the choices made
+    here carry over to a patient they were not made on.
     """
+    context: dict = {}
     for tta, prefix in ((False, ""), (True, "tta_")):
+        mode = "tta" if tta else "plain"
         logits = batched_logits(model, patches, metadata.normalisation, tta=tta, device=device)
         temperature, bias = fit_calibration(labels, logits)
-        probabilities = sigmoid(logits / temperature + bias)
-        threshold = choose_threshold(labels, probabilities, min_sensitivity)
+        calibrated = logits / temperature + bias
+        threshold = choose_threshold(labels, sigmoid(calibrated), min_sensitivity)
         setattr(metadata, f"{prefix}temperature", temperature)
         setattr(metadata, f"{prefix}bias", bias)
         setattr(metadata, f"{prefix}threshold", threshold)
-        metadata.validation["tta" if tta else "plain"] = classification_metrics(labels, probabilities, threshold)
+        metadata.validation[mode] = classification_metrics(labels, sigmoid(calibrated), threshold)
+        if positions is None:
+            continue
+        candidates = {
+            (radius, weight): blend_with_neighbours(calibrated, positions, radius, weight)
+            for radius in CONTEXT_RADII
+            for weight in CONTEXT_WEIGHTS
+        }
+        if not tta:
+            context["radius"], context["weight"] = max(
+                candidates, key=lambda key: _best_balanced_accuracy(labels, candidates[key], min_sensitivity)
+            )
+        mixed = candidates[(context["radius"], context["weight"])]
+        context_temperature, context_bias = fit_calibration(labels, mixed)
+        probabilities = sigmoid(mixed / context_temperature + context_bias)
+        context[f"{prefix}temperature"] = context_temperature
+        context[f"{prefix}bias"] = context_bias
+        context[f"{prefix}threshold"] = choose_threshold(labels, probabilities, min_sensitivity)
+        metadata.validation[f"context_{mode}"] = classification_metrics(labels, probabilities, context[f"{prefix}threshold"])
+        if patients is not None:
+            metadata.validation[f"leave_one_patient_out_{mode}"] = {
+                "patch": leave_one_patient_out(labels, patients, {"patch": calibrated}, min_sensitivity),
+                "context": leave_one_patient_out(labels, patients, candidates, min_sensitivity),
+            }
+    metadata.context = context
     metadata.validation["threshold_rule"] = (
         "max balanced accuracy" if min_sensitivity is None else f"max specificity with sensitivity >= {min_sensitivity}"
     )
+
+
+def recalibrate(
+    store_path: str | os.PathLike,
+    model_path: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    scheme: str = "official",
+    split_options: dict | None = None,
+    min_sensitivity: float | None = None,
+    device: str = "auto",
+) -> tuple[ModelMetadata, Path]:
+    """Refit a model's temperature, bias, thresholds and slide context on the val patients
+    of a store, and save it (weights unchanged) to `out` (a .safetensors path or a folder)."""
+    model, metadata = load_model(model_path)
+    store = PatchStore(store_path)
+    split = resolve_split(store.patient_table(), scheme, **(split_options or {}))
+    rows = store.rows_of(split.val)
+    if len(rows) == 0:
+        raise HistoscreenError(f"{store.path}: no patches of the val patients of the {split.name} split")
+    labels = store.labels[rows]
+    if labels.all() or not labels.any():
+        raise HistoscreenError(f"{store.path}: the val patients hold only one class; calibration needs both")
+    index = store.index.iloc[rows]
+    torch_device = pick_device(device)
+    calibrate(
+        model.to(torch_device), metadata, np.ascontiguousarray(store.patches[rows]), labels,
+        positions=SlidePositions.of(index["patient"].tolist(), index["x"].tolist(), index["y"].tolist()),
+        patients=index["patient"].to_numpy(dtype=object), min_sensitivity=min_sensitivity, device=torch_device,
+    )
+    metadata.validation["split"] = f"{split.name}/val"
+    metadata.validation["patients"] = sorted(set(index["patient"]), key=patient_sort_key)
+    metadata.validation["store"] = str(store.path.resolve())
+    out = Path(out)
+    target = out if out.suffix == ".safetensors" else out / "model.safetensors"
+    return metadata, save_model(model.cpu(), metadata, target)
+
+
+def _best_balanced_accuracy(labels: np.ndarray, scores: np.ndarray, min_sensitivity: float | None) -> float:
+    return classification_metrics(labels, scores, choose_threshold(labels, scores, min_sensitivity))["balanced_accuracy"]
+
+
+def leave_one_patient_out(
+    labels: np.ndarray, patients: np.ndarray, candidates: dict, min_sensitivity: float | None = None
+) -> dict:
+    """How choices made on val patients carry over to a new patient: for each patient, pick
+    the candidate scoring and its threshold on all the others, then call that patient's
+    patches with them. Returns the pooled accuracy, balanced accuracy, sensitivity and
+    specificity of those calls (a threshold is a monotone cut, so scores need no
+    calibration here)."""
+    calls = np.zeros(len(labels), dtype=bool)
+    for patient in np.unique(patients):
+        held = patients == patient
+        rest = ~held
+        best = max(candidates, key=lambda key: _best_balanced_accuracy(labels[rest], candidates[key][rest], min_sensitivity))
+        scores = candidates[best]
+        calls[held] = scores[held] >= choose_threshold(labels[rest], scores[rest], min_sensitivity)
+    tn, fp, fn, tp = confusion_counts(labels, calls)
+    sensitivity, specificity = tp / max(1, tp + fn), tn / max(1, tn + fp)
+    return {
+        "accuracy": (tp + tn) / len(labels),
+        "balanced_accuracy": (sensitivity + specificity) / 2,
+        "sensitivity": sensitivity,
+        "specificity": specificity,
+        "patients": int(len(np.unique(patients))),
+    }
 
 
 def machine_description(device: torch.device) -> str:

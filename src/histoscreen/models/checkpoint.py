@@ -38,6 +38,10 @@ class ModelMetadata:
     tta_threshold: float = 0.5
     tta_temperature: float = 1.0
     tta_bias: float = 0.0
+    # Slide context (models/context.py), fitted on the same val patients: radius, weight,
+    # and temperature, bias and threshold for the blended logit (tta_* for TTA). Empty when
+    # the model was calibrated without patch positions.
+    context: dict = field(default_factory=dict)
     class_names: tuple[str, str] = ("non-IDC", "IDC")
     training: dict = field(default_factory=dict)
     validation: dict = field(default_factory=dict)
@@ -102,13 +106,19 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
         raise HistoscreenError(f"{path}: unreadable safetensors file ({error})") from None
 
 
-def load_model(path: str | os.PathLike) -> tuple[torch.nn.Module, ModelMetadata]:
-    """Build the architecture named in the metadata and fill it with the saved weights (eval mode)."""
+def load_metadata(path: str | os.PathLike) -> ModelMetadata:
+    """The JSON half of a model, without touching its weights."""
     weights, meta = model_paths(path)
-    tensors = read_safetensors(weights)
     if not meta.is_file():
         raise HistoscreenError(f"{weights}: its metadata {meta.name} is missing beside it")
-    metadata = ModelMetadata.from_json(meta.read_text(), meta)
+    return ModelMetadata.from_json(meta.read_text(), meta)
+
+
+def load_model(path: str | os.PathLike) -> tuple[torch.nn.Module, ModelMetadata]:
+    """Build the architecture named in the metadata and fill it with the saved weights (eval mode)."""
+    weights, _ = model_paths(path)
+    tensors = read_safetensors(weights)
+    metadata = load_metadata(path)
     model = create_model(metadata.architecture, **metadata.architecture_kwargs)
     try:
         model.load_state_dict(tensors)

@@ -18,7 +18,9 @@ from PIL import Image
 
 from histoscreen import HistoscreenError
 from histoscreen.atomic import atomic_folder
-from histoscreen.inference import Predictor
+from histoscreen.inference import Predictor, shipped_model_path
+from histoscreen.models.checkpoint import load_metadata
+from histoscreen.models.context import SlidePositions
 from histoscreen.progress import Progress, silent
 from histoscreen.screening.analysis import (
     UNCERTAIN_MARGIN,
@@ -92,6 +94,7 @@ def screen(
     *,
     model: str | os.PathLike | None = None,
     tta: bool = False,
+    context: bool | None = None,
     um_per_px: float | None = None,
     labels_csv: str | os.PathLike | None = None,
     use_name_labels: bool = True,
@@ -101,11 +104,16 @@ def screen(
     overwrite: bool = False,
     progress: Progress = silent,
 ) -> ScreenResult:
-    """Screen every slide in `source` and write the report folder `out_dir`."""
+    """Screen every slide in `source` and write the report folder `out_dir`.
+
+    `context` (blend each patch with its neighbours on the slide) defaults to on when the
+    model has a slide-context calibration."""
     started = time.perf_counter()
     if um_per_px is not None and um_per_px <= 0:
         raise HistoscreenError(f"--um-per-px must be positive, got {um_per_px}")
-    predictor = Predictor(model, tta=tta, device=device, backend=backend)
+    if context is None:
+        context = bool(load_metadata(model if model is not None else shipped_model_path()).context)
+    predictor = Predictor(model, tta=tta, context=context, device=device, backend=backend)
     truth = read_labels_csv(labels_csv) if labels_csv else None
     errors: list[ScreeningError] = []
     slides = find_slides(source, errors)
@@ -132,10 +140,7 @@ def screen(
             writer.writeheader()
             writer.writerows(rows)
         settings = {
-            "model": str(predictor.model_path),
-            "tta": tta,
-            "backend": predictor.backend,
-            "threshold": predictor.threshold,
+            **predictor.settings(),
             "uncertain_margin": UNCERTAIN_MARGIN,
             "um_per_px": um_per_px,
             "source": str(Path(source).resolve()),
@@ -153,7 +158,9 @@ def screen(
 
 def _screen_slide(slide: SlidePatches, predictor: Predictor, folder: Path, um_per_px: float | None) -> SlideSummary:
     folder.mkdir(parents=True)
-    probabilities, disagree = predictor.probabilities_with_disagreement(slide.pixels)
+    probabilities, disagree = predictor.probabilities_with_disagreement(
+        slide.pixels, SlidePositions.of([slide.patient] * len(slide.xs), slide.xs, slide.ys)
+    )
     probability_grid = slide.grid(probabilities)
     truth_grid = slide.grid(np.where(slide.labels == NO_LABEL, np.nan, slide.labels)) if slide.has_labels else None
     summary = summarise_slide(

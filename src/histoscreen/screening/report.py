@@ -96,7 +96,8 @@ def write_index(folder: Path, slides: list[SlideSummary], errors: list[Screening
         f"<h1>IDC screening: {len(slides)} slides</h1>"
         f"<p>Ranked most suspicious first: largest confident IDC region (patches above the threshold "
         f"{settings['threshold']:.3f} and not uncertain), then burden (IDC patches / patches screened). "
-        f"Model: <code>{escape(Path(settings['model']).name)}</code>{' with dihedral TTA' if settings['tta'] else ''}. "
+        f"Model: <code>{escape(Path(settings['model']).name)}</code>{' with dihedral TTA' if settings['tta'] else ''}"
+        f"{_context_note(settings)}. "
         f"Machine-readable: <a href=\"slides.csv\">slides.csv</a>, <a href=\"slides.json\">slides.json</a>, "
         f"<a href=\"errors.csv\">errors.csv</a>.</p>"
         f'<table id="slides"><thead><tr>{"".join(f"<th>{h}</th>" for h in header)}</tr></thead>'
@@ -145,3 +146,13 @@ def write_slide_page(folder: Path, summary: SlideSummary, settings: dict) -> Non
         f'overlay, where brighter means more evidence for IDC.</p><div class="gallery">{figures}</div>'
     )
     (folder / "slides" / f"{summary.patient}.html").write_text(_page(f"Slide {summary.patient}", body))
+
+
+def _context_note(settings: dict) -> str:
+    if not settings.get("context"):
+        return ", each patch judged on its own"
+    context = settings["context_settings"]
+    return (
+        f", with slide context: each patch's score blended (weight {context['weight']:.2f}) with the mean of its "
+        f"neighbours within {context['radius']} patches"
+    )

@@ -1,0 +1,147 @@
+"""Slide context: neighbours on the grid, its calibration on val patients, and that
+predict, evaluate, calibrate and screen apply it as stored."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+from histoscreen import HistoscreenError
+from histoscreen.data import PatchStore, prepare, synthesize
+from histoscreen.evaluation import sigmoid
+from histoscreen.inference import Predictor, evaluate, predict
+from histoscreen.models.checkpoint import load_model
+from histoscreen.models.context import CONTEXT_RADII, CONTEXT_WEIGHTS, SlidePositions, blend_with_neighbours, neighbour_means
+from histoscreen.training import recalibrate
+from test_cli import histoscreen
+
+
+def at(column: int, row: int) -> tuple[int, int]:
+    return column * 50 + 1, row * 50 + 1
+
+
+def hand_made_positions() -> tuple[np.ndarray, SlidePositions]:
+    cells = [("A", 0, 0), ("A", 1, 0), ("A", 1, 1), ("A", 3, 3), ("B", 0, 0)]
+    patients = [p for p, _, _ in cells] + [None]
+    xs = [at(c, r)[0] for _, c, r in cells] + [None]
+    ys = [at(c, r)[1] for _, c, r in cells] + [None]
+    logits = np.array([1.0, 3.0, 5.0, 7.0, 100.0, 50.0])
+    return logits, SlidePositions.of(patients, xs, ys)
+
+
+def test_neighbour_means_by_hand():
+    logits, positions = hand_made_positions()
+    means, counts = neighbour_means(logits, positions, radius=1)
+    # A(0,0) sees A(1,0) and A(1,1); A(3,3) is two cells from A(1,1); B is another slide; the last has no position
+    np.testing.assert_allclose(means, [4.0, 3.0, 2.0, 0.0, 0.0, 0.0])
+    np.testing.assert_array_equal(counts, [2, 2, 2, 0, 0, 0])
+    means, counts = neighbour_means(logits, positions, radius=2)
+    np.testing.assert_allclose(means, [4.0, 3.0, 11 / 3, 5.0, 0.0, 0.0])  # A(1,1) and A(3,3) now see each other
+    np.testing.assert_array_equal(counts, [2, 2, 3, 1, 0, 0])
+
+
+def test_blending_moves_towards_the_neighbours_and_leaves_loners_alone():
+    logits, positions = hand_made_positions()
+    blended = blend_with_neighbours(logits, positions, radius=1, weight=0.5)
+    np.testing.assert_allclose(blended, [2.5, 3.0, 3.5, 7.0, 100.0, 50.0])
+
+
+def test_training_fits_the_context_on_val_patients(tiny_model):
+    _, metadata = load_model(tiny_model)
+    context = metadata.context
+    assert context["radius"] in CONTEXT_RADII and context["weight"] in CONTEXT_WEIGHTS
+    assert 0 < context["threshold"] < 1 and 0 < context["tta_threshold"] < 1 and context["temperature"] > 0
+    for mode in ("plain", "tta"):
+        assert metadata.validation[f"context_{mode}"]["patches"] == metadata.training["val_patches"]
+        estimate = metadata.validation[f"leave_one_patient_out_{mode}"]
+        assert estimate["context"]["patients"] == len(metadata.training["val_patients"])
+        assert 0 <= estimate["patch"]["balanced_accuracy"] <= 1
+
+
+def read_rows(path) -> list[dict]:
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_predict_with_context_applies_the_stored_context(edited_tiny_model, synthetic_store, tmp_path):
+    model_dir = edited_tiny_model(
+        lambda metadata: metadata["context"].update(radius=1, weight=0.6, temperature=1.7, bias=-0.2, threshold=0.45)
+    )
+
+    predict([synthetic_store], tmp_path / "preds.csv", model=model_dir, context=True, backend="torch")
+
+    store = PatchStore(synthetic_store)
+    predictor = Predictor(model_dir, backend="torch")
+    positions = SlidePositions.of(store.index["patient"].tolist(), store.index["x"].tolist(), store.index["y"].tolist())
+    expected = sigmoid(blend_with_neighbours(predictor.patch_logits(store.patches[:]), positions, 1, 0.6) / 1.7 - 0.2)
+    rows = read_rows(tmp_path / "preds.csv")
+    np.testing.assert_allclose([float(r["prob_idc"]) for r in rows], expected, atol=2e-6)
+    assert [int(r["pred"]) for r in rows] == (expected >= 0.45).astype(int).tolist()
+    on_own = read_rows_after(predict, [synthetic_store], tmp_path / "own.csv", model_dir)
+    assert [r["prob_idc"] for r in on_own] != [r["prob_idc"] for r in rows]
+
+
+def read_rows_after(predict_function, inputs, out, model, **options) -> list[dict]:
+    predict_function(inputs, out, model=model, backend="torch", **options)
+    return read_rows(out)
+
+
+def test_context_does_not_depend_on_batching_or_input_form(tiny_model, tmp_path):
+    """Neighbours read in a later batch, or from PNG files instead of a store, count the same."""
+    synthesize(tmp_path / "slides", patients=2, seed=8, first_index=40)
+    prepare(tmp_path / "slides", tmp_path / "store")
+    from_store = read_rows_after(predict, [tmp_path / "store"], tmp_path / "a.csv", tiny_model, context=True, batch_size=4096)
+    from_files = read_rows_after(predict, [tmp_path / "slides"], tmp_path / "b.csv", tiny_model, context=True, batch_size=7)
+    key = lambda r: (r["patient"], int(r["x"]), int(r["y"]))  # noqa: E731
+    store_probabilities = {key(r): float(r["prob_idc"]) for r in from_store}
+    assert len(from_files) == len(from_store)
+    for row in from_files:
+        assert float(row["prob_idc"]) == pytest.approx(store_probabilities[key(row)], abs=1e-5)
+
+
+def test_a_model_without_context_refuses_context_clearly(edited_tiny_model):
+    model_dir = edited_tiny_model(lambda metadata: metadata.update(context={}))
+    with pytest.raises(HistoscreenError, match="histoscreen calibrate"):
+        Predictor(model_dir, context=True)
+
+
+def test_evaluate_with_context_reports_its_settings(tiny_model, synthetic_store, tmp_path):
+    options = {"folds": 3, "fold": 1, "seed": 0, "csv_path": None}
+    plain = evaluate(synthetic_store, tmp_path / "plain", model=tiny_model, split="val", scheme="kfold",
+                     split_options=options, bootstrap_rounds=20)
+    context = evaluate(synthetic_store, tmp_path / "context", model=tiny_model, split="val", scheme="kfold",
+                       split_options=options, bootstrap_rounds=20, context=True)
+    _, metadata = load_model(tiny_model)
+    assert plain["context"] is False and context["context"] is True
+    assert context["threshold"] == metadata.context["threshold"]
+    assert context["context_settings"]["radius"] == metadata.context["radius"]
+    # the same val patients the context was fitted on, so the same figures
+    assert context["metrics"]["balanced_accuracy"] == pytest.approx(metadata.validation["context_plain"]["balanced_accuracy"])
+    assert json.loads((tmp_path / "context" / "metrics.json").read_text())["context"] is True
+
+
+def test_calibrate_refits_on_val_patients_and_keeps_the_weights(tiny_model, synthetic_store, tmp_path):
+    result = histoscreen(
+        "calibrate", str(synthetic_store), "--model", str(tiny_model), "--out", str(tmp_path / "recalibrated"),
+        "--split-scheme", "kfold", "--folds", "3", "--fold", "2", "--min-sensitivity", "0.95",
+    )
+    assert result.returncode == 0, result.stderr
+    assert "with slide context" in result.stdout
+    _, before = load_model(tiny_model)
+    _, after = load_model(tmp_path / "recalibrated")
+    assert after.validation["threshold_rule"] == "max specificity with sensitivity >= 0.95"
+    assert after.validation["split"] == "kfold-2-of-3/val"
+    assert after.validation["patients"] != before.training["val_patients"]  # another fold's patients
+    assert after.context and after.validation["context_plain"]["sensitivity"] >= 0.95
+    assert after.training == before.training
+    old, new = load_file(tiny_model / "model.safetensors"), load_file(tmp_path / "recalibrated" / "model.safetensors")
+    assert old.keys() == new.keys() and all(np.array_equal(old[k], new[k]) for k in old)
+
+
+def test_calibrate_refuses_a_split_without_val_patients(tiny_model, synthetic_store, tmp_path):
+    with pytest.raises(HistoscreenError, match="no patches of the val patients"):
+        recalibrate(synthetic_store, tiny_model, tmp_path / "out")  # synthetic patients are in no official list
