@@ -37,7 +37,7 @@ from histoscreen.backends import OnnxRunner, resolve_backend
 from histoscreen.models.forward import batched_view_logits, pick_device
 from histoscreen.progress import Progress, silent
 
-SHIPPED_MODEL_NAME = "idc-compact"
+SHIPPED_MODEL_NAME = "idc-residual"
 
 
 def shipped_model_path() -> Path:
