@@ -52,6 +52,17 @@ def test_learning_rate_warms_up_then_decays_to_zero():
     assert rates[-1] < 0.01
 
 
+def test_the_split_seed_chooses_the_folds_apart_from_the_training_seed(synthetic_store, tmp_path):
+    from histoscreen.data import PatchStore, kfold_splits
+
+    table = PatchStore(synthetic_store).patient_table()
+    folds = {seed: kfold_splits(table, 3, seed=seed)[0].val for seed in (0, 1, 2)}
+    seed = next(s for s in (1, 2) if folds[s] != folds[0])  # a fold assignment that differs from seed 0's
+    result = train(synthetic_store, tmp_path / "model", tiny_config(epochs=1, split_seed=seed))
+    assert set(result.metadata.training["val_patients"]) == folds[seed]
+    assert result.metadata.training["config"]["seed"] == 0
+
+
 def test_killed_run_resumes_to_the_same_result(synthetic_store, tmp_path):
     epochs = 4
     straight = train(synthetic_store, tmp_path / "straight", tiny_config(epochs=epochs))

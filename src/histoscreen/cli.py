@@ -145,6 +145,7 @@ def _command_train(args: argparse.Namespace, progress: Progress) -> list[str]:
         extra_to_train=options["extra_to_train"],
         folds=args.folds,
         fold=args.fold,
+        split_seed=args.split_seed,
         split_csv=args.split_csv,
         min_sensitivity=args.min_sensitivity,
         max_train_patches=args.max_train_patches,

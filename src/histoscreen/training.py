@@ -56,6 +56,7 @@ class TrainConfig:
     extra_to_train: bool = False
     folds: int = 5
     fold: int = 1
+    split_seed: int = 0  # kfold: the fold assignment's seed, apart from the training seed
     split_csv: str | None = None
     min_sensitivity: float | None = None  # threshold rule; None maximises balanced accuracy
     max_train_patches: int | None = None  # a seeded subsample, for quick runs
@@ -171,7 +172,7 @@ def train(
     store = PatchStore(store_path)
     split = resolve_split(
         store.patient_table(), config.split, extra_to_train=config.extra_to_train,
-        folds=config.folds, fold=config.fold, seed=config.seed, csv_path=config.split_csv,
+        folds=config.folds, fold=config.fold, seed=config.split_seed, csv_path=config.split_csv,
     )
     train_rows, val_rows = store.rows_of(split.train), store.rows_of(split.val)
     if len(train_rows) == 0 or len(val_rows) == 0:
