@@ -163,10 +163,38 @@ fold in brackets):
 No difference worth a name, so 0.05 stays. Two more lessons from it: slide context gains
 1.6 to 3.6 points of balanced accuracy in every fold, not only on the official val split; and
 held-out thirds of these patients are harder than the official val patients (balanced
-accuracy 0.83 to 0.88 patch alone), so expect the official test patients to score below
-the val figures above.
-Not tried: stain normalisation, ensembles, wider networks, timm backbones (timm needs
-torchvision, which does not import beside the pinned torch here).
+accuracy 0.83 to 0.88 patch alone).
+
+### How the shipped settings carry to new patients
+The same 3 folds with the shipped model's exact training command (`python
+benchmarks/stain_cv.py --network shipped --jitter 0.05`: 20 epochs, each fold trained on
+about 74 patients, 40 min in all on this machine). Each held-out patient is called at a
+threshold and context chosen on the other held-out patients of its fold, so no patient's own
+labels tune its calls (the best epoch is still chosen on the fold's held-out patients); mean
+over folds, worst fold in brackets:
+
+| scoring | accuracy | balanced accuracy | sensitivity | specificity | ROC-AUC |
+|---|---:|---:|---:|---:|---:|
+| patch alone | 0.857 (0.831) | 0.862 (0.840) | 0.874 (0.858) | 0.850 (0.822) | 0.932 (0.919) |
+| slide context | 0.877 (0.836) | 0.889 (0.856) | 0.914 (0.898) | 0.865 (0.814) | 0.954 (0.938) |
+
+This is the most honest estimate we can make without the test patients, and it is well below
+the val table: expect accuracy near 0.88, balanced accuracy near 0.89 and specificity near
+0.86 with slide context on the official test patients, which meets the mission's floor for
+sensitivity and specificity (0.85) but not for accuracy (above 0.90). As the issue foresaw,
+the loss on new patients is mostly specificity: IDC is over-called on some patients' tissue.
+
+Stain normalisation, in the same compact cross-validation (`python
+benchmarks/slide_normalisation_cv.py`: each slide Reinhard-normalised in optical density,
+its tissue pixels' per-channel mean and spread matched to those of all patients): balanced
+accuracy 0.861 patch alone and 0.887 with context, ROC-AUC 0.928 and 0.951, against 0.858,
+0.884, 0.925 and 0.945 without it; called at thresholds chosen on the other held-out
+patients, specificity 0.833 and 0.835 against 0.836 and 0.844. Half a point on the
+threshold-free figures and none where it matters (specificity on new patients) does not pay
+for making every prediction depend on a whole slide's statistics, so the product does not
+normalise.
+Not tried: ensembles (each member would divide the CPU throughput), wider networks, timm
+backbones (timm needs torchvision, which does not import beside the pinned torch here).
 
 For comparison, published patient-level results on the official test patients: balanced
 accuracy 0.847 and F1 0.765 (Janowczyk & Madabhushi 2016), balanced accuracy 0.890 (Romero
