@@ -27,14 +27,10 @@ from histoscreen.data.store import INDEX_FILE, MANIFEST_FILE, PATCHES_FILE, Patc
 BACKGROUND_OPTICAL_DENSITY = 0.3  # summed over channels; below it a pixel is glass, not tissue
 
 
-def optical_density(pixels: np.ndarray) -> np.ndarray:
-    return -np.log((pixels.astype(np.float32) + 1.0) / 256.0)
-
-
-def tissue_statistics(density: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    pixels = density.reshape(-1, 3)
-    tissue = pixels.sum(axis=1) > BACKGROUND_OPTICAL_DENSITY
-    return pixels[tissue].mean(axis=0), pixels[tissue].std(axis=0) + 1e-6, tissue
+def pixel_densities(patches: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Every pixel's optical density (pixels x 3) and whether it is tissue."""
+    density = -np.log((patches.astype(np.float32) + 1.0) / 256.0).reshape(-1, 3)
+    return density, density.sum(axis=1) > BACKGROUND_OPTICAL_DENSITY
 
 
 def normalised_store(source: PatchStore, out: Path) -> None:
@@ -46,15 +42,14 @@ def normalised_store(source: PatchStore, out: Path) -> None:
     patients = source.index["patient"].to_numpy()
     statistics = {}
     for patient in source.patients:
-        mean, spread, _ = tissue_statistics(optical_density(source.patches[patients == patient]))
-        statistics[patient] = (mean, spread)
+        density, tissue = pixel_densities(source.patches[patients == patient])
+        statistics[patient] = (density[tissue].mean(axis=0), density[tissue].std(axis=0) + 1e-6)
     target_mean = np.mean([mean for mean, _ in statistics.values()], axis=0)
     target_spread = np.mean([spread for _, spread in statistics.values()], axis=0)
     normalised = np.lib.format.open_memmap(partial / PATCHES_FILE, mode="w+", dtype=np.uint8, shape=source.patches.shape)
     for patient, (mean, spread) in statistics.items():
         rows = np.flatnonzero(patients == patient)
-        density = optical_density(source.patches[rows]).reshape(-1, 3)
-        _, _, tissue = tissue_statistics(density)
+        density, tissue = pixel_densities(source.patches[rows])
         density[tissue] = (density[tissue] - mean) / spread * target_spread + target_mean
         pixels = np.clip(256.0 * np.exp(-density) - 1.0, 0, 255).round().astype(np.uint8)
         normalised[rows] = pixels.reshape(len(rows), *source.patches.shape[1:])
@@ -72,11 +67,12 @@ def main() -> None:
     parser.add_argument("--store", type=Path, default=REPO / ".cache" / "shipped-model" / "store")
     parser.add_argument("--network", choices=["compact", "shipped"], default="compact")
     args = parser.parse_args()
-    out = REPO / ".cache" / "slide-normalised-store"
+    # named after its source, so a different --store never reuses another store's copy or models
+    out = args.store.with_name(args.store.name + "-slide-normalised")
     normalised_store(PatchStore(args.store), out)
     subprocess.run(
         [sys.executable, str(REPO / "benchmarks" / "stain_cv.py"), "--store", str(out), "--network", args.network,
-         "--jitter", "0.05", "--work", str(REPO / ".cache" / "slide-normalisation-cv")],
+         "--jitter", "0.05", "--work", str(out.with_name(out.name + "-cv"))],
         check=True,
     )
 
