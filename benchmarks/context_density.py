@@ -19,10 +19,10 @@ import numpy as np
 
 from histoscreen.data.splits import official_split
 from histoscreen.data.store import PatchStore
-from histoscreen.evaluation import classification_metrics
-from histoscreen.inference import Predictor
-from histoscreen.models.context import SlidePositions, neighbour_means
-from histoscreen.training import machine_description
+from histoscreen.data import SlidePositions
+from histoscreen.runtime import Predictor, machine_description
+from histoscreen.scoring.context import neighbour_means
+from histoscreen.scoring.metrics import classification_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 FIGURES = ("accuracy", "balanced_accuracy", "sensitivity", "specificity", "roc_auc")
@@ -51,7 +51,7 @@ def main() -> None:
             chosen = np.random.default_rng(seed).random(len(rows)) < kept
             part = index[chosen]
             positions = SlidePositions.of(part["patient"].tolist(), part["x"].tolist(), part["y"].tolist())
-            neighbours.append(neighbour_means(logits[chosen], positions, context.metadata.context["radius"])[1].mean())
+            neighbours.append(neighbour_means(logits[chosen], positions, context.metadata.scoring.context.radius)[1].mean())
             for name, predictor in (("patch alone", alone), ("slide context", context)):
                 metrics = classification_metrics(labels[chosen], predictor.finish(logits[chosen], positions), predictor.threshold)
                 results[name].append([metrics[figure] for figure in FIGURES])

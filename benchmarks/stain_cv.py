@@ -73,6 +73,7 @@ def main() -> None:
                     check=True,
                 )
             validation = json.loads((out / "model.json").read_text())["validation"]
+            validation = {**validation["metrics"], "leave_one_patient_out_plain": validation["leave_one_patient_out"]["plain"]}
             results.setdefault(jitter, []).append(validation)
             print(f"jitter {jitter} fold {fold}: balanced accuracy {validation['plain']['balanced_accuracy']:.4f} "
                   f"(context {validation['context_plain']['balanced_accuracy']:.4f})", flush=True)

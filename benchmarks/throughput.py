@@ -50,8 +50,10 @@ def run_row(row: str, store_path: str, folder: str, limit: int, batch_size: int)
 
     from histoscreen.data import PatchStore
     from histoscreen.data.transforms import Normalisation, to_model_input
-    from histoscreen.inference import Predictor, predict
     from histoscreen.models import count_flops, create_model
+    from histoscreen.report import write_predictions
+    from histoscreen.runtime import Predictor
+    from histoscreen.tasks import predict
 
     store = PatchStore(store_path)
     count = min(limit, len(store))
@@ -67,7 +69,8 @@ def run_row(row: str, store_path: str, folder: str, limit: int, batch_size: int)
     if row in ("folder-torch", "folder-onnx"):
         files = sorted(Path(folder).rglob("*.png"))[:limit]
         started = time.perf_counter()
-        predict(files, Path(store_path).parent / f"{row}.csv", backend=row.split("-")[1], batch_size=batch_size)
+        predictions = predict(files, backend=row.split("-")[1], batch_size=batch_size)
+        write_predictions(predictions, Path(store_path).parent / f"{row}.csv", overwrite=True)
         seconds = time.perf_counter() - started
         predictor = Predictor(backend="torch")
         return {"patches": len(files), "seconds": seconds, "flops": count_flops(predictor.model.cpu())}
@@ -124,7 +127,7 @@ def main() -> None:
     import onnxruntime
     import torch
 
-    from histoscreen.inference import shipped_model_path
+    from histoscreen.models import shipped_model_path
 
     matrix = 1024 if args.quick else 2048
     rate = matmul_gflops(matrix, 2 if args.quick else 8)

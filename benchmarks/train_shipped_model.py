@@ -49,7 +49,10 @@ MODES = {  # card label: (evaluate options, folder)
 
 
 def model_card(metadata: dict, evaluations: dict[str, dict]) -> str:
-    training, norm, context, validation = metadata["training"], metadata["normalisation"], metadata["context"], metadata["validation"]
+    training, norm, validation = metadata["training"], metadata["normalisation"], metadata["validation"]
+    scoring = metadata["scoring"]
+    context, plain, tta = scoring["context"], scoring["plain"], scoring["tta"]
+    context_plain, context_tta = scoring["context_plain"], scoring["context_tta"]
     rows = []
     for mode, report in evaluations.items():
         m, ci = report["metrics"], report["confidence_95"]
@@ -62,7 +65,7 @@ def model_card(metadata: dict, evaluations: dict[str, dict]) -> str:
     estimates = []
     for mode, label in (("plain", "plain"), ("tta", "dihedral TTA")):
         for kind, name in (("patch", "patch alone"), ("context", "slide context")):
-            e = validation[f"leave_one_patient_out_{mode}"][kind]
+            e = validation["leave_one_patient_out"][mode][kind]
             estimates.append(
                 f"| {name}, {label} | {e['accuracy']:.4f} | {e['balanced_accuracy']:.4f} | {e['sensitivity']:.4f} | {e['specificity']:.4f} |"
             )
@@ -86,8 +89,8 @@ screening aid for invasive ductal carcinoma (IDC) in 50x50 px H&E patches of bre
 
 | mode | T | b | context Tc | context bc | threshold | context threshold |
 |---|---:|---:|---:|---:|---:|---:|
-| plain | {metadata['temperature']:.4f} | {metadata['bias']:.4f} | {context['temperature']:.4f} | {context['bias']:.4f} | {metadata['threshold']:.4f} | {context['threshold']:.4f} |
-| dihedral TTA (`--tta`) | {metadata['tta_temperature']:.4f} | {metadata['tta_bias']:.4f} | {context['tta_temperature']:.4f} | {context['tta_bias']:.4f} | {metadata['tta_threshold']:.4f} | {context['tta_threshold']:.4f} |
+| plain | {plain['temperature']:.4f} | {plain['bias']:.4f} | {context_plain['temperature']:.4f} | {context_plain['bias']:.4f} | {plain['threshold']:.4f} | {context_plain['threshold']:.4f} |
+| dihedral TTA (`--tta`) | {tta['temperature']:.4f} | {tta['bias']:.4f} | {context_tta['temperature']:.4f} | {context_tta['bias']:.4f} | {tta['threshold']:.4f} | {context_tta['threshold']:.4f} |
 
 Threshold rule: {validation['threshold_rule']}, chosen on the val patients. The context radius
 and weight were chosen there too, from radii 1-3 and weights 0.25-0.85, by balanced accuracy.
@@ -120,8 +123,8 @@ slides should do at least as well.
 
 ### How the val-chosen settings carry over to a new patient
 The figures above use settings chosen on the same patients. Leave one patient out: for
-each of the {validation['leave_one_patient_out_plain']['patch']['patients']} val patients, choose the threshold (and, with context, the radius and
-weight) on the other {validation['leave_one_patient_out_plain']['patch']['patients'] - 1}, then call that patient's patches; pooled over all of them:
+each of the {validation['leave_one_patient_out']['plain']['patch']['patients']} val patients, choose the threshold (and, with context, the radius and
+weight) on the other {validation['leave_one_patient_out']['plain']['patch']['patients'] - 1}, then call that patient's patches; pooled over all of them:
 
 | scoring | accuracy | balanced accuracy | sensitivity | specificity |
 |---|---:|---:|---:|---:|

@@ -62,9 +62,11 @@ def tiny_config(**overrides):
     patients are the val fold of a 3-fold split."""
     from histoscreen.training import TrainConfig
 
+    from histoscreen.data import SplitSpec
+
     settings = dict(
         architecture="compact", architecture_kwargs=TINY_ARCHITECTURE, epochs=3, batch_size=128,
-        learning_rate=3e-3, split="kfold", folds=3, fold=1, seed=0, threads=2,
+        learning_rate=3e-3, split=SplitSpec("kfold", folds=3, fold=1), seed=0,
     )
     settings.update(overrides)
     return TrainConfig(**settings)
@@ -104,3 +106,32 @@ def edited_tiny_model(tiny_model, tmp_path):
         return model_dir
 
     return make
+
+
+def predict_to_csv(inputs, out, **options):
+    """predict, then write the CSV (and rejects) as the CLI does; returns the Predictions."""
+    from histoscreen.report import write_predictions
+    from histoscreen.tasks import predict
+
+    predictions = predict([str(i) for i in inputs], **options)
+    write_predictions(predictions, out, overwrite=True)
+    return predictions
+
+
+def evaluate_to(store, out, **options):
+    """evaluate, then write metrics.json, per_patient.csv and plots; returns the metrics.json payload."""
+    from histoscreen.report import write_evaluation
+    from histoscreen.tasks import evaluate
+
+    evaluation = evaluate(store, **options)
+    write_evaluation(evaluation, out)
+    return evaluation.report()
+
+
+def screen_to(inputs, out, **options):
+    """Screen slides into a report folder, as the CLI does; returns the ScreeningReport."""
+    from histoscreen.report import write_screening_report
+    from histoscreen.tasks import Screening
+
+    inputs = [inputs] if not isinstance(inputs, (list, tuple)) else inputs
+    return write_screening_report(Screening(inputs, **options), out)

@@ -35,7 +35,7 @@ def test_synth_prepare_splits_round_trip(tmp_path):
     assert f"patches: {len(store):,} from 2 patients" in prepared.stdout
     assert f"duplicate copies dropped: {len(store):,}" in prepared.stdout
 
-    splits = histoscreen("splits", str(tmp_path / "store"), "--scheme", "kfold", "--folds", "2", "--out", str(tmp_path / "folds.csv"))
+    splits = histoscreen("splits", str(tmp_path / "store"), "--split-scheme", "kfold", "--folds", "2", "--out", str(tmp_path / "folds.csv"))
     assert splits.returncode == 0, splits.stderr
     assert "kfold-2-of-2" in splits.stdout
     assert (tmp_path / "folds.csv").read_text().startswith("patient,split,round\n")

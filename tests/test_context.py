@@ -11,12 +11,15 @@ import pytest
 from safetensors.numpy import load_file
 
 from histoscreen import HistoscreenError
-from histoscreen.data import PatchStore, prepare, synthesize
-from histoscreen.evaluation import sigmoid
-from histoscreen.inference import Predictor, evaluate, predict
-from histoscreen.models.checkpoint import load_model
-from histoscreen.models.context import CONTEXT_RADII, CONTEXT_WEIGHTS, SlidePositions, blend_with_neighbours, neighbour_means
-from histoscreen.training import recalibrate
+from histoscreen.data import PatchStore, SplitSpec, prepare, synthesize
+from histoscreen.scoring import sigmoid
+from histoscreen.runtime import Predictor
+from conftest import evaluate_to, predict_to_csv
+from histoscreen.models import load_model
+from histoscreen.data import SlidePositions
+from histoscreen.data.sources import NO_SLIDE, UNKNOWN_COORDINATE
+from histoscreen.scoring.context import CONTEXT_RADII, CONTEXT_WEIGHTS, blend_with_neighbours, neighbour_means
+from histoscreen.tasks import calibrate
 from test_cli import histoscreen
 
 
@@ -26,9 +29,9 @@ def at(column: int, row: int) -> tuple[int, int]:
 
 def hand_made_positions() -> tuple[np.ndarray, SlidePositions]:
     cells = [("A", 0, 0), ("A", 1, 0), ("A", 1, 1), ("A", 3, 3), ("B", 0, 0)]
-    patients = [p for p, _, _ in cells] + [None]
-    xs = [at(c, r)[0] for _, c, r in cells] + [None]
-    ys = [at(c, r)[1] for _, c, r in cells] + [None]
+    patients = [p for p, _, _ in cells] + [NO_SLIDE]
+    xs = [at(c, r)[0] for _, c, r in cells] + [UNKNOWN_COORDINATE]
+    ys = [at(c, r)[1] for _, c, r in cells] + [UNKNOWN_COORDINATE]
     logits = np.array([1.0, 3.0, 5.0, 7.0, 100.0, 50.0])
     return logits, SlidePositions.of(patients, xs, ys)
 
@@ -52,12 +55,12 @@ def test_blending_moves_towards_the_neighbours_and_leaves_loners_alone():
 
 def test_training_fits_the_context_on_val_patients(tiny_model):
     _, metadata = load_model(tiny_model)
-    context = metadata.context
-    assert context["radius"] in CONTEXT_RADII and context["weight"] in CONTEXT_WEIGHTS
-    assert 0 < context["threshold"] < 1 and 0 < context["tta_threshold"] < 1 and context["temperature"] > 0
+    scoring = metadata.scoring
+    assert scoring.context.radius in CONTEXT_RADII and scoring.context.weight in CONTEXT_WEIGHTS
+    assert 0 < scoring.context_plain.threshold < 1 and 0 < scoring.context_tta.threshold < 1 and scoring.context_plain.temperature > 0
     for mode in ("plain", "tta"):
-        assert metadata.validation[f"context_{mode}"]["patches"] == metadata.training["val_patches"]
-        estimate = metadata.validation[f"leave_one_patient_out_{mode}"]
+        assert metadata.validation.metrics[f"context_{mode}"]["patches"] == metadata.training["val_patches"]
+        estimate = metadata.validation.leave_one_patient_out[mode]
         assert estimate["context"]["patients"] == len(metadata.training["val_patients"])
         assert 0 <= estimate["patch"]["balanced_accuracy"] <= 1
 
@@ -69,10 +72,11 @@ def read_rows(path) -> list[dict]:
 
 def test_predict_with_context_applies_the_stored_context(edited_tiny_model, synthetic_store, tmp_path):
     model_dir = edited_tiny_model(
-        lambda metadata: metadata["context"].update(radius=1, weight=0.6, temperature=1.7, bias=-0.2, threshold=0.45)
+        lambda metadata: (metadata["scoring"]["context"].update(radius=1, weight=0.6),
+                          metadata["scoring"]["context_plain"].update(temperature=1.7, bias=-0.2, threshold=0.45))
     )
 
-    predict([synthetic_store], tmp_path / "preds.csv", model=model_dir, context=True, backend="torch")
+    predict_to_csv([synthetic_store], tmp_path / "preds.csv", model=model_dir, context=True, backend="torch")
 
     store = PatchStore(synthetic_store)
     predictor = Predictor(model_dir, backend="torch")
@@ -81,12 +85,12 @@ def test_predict_with_context_applies_the_stored_context(edited_tiny_model, synt
     rows = read_rows(tmp_path / "preds.csv")
     np.testing.assert_allclose([float(r["prob_idc"]) for r in rows], expected, atol=2e-6)
     assert [int(r["pred"]) for r in rows] == (expected >= 0.45).astype(int).tolist()
-    on_own = read_rows_after(predict, [synthetic_store], tmp_path / "own.csv", model_dir)
+    on_own = read_rows_after([synthetic_store], tmp_path / "own.csv", model_dir)
     assert [r["prob_idc"] for r in on_own] != [r["prob_idc"] for r in rows]
 
 
-def read_rows_after(predict_function, inputs, out, model, **options) -> list[dict]:
-    predict_function(inputs, out, model=model, backend="torch", **options)
+def read_rows_after(inputs, out, model, **options) -> list[dict]:
+    predict_to_csv(inputs, out, model=model, backend="torch", **options)
     return read_rows(out)
 
 
@@ -94,8 +98,8 @@ def test_context_does_not_depend_on_batching_or_input_form(tiny_model, tmp_path)
     """Neighbours read in a later batch, or from PNG files instead of a store, count the same."""
     synthesize(tmp_path / "slides", patients=2, seed=8, first_index=40)
     prepare(tmp_path / "slides", tmp_path / "store")
-    from_store = read_rows_after(predict, [tmp_path / "store"], tmp_path / "a.csv", tiny_model, context=True, batch_size=4096)
-    from_files = read_rows_after(predict, [tmp_path / "slides"], tmp_path / "b.csv", tiny_model, context=True, batch_size=7)
+    from_store = read_rows_after([tmp_path / "store"], tmp_path / "a.csv", tiny_model, context=True, batch_size=4096)
+    from_files = read_rows_after([tmp_path / "slides"], tmp_path / "b.csv", tiny_model, context=True, batch_size=7)
     key = lambda r: (r["patient"], int(r["x"]), int(r["y"]))  # noqa: E731
     store_probabilities = {key(r): float(r["prob_idc"]) for r in from_store}
     assert len(from_files) == len(from_store)
@@ -104,23 +108,22 @@ def test_context_does_not_depend_on_batching_or_input_form(tiny_model, tmp_path)
 
 
 def test_a_model_without_context_refuses_context_clearly(edited_tiny_model):
-    model_dir = edited_tiny_model(lambda metadata: metadata.update(context={}))
+    model_dir = edited_tiny_model(lambda metadata: metadata["scoring"].update(context=None, context_plain=None, context_tta=None))
     with pytest.raises(HistoscreenError, match="histoscreen calibrate"):
         Predictor(model_dir, context=True)
 
 
 def test_evaluate_with_context_reports_its_settings(tiny_model, synthetic_store, tmp_path):
-    options = {"folds": 3, "fold": 1, "seed": 0, "csv_path": None}
-    plain = evaluate(synthetic_store, tmp_path / "plain", model=tiny_model, split="val", scheme="kfold",
-                     split_options=options, bootstrap_rounds=20)
-    context = evaluate(synthetic_store, tmp_path / "context", model=tiny_model, split="val", scheme="kfold",
-                       split_options=options, bootstrap_rounds=20, context=True)
+    spec = SplitSpec("kfold", folds=3, fold=1, seed=0)
+    plain = evaluate_to(synthetic_store, tmp_path / "plain", model=tiny_model, split="val", split_spec=spec, bootstrap_rounds=20)
+    context = evaluate_to(synthetic_store, tmp_path / "context", model=tiny_model, split="val", split_spec=spec,
+                          bootstrap_rounds=20, context=True)
     _, metadata = load_model(tiny_model)
     assert plain["context"] is False and context["context"] is True
-    assert context["threshold"] == metadata.context["threshold"]
-    assert context["context_settings"]["radius"] == metadata.context["radius"]
+    assert context["threshold"] == metadata.scoring.context_plain.threshold
+    assert context["context_settings"]["radius"] == metadata.scoring.context.radius
     # the same val patients the context was fitted on, so the same figures
-    assert context["metrics"]["balanced_accuracy"] == pytest.approx(metadata.validation["context_plain"]["balanced_accuracy"])
+    assert context["metrics"]["balanced_accuracy"] == pytest.approx(metadata.validation.metrics["context_plain"]["balanced_accuracy"])
     assert json.loads((tmp_path / "context" / "metrics.json").read_text())["context"] is True
 
 
@@ -133,10 +136,10 @@ def test_calibrate_refits_on_val_patients_and_keeps_the_weights(tiny_model, synt
     assert "with slide context" in result.stdout
     _, before = load_model(tiny_model)
     _, after = load_model(tmp_path / "recalibrated")
-    assert after.validation["threshold_rule"] == "max specificity with sensitivity >= 0.95"
-    assert after.validation["split"] == "kfold-2-of-3/val"
-    assert after.validation["patients"] != before.training["val_patients"]  # another fold's patients
-    assert after.context and after.validation["context_plain"]["sensitivity"] >= 0.95
+    assert after.validation.threshold_rule == "max specificity with sensitivity >= 0.95"
+    assert after.validation.split == "kfold-2-of-3/val"
+    assert list(after.validation.patients) != before.training["val_patients"]  # another fold's patients
+    assert after.scoring.has_context and after.validation.metrics["context_plain"]["sensitivity"] >= 0.95
     assert after.training == before.training
     old, new = load_file(tiny_model / "model.safetensors"), load_file(tmp_path / "recalibrated" / "model.safetensors")
     assert old.keys() == new.keys() and all(np.array_equal(old[k], new[k]) for k in old)
@@ -144,4 +147,4 @@ def test_calibrate_refits_on_val_patients_and_keeps_the_weights(tiny_model, synt
 
 def test_calibrate_refuses_a_split_without_val_patients(tiny_model, synthetic_store, tmp_path):
     with pytest.raises(HistoscreenError, match="no patches of the val patients"):
-        recalibrate(synthetic_store, tiny_model, tmp_path / "out")  # synthetic patients are in no official list
+        calibrate(synthetic_store, tiny_model)  # synthetic patients are in no official list

@@ -8,7 +8,8 @@ import pytest
 
 from histoscreen.constants import PATCH_SIZE
 from histoscreen.data import PatchStore, official_split, prepare
-from histoscreen.inference import Predictor, evaluate
+from histoscreen.runtime import Predictor
+from conftest import evaluate_to
 
 
 def test_prepare_real_val_patches_matches_what_unpack_wrote(real_val_patches, tmp_path):
@@ -31,9 +32,9 @@ def test_the_shipped_model_reproduces_its_model_card_on_the_real_val_patients(re
     slide context they meet the project's val targets."""
     folder, _ = real_val_patches
     prepare(folder, tmp_path / "store")
-    recorded = Predictor().metadata.validation
+    recorded = Predictor().metadata.validation.metrics
     for context, key in ((False, "plain"), (True, "context_plain")):
-        report = evaluate(tmp_path / "store", tmp_path / key, split="val", context=context, bootstrap_rounds=50, backend="torch")
+        report = evaluate_to(tmp_path / "store", tmp_path / key, split="val", context=context, bootstrap_rounds=50, backend="torch")
         for name in ("accuracy", "balanced_accuracy", "sensitivity", "specificity", "roc_auc"):
             assert report["metrics"][name] == pytest.approx(recorded[key][name], abs=1e-3), (key, name)
     metrics = report["metrics"]

@@ -9,7 +9,8 @@ import torch
 
 from histoscreen import HistoscreenError
 from histoscreen.models import count_flops, create_model, list_models
-from histoscreen.models.checkpoint import load_model, read_safetensors
+from histoscreen.models import load_model
+from histoscreen.models.bundle import read_safetensors
 
 
 @pytest.mark.parametrize("name", ["compact", "residual"])
@@ -30,7 +31,7 @@ def test_flops_of_a_one_layer_pair_by_hand():
 
 
 def test_unknown_architecture_is_named():
-    with pytest.raises(HistoscreenError, match="unknown model .vgg.; available: compact, residual, resnet18"):
+    with pytest.raises(HistoscreenError, match="architecture .vgg. is not a known model; available: compact, residual, resnet18"):
         create_model("vgg")
 
 

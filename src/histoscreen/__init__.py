@@ -2,6 +2,6 @@
 
 __version__ = "0.1.0"
 
+from histoscreen.errors import HistoscreenError  # noqa: E402  (re-exported: the one error type to catch)
 
-class HistoscreenError(Exception):
-    """A problem with the user's input or request, reported as one clear line."""
+__all__ = ["HistoscreenError", "__version__"]

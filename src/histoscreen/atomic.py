@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from histoscreen import HistoscreenError
+from histoscreen.errors import OutputExistsError, UnsafeOutputError
 
 _PARTIAL_MARK = ".partial-"
 
@@ -27,7 +27,7 @@ def atomic_folder(destination: Path, *, overwrite: bool = False) -> Iterator[Pat
     """
     destination = Path(destination)
     if destination.exists() and not overwrite:
-        raise HistoscreenError(f"{destination} already exists; choose another path or pass --overwrite")
+        raise OutputExistsError(destination)
     destination.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_partials(destination)
     partial = destination.parent / f".{destination.name}{_PARTIAL_MARK}{os.getpid()}"
@@ -45,6 +45,14 @@ def atomic_folder(destination: Path, *, overwrite: bool = False) -> Iterator[Pat
         _remove_path(retired)
     else:
         os.replace(partial, destination)
+
+
+def check_output_file(destination: Path, *, overwrite: bool) -> None:
+    """Refuse to replace an existing file unless asked to, and never replace a folder."""
+    if destination.is_dir():
+        raise UnsafeOutputError(f"{destination} is a folder; this output is a file")
+    if destination.exists() and not overwrite:
+        raise OutputExistsError(destination, "file")
 
 
 def atomic_write_bytes(destination: Path, payload: bytes) -> None:

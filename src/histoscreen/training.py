@@ -1,8 +1,9 @@
 """Training: one loop in plain sight (forward, loss, backward, step, log, checkpoint).
 
 Patients of the train split are trained on; the epoch with the best balanced accuracy on
-the val patients is kept; the decision threshold and temperature are then fitted on the
+the val patients is kept; calibration, threshold and slide context are then fitted on the
 val patients only. Every epoch leaves a checkpoint, and `resume` continues a killed run.
+Read top to bottom: load the data, build the model, loop over epochs, finalise.
 """
 
 from __future__ import annotations
@@ -10,7 +11,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import platform
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -20,18 +20,21 @@ import numpy as np
 import torch
 from safetensors.torch import save as safetensors_bytes
 
-from histoscreen import HistoscreenError, __version__
+from histoscreen import __version__
 from histoscreen.atomic import atomic_write_bytes, atomic_write_text
 from histoscreen.data.naming import patient_sort_key
-from histoscreen.data.splits import resolve_split
+from histoscreen.data.sources import PatchBatch, StoreSource
+from histoscreen.data.splits import PatientSplit, SplitSpec
 from histoscreen.data.store import PatchStore
 from histoscreen.data.transforms import Normalisation, augment
-from histoscreen.evaluation import choose_threshold, classification_metrics, confusion_counts, fit_calibration, sigmoid
+from histoscreen.errors import InputError, ResumeMismatchError, RunExistsError, SettingError
 from histoscreen.models import count_flops, create_model
-from histoscreen.models.checkpoint import ModelMetadata, load_model, read_safetensors, save_model
-from histoscreen.models.context import CONTEXT_RADII, CONTEXT_WEIGHTS, SlidePositions, blend_with_neighbours
-from histoscreen.models.forward import batched_logits, pick_device
+from histoscreen.models.bundle import ModelMetadata, Scoring, Validation, read_safetensors, save_model
 from histoscreen.progress import Progress, silent
+from histoscreen.runtime.device import machine_description, pick_device
+from histoscreen.runtime.forward import batched_logits
+from histoscreen.scoring.calibration import choose_threshold, fit_scoring
+from histoscreen.scoring.metrics import classification_metrics, sigmoid
 
 CHECKPOINTS = "checkpoints"
 STATE_JSON = "state.json"
@@ -52,24 +55,29 @@ class TrainConfig:
     balance: str = "weighted"  # weighted loss, balanced sampling, or neither
     stain_jitter: float = 0.05  # HED scale and shift; 0 turns stain and colour jitter off
     seed: int = 0
-    split: str = "official"
-    extra_to_train: bool = False
-    folds: int = 5
-    fold: int = 1
-    split_seed: int = 0  # kfold: the fold assignment's seed, apart from the training seed
-    split_csv: str | None = None
+    split: SplitSpec = field(default_factory=SplitSpec)
     min_sensitivity: float | None = None  # threshold rule; None maximises balanced accuracy
     max_train_patches: int | None = None  # a seeded subsample, for quick runs
     device: str = "auto"
-    threads: int | None = None
 
-    def check(self) -> None:
+    def __post_init__(self) -> None:
+        if isinstance(self.split, dict):  # a config read back from JSON
+            self.split = SplitSpec(**self.split)
         if self.balance not in BALANCE_CHOICES:
-            raise HistoscreenError(f"balance must be one of {', '.join(BALANCE_CHOICES)}, got {self.balance!r}")
-        if self.epochs < 1 or self.batch_size < 1:
-            raise HistoscreenError("epochs and batch size must be at least 1")
+            raise SettingError("balance", f"must be one of {', '.join(BALANCE_CHOICES)}, got {self.balance!r}")
+        for name in ("epochs", "batch_size"):
+            if getattr(self, name) < 1:
+                raise SettingError(name, f"must be at least 1, got {getattr(self, name)}")
+        for name in ("learning_rate", "weight_decay", "warmup_epochs", "stain_jitter"):
+            value = getattr(self, name)
+            if not math.isfinite(value) or value < 0 or (name == "learning_rate" and value == 0):
+                raise SettingError(name, f"must be a {'positive' if name == 'learning_rate' else 'non-negative'} number, got {value}")
         if self.min_sensitivity is not None and not 0 < self.min_sensitivity <= 1:
-            raise HistoscreenError(f"min_sensitivity must be in (0, 1], got {self.min_sensitivity}")
+            raise SettingError("min_sensitivity", f"must be in (0, 1], got {self.min_sensitivity}")
+        if self.max_train_patches is not None and self.max_train_patches < 1:
+            raise SettingError("max_train_patches", f"must be at least 1, got {self.max_train_patches}")
+        if not isinstance(self.architecture_kwargs, dict):
+            raise SettingError("architecture_kwargs", f"must be an object of options, got {self.architecture_kwargs!r}")
 
 
 @dataclass
@@ -77,6 +85,29 @@ class TrainResult:
     model_path: Path
     metadata: ModelMetadata
     history: list[dict]
+
+
+@dataclass
+class TrainingData:
+    """The patients and patches one run trains and selects on, loaded into memory."""
+
+    store: PatchStore
+    split: PatientSplit
+    train_patches: torch.Tensor  # uint8 N x 50 x 50 x 3
+    train_labels: torch.Tensor
+    val: PatchBatch  # with pixels, labels and slide positions (for the context fit)
+
+    def describe(self) -> dict:
+        present = set(self.store.patients)
+        return {
+            "train_patients": sorted(self.split.train & present, key=patient_sort_key),
+            "val_patients": sorted(self.split.val & present, key=patient_sort_key),
+            "train_patches": int(len(self.train_labels)),
+            "train_idc_patches": int(self.train_labels.sum()),
+            "val_patches": int(len(self.val)),
+            "val_idc_patches": int(self.val.labels.sum()),
+            "store": str(self.store.path.resolve()),
+        }
 
 
 def learning_rate_at(step: int, total_steps: int, warmup_steps: int, peak: float) -> float:
@@ -149,6 +180,39 @@ def evaluate_logits(labels: np.ndarray, logits: np.ndarray) -> dict:
     }
 
 
+def load_training_data(store_path: str | os.PathLike, config: TrainConfig) -> TrainingData:
+    store = PatchStore(store_path)
+    split = config.split.resolve(store.patient_table())
+    train_rows, val_rows = store.rows_of(split.train), store.rows_of(split.val)
+    if len(train_rows) == 0 or len(val_rows) == 0:
+        raise InputError(
+            f"{store.path}: split {split.name!r} leaves {len(train_rows)} train and {len(val_rows)} val patches; "
+            "both are needed (synthetic or unofficial patients need the kfold or csv split scheme)"
+        )
+    if config.max_train_patches and config.max_train_patches < len(train_rows):
+        rng = np.random.default_rng(config.seed)
+        train_rows = np.sort(rng.choice(train_rows, config.max_train_patches, replace=False))
+    train_labels = torch.as_tensor(store.labels[train_rows])
+    if train_labels.sum() == 0 or train_labels.sum() == len(train_labels):
+        raise InputError(f"{store.path}: the train patients hold only one class; training needs IDC and non-IDC patches")
+    train_patches = torch.from_numpy(np.ascontiguousarray(store.patches[train_rows]))
+    val = StoreSource(store, split.val).read_all()
+    return TrainingData(store, split, train_patches, train_labels, val)
+
+
+def build_model(config: TrainConfig, device: torch.device) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    """The network and AdamW, with no weight decay on biases and normalisation parameters."""
+    torch.manual_seed(config.seed)
+    model = create_model(config.architecture, **config.architecture_kwargs).to(device, memory_format=torch.channels_last)
+    decay = [p for p in model.parameters() if p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.ndim <= 1]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=config.learning_rate,
+    )
+    return model, optimizer
+
+
 def train(
     store_path: str | os.PathLike,
     out_dir: str | os.PathLike,
@@ -163,58 +227,26 @@ def train(
 
     `command` is recorded in the model's metadata, so the run can be repeated from it.
     """
-    config.check()
     out_dir = Path(out_dir)
     checkpoints = out_dir / CHECKPOINTS
-    if config.threads:
-        torch.set_num_threads(config.threads)
     device = pick_device(config.device)
-    store = PatchStore(store_path)
-    split = resolve_split(
-        store.patient_table(), config.split, extra_to_train=config.extra_to_train,
-        folds=config.folds, fold=config.fold, seed=config.split_seed, csv_path=config.split_csv,
-    )
-    train_rows, val_rows = store.rows_of(split.train), store.rows_of(split.val)
-    if len(train_rows) == 0 or len(val_rows) == 0:
-        raise HistoscreenError(
-            f"{store.path}: split {split.name!r} leaves {len(train_rows)} train and {len(val_rows)} val patches; "
-            "both are needed (synthetic or unofficial patients need --split kfold or --split csv)"
-        )
-    if config.max_train_patches and config.max_train_patches < len(train_rows):
-        rng = np.random.default_rng(config.seed)
-        train_rows = np.sort(rng.choice(train_rows, config.max_train_patches, replace=False))
-    all_labels = store.labels
-    train_labels = torch.as_tensor(all_labels[train_rows])
-    if train_labels.sum() == 0 or train_labels.sum() == len(train_labels):
-        raise HistoscreenError("the train patients hold only one class; training needs IDC and non-IDC patches")
-    val_labels = all_labels[val_rows]
-    train_patches = torch.from_numpy(np.ascontiguousarray(store.patches[train_rows]))
-    val_patches = np.ascontiguousarray(store.patches[val_rows])
+    data = load_training_data(store_path, config)
+    described = data.describe()
     log(
-        f"train: {len(split.train & set(store.patients))} patients, {len(train_rows):,} patches "
-        f"({int(train_labels.sum()):,} IDC); val: {len(split.val)} patients, {len(val_rows):,} patches "
-        f"({int(val_labels.sum()):,} IDC); device {device}"
+        f"train: {len(described['train_patients'])} patients, {described['train_patches']:,} patches "
+        f"({described['train_idc_patches']:,} IDC); val: {len(described['val_patients'])} patients, "
+        f"{described['val_patches']:,} patches ({described['val_idc_patches']:,} IDC); device {device}"
     )
-
-    torch.manual_seed(config.seed)
-    model = create_model(config.architecture, **config.architecture_kwargs).to(device, memory_format=torch.channels_last)
-    decay = [p for n, p in model.named_parameters() if p.ndim > 1]
-    no_decay = [p for n, p in model.named_parameters() if p.ndim <= 1]
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=config.learning_rate,
-    )
-    steps_per_epoch = math.ceil(len(train_rows) / config.batch_size)
-    total_steps = steps_per_epoch * config.epochs
+    model, optimizer = build_model(config, device)
 
     state = _load_state(checkpoints, config, model, optimizer) if resume else None
     if state is None:
         if (checkpoints / STATE_JSON).exists():
-            raise HistoscreenError(f"{out_dir} holds a training run already; pass --resume to continue it or choose another folder")
+            raise RunExistsError(out_dir)
         checkpoints.mkdir(parents=True, exist_ok=True)
         state = {
             "epoch": 0, "history": [], "best_epoch": None, "best_score": -1.0, "seconds": 0.0,
-            "normalisation": asdict(Normalisation.of(train_patches.numpy(), seed=config.seed)),
+            "normalisation": asdict(Normalisation.of(data.train_patches.numpy(), seed=config.seed)),
         }
     elif state["epoch"] >= config.epochs:
         log(f"resuming: all {config.epochs} epochs were done; finishing")
@@ -222,14 +254,15 @@ def train(
         log(f"resuming after epoch {state['epoch']}")
     normalisation = Normalisation(tuple(state["normalisation"]["mean"]), tuple(state["normalisation"]["std"]))
 
+    steps_per_epoch = math.ceil(len(data.train_labels) / config.batch_size)
     for epoch in range(state["epoch"] + 1, config.epochs + 1):
         started = time.perf_counter()
         train_loss, _ = train_one_epoch(
-            model, optimizer, train_patches, train_labels, normalisation, config, epoch,
-            (epoch - 1) * steps_per_epoch, total_steps, device, progress,
+            model, optimizer, data.train_patches, data.train_labels, normalisation, config, epoch,
+            (epoch - 1) * steps_per_epoch, steps_per_epoch * config.epochs, device, progress,
         )
         record = {"epoch": epoch, "train_loss": train_loss, "learning_rate": optimizer.param_groups[0]["lr"]}
-        record.update(evaluate_logits(val_labels, batched_logits(model, val_patches, normalisation, device=device)))
+        record.update(evaluate_logits(data.val.labels, batched_logits(model, data.val.pixels, normalisation, device=device)))
         record["seconds"] = time.perf_counter() - started
         state["history"].append(record)
         state["seconds"] += record["seconds"]
@@ -244,22 +277,24 @@ def train(
             f"(best threshold {record['val_best_balanced_accuracy']:.4f}), AUC {record['val_auc']:.4f}, {record['seconds']:.0f} s"
         )
 
-    model.load_state_dict(read_safetensors(checkpoints / BEST_WEIGHTS))
+    return finalise(model, normalisation, data, config, state, out_dir, device, command, log)
+
+
+def finalise(model, normalisation, data: TrainingData, config: TrainConfig, state: dict, out_dir: Path,
+             device: torch.device, command: str | None, log: Callable[[str], None]) -> TrainResult:
+    """Keep the best epoch, fit its scoring on the val patients, save the model."""
+    model.load_state_dict(read_safetensors(out_dir / CHECKPOINTS / BEST_WEIGHTS))
+    scoring, validation = fit_scoring_on(model, normalisation, data.val, min_sensitivity=config.min_sensitivity, device=device)
     metadata = ModelMetadata(
         architecture=config.architecture,
         architecture_kwargs=config.architecture_kwargs,
         normalisation=normalisation,
+        scoring=scoring,
         training={
             "config": asdict(config),
             "best_epoch": state["best_epoch"],
             "history": state["history"],
-            "train_patients": sorted(split.train & set(store.patients), key=patient_sort_key),
-            "val_patients": sorted(split.val & set(store.patients), key=patient_sort_key),
-            "train_patches": int(len(train_rows)),
-            "train_idc_patches": int(train_labels.sum()),
-            "val_patches": int(len(val_rows)),
-            "val_idc_patches": int(val_labels.sum()),
-            "store": str(store.path.resolve()),
+            **data.describe(),
             "seconds": round(state["seconds"], 1),
             "device": str(device),
             "machine": machine_description(device),
@@ -269,157 +304,29 @@ def train(
             "flops_per_patch": count_flops(model.cpu()),
             "parameters": sum(p.numel() for p in model.parameters()),
         },
-    )
-    model.to(device)
-    val_index = store.index.iloc[val_rows]
-    calibrate(
-        model, metadata, val_patches, val_labels,
-        positions=SlidePositions.of(val_index["patient"].tolist(), val_index["x"].tolist(), val_index["y"].tolist()),
-        patients=val_index["patient"].to_numpy(dtype=object),
-        min_sensitivity=config.min_sensitivity, device=device,
+        validation=validation,
     )
     model_path = save_model(model.cpu(), metadata, out_dir / "model.safetensors")
-    log(f"model: {model_path} (val: {_summary(metadata.validation['plain'])})")
+    log(f"model: {model_path} (val: {_summary(validation.metrics['plain'])})")
     return TrainResult(model_path, metadata, state["history"])
 
 
-def calibrate(
+def fit_scoring_on(
     model: torch.nn.Module,
-    metadata: ModelMetadata,
-    patches: np.ndarray,
-    labels: np.ndarray,
+    normalisation: Normalisation,
+    val: PatchBatch,
     *,
-    positions: SlidePositions | None = None,
-    patients: np.ndarray | None = None,
     min_sensitivity: float | None = None,
     device: torch.device | None = None,
-) -> None:
-    """Fit temperature and bias, then the threshold on calibrated probabilities, with and
-    without TTA; with `positions`, also the slide context (radius and weight by balanced
-    accuracy, then its own temperature, bias and threshold).
-
-    Only ever called on val patients: a threshold tuned on test would flatter every figure.
-    `patients` (one per patch) adds leave-one-patient-out estimates of how the choices made
-    here carry over to a patient they were not made on.
-    """
-    context: dict = {}
-    for tta, prefix in ((False, ""), (True, "tta_")):
-        mode = "tta" if tta else "plain"
-        logits = batched_logits(model, patches, metadata.normalisation, tta=tta, device=device)
-        temperature, bias = fit_calibration(labels, logits)
-        calibrated = logits / temperature + bias
-        threshold = choose_threshold(labels, sigmoid(calibrated), min_sensitivity)
-        setattr(metadata, f"{prefix}temperature", temperature)
-        setattr(metadata, f"{prefix}bias", bias)
-        setattr(metadata, f"{prefix}threshold", threshold)
-        metadata.validation[mode] = classification_metrics(labels, sigmoid(calibrated), threshold)
-        if positions is None:
-            continue
-        candidates = {
-            (radius, weight): blend_with_neighbours(calibrated, positions, radius, weight)
-            for radius in CONTEXT_RADII
-            for weight in CONTEXT_WEIGHTS
-        }
-        if not tta:
-            context["radius"], context["weight"] = max(
-                candidates, key=lambda key: _best_balanced_accuracy(labels, candidates[key], min_sensitivity)
-            )
-        mixed = candidates[(context["radius"], context["weight"])]
-        context_temperature, context_bias = fit_calibration(labels, mixed)
-        probabilities = sigmoid(mixed / context_temperature + context_bias)
-        context[f"{prefix}temperature"] = context_temperature
-        context[f"{prefix}bias"] = context_bias
-        context[f"{prefix}threshold"] = choose_threshold(labels, probabilities, min_sensitivity)
-        metadata.validation[f"context_{mode}"] = classification_metrics(labels, probabilities, context[f"{prefix}threshold"])
-        if patients is not None:
-            metadata.validation[f"leave_one_patient_out_{mode}"] = {
-                "patch": leave_one_patient_out(labels, patients, {"patch": calibrated}, min_sensitivity),
-                "context": leave_one_patient_out(labels, patients, candidates, min_sensitivity),
-            }
-    metadata.context = context
-    metadata.validation["threshold_rule"] = (
-        "max balanced accuracy" if min_sensitivity is None else f"max specificity with sensitivity >= {min_sensitivity}"
+) -> tuple[Scoring, Validation]:
+    """Run the model on labelled val patches (one view and the 8 dihedral ones) and fit the
+    calibration, thresholds and slide context on them (scoring.calibration.fit_scoring)."""
+    model.to(device or torch.device("cpu"))
+    plain = batched_logits(model, val.pixels, normalisation, device=device)
+    tta = batched_logits(model, val.pixels, normalisation, tta=True, device=device)
+    return fit_scoring(
+        val.labels, plain, tta, positions=val.positions, patients=val.patients, min_sensitivity=min_sensitivity
     )
-
-
-def recalibrate(
-    store_path: str | os.PathLike,
-    model_path: str | os.PathLike,
-    out: str | os.PathLike,
-    *,
-    scheme: str = "official",
-    split_options: dict | None = None,
-    min_sensitivity: float | None = None,
-    device: str = "auto",
-) -> tuple[ModelMetadata, Path]:
-    """Refit a model's temperature, bias, thresholds and slide context on the val patients
-    of a store, and save it (weights unchanged) to `out` (a .safetensors path or a folder)."""
-    model, metadata = load_model(model_path)
-    store = PatchStore(store_path)
-    split = resolve_split(store.patient_table(), scheme, **(split_options or {}))
-    rows = store.rows_of(split.val)
-    if len(rows) == 0:
-        raise HistoscreenError(f"{store.path}: no patches of the val patients of the {split.name} split")
-    labels = store.labels[rows]
-    if labels.all() or not labels.any():
-        raise HistoscreenError(f"{store.path}: the val patients hold only one class; calibration needs both")
-    index = store.index.iloc[rows]
-    torch_device = pick_device(device)
-    calibrate(
-        model.to(torch_device), metadata, np.ascontiguousarray(store.patches[rows]), labels,
-        positions=SlidePositions.of(index["patient"].tolist(), index["x"].tolist(), index["y"].tolist()),
-        patients=index["patient"].to_numpy(dtype=object), min_sensitivity=min_sensitivity, device=torch_device,
-    )
-    metadata.validation["split"] = f"{split.name}/val"
-    metadata.validation["patients"] = sorted(set(index["patient"]), key=patient_sort_key)
-    metadata.validation["store"] = str(store.path.resolve())
-    out = Path(out)
-    target = out if out.suffix == ".safetensors" else out / "model.safetensors"
-    return metadata, save_model(model.cpu(), metadata, target)
-
-
-def _best_balanced_accuracy(labels: np.ndarray, scores: np.ndarray, min_sensitivity: float | None) -> float:
-    return classification_metrics(labels, scores, choose_threshold(labels, scores, min_sensitivity))["balanced_accuracy"]
-
-
-def leave_one_patient_out(
-    labels: np.ndarray, patients: np.ndarray, candidates: dict, min_sensitivity: float | None = None
-) -> dict:
-    """How choices made on val patients carry over to a new patient: for each patient, pick
-    the candidate scoring and its threshold on all the others, then call that patient's
-    patches with them. Returns the pooled accuracy, balanced accuracy, sensitivity and
-    specificity of those calls (a threshold is a monotone cut, so scores need no
-    calibration here)."""
-    calls = np.zeros(len(labels), dtype=bool)
-    for patient in np.unique(patients):
-        held = patients == patient
-        rest = ~held
-        best = max(candidates, key=lambda key: _best_balanced_accuracy(labels[rest], candidates[key][rest], min_sensitivity))
-        scores = candidates[best]
-        calls[held] = scores[held] >= choose_threshold(labels[rest], scores[rest], min_sensitivity)
-    tn, fp, fn, tp = confusion_counts(labels, calls)
-    sensitivity, specificity = tp / max(1, tp + fn), tn / max(1, tn + fp)
-    return {
-        "accuracy": (tp + tn) / len(labels),
-        "balanced_accuracy": (sensitivity + specificity) / 2,
-        "sensitivity": sensitivity,
-        "specificity": specificity,
-        "patients": int(len(np.unique(patients))),
-    }
-
-
-def machine_description(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    model_name = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model_name = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{model_name}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
 
 
 def _summary(metrics: dict) -> str:
@@ -444,6 +351,11 @@ def _save_state(checkpoints: Path, config: TrainConfig, model, optimizer, state:
     for index, values in optimizer_state["state"].items():
         for name, value in values.items():
             tensors[f"optimizer.{index}.{name}"] = torch.as_tensor(value)
+    # Dropout draws from torch's global generator: without its state a resumed run would
+    # not be the run that was killed.
+    tensors["rng.torch"] = torch.get_rng_state()
+    if torch.cuda.is_available():
+        tensors["rng.cuda"] = torch.cuda.get_rng_state()
     tensor_file = f"epoch-{state['epoch']:03d}.safetensors"
     atomic_write_bytes(checkpoints / tensor_file, safetensors_bytes(_cpu_tensors(tensors)))
     payload = {**state, "tensors": tensor_file, "config": asdict(config), "param_groups": optimizer_state["param_groups"]}
@@ -460,7 +372,7 @@ def _load_state(checkpoints: Path, config: TrainConfig, model, optimizer) -> dic
     saved_config = state.pop("config")
     if saved_config != asdict(config):
         changed = sorted(k for k in saved_config if saved_config[k] != asdict(config).get(k))
-        raise HistoscreenError(f"{checkpoints}: --resume needs the same settings as the killed run; changed: {', '.join(changed)}")
+        raise ResumeMismatchError(f"{checkpoints}: resuming needs the same settings as the killed run; changed: {', '.join(changed)}")
     tensors = read_safetensors(checkpoints / state.pop("tensors"))
     model.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
     optimizer_state: dict = {"state": {}, "param_groups": state.pop("param_groups")}
@@ -469,4 +381,7 @@ def _load_state(checkpoints: Path, config: TrainConfig, model, optimizer) -> dic
             _, index, name = key.split(".", 2)
             optimizer_state["state"].setdefault(int(index), {})[name] = value
     optimizer.load_state_dict(optimizer_state)
+    torch.set_rng_state(tensors["rng.torch"])
+    if "rng.cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors["rng.cuda"])
     return state

@@ -20,11 +20,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from histoscreen import HistoscreenError, __version__
+from histoscreen import __version__
 from histoscreen.atomic import atomic_folder
 from histoscreen.constants import PATCH_SIZE
-from histoscreen.data.naming import PatchName, patient_sort_key
-from histoscreen.data.patch_files import check_name, decode_files, find_files
+from histoscreen.data.patch_files import find_files
+from histoscreen.data.sources import Conflict, FileSource, PatchBatch, Problem
 from histoscreen.data.store import (
     CONFLICTS_FILE,
     INDEX_FILE,
@@ -35,22 +35,8 @@ from histoscreen.data.store import (
     STORE_VERSION,
     PatchStore,
 )
+from histoscreen.errors import InputError, OutputExistsError
 from histoscreen.progress import Progress, silent
-
-@dataclass(frozen=True)
-class Reject:
-    path: str
-    reason: str
-
-
-@dataclass(frozen=True)
-class Conflict:
-    """Two copies of one (patient, x, y) that disagree in label or pixels."""
-
-    kept_path: str
-    other_path: str
-    labels_differ: bool
-    pixels_differ: bool
 
 
 @dataclass
@@ -61,7 +47,7 @@ class PrepareSummary:
     patients: int
     per_class: dict[int, int]
     duplicates: int
-    rejects: list[Reject] = field(default_factory=list)
+    rejects: list[Problem] = field(default_factory=list)
     conflicts: list[Conflict] = field(default_factory=list)
     padded: int = 0
     seconds: float = 0.0
@@ -86,6 +72,10 @@ class PrepareSummary:
         return lines
 
 
+class StrictModeError(InputError):
+    """`strict` was asked for and some files were rejected or disagreed."""
+
+
 def prepare(
     source: str | os.PathLike,
     out: str | os.PathLike,
@@ -103,90 +93,59 @@ def prepare(
     started = time.perf_counter()
     source, out = Path(source), Path(out)
     if not source.exists():
-        raise HistoscreenError(f"{source}: no such folder")
+        raise InputError(f"{source}: no such folder")
     if not source.is_dir():
-        raise HistoscreenError(f"{source}: not a folder (prepare reads a folder of patch PNGs)")
+        raise InputError(f"{source}: not a folder (prepare reads a folder of patch PNGs)")
     if out.exists() and not overwrite:
-        raise HistoscreenError(f"{out} already exists; choose another path or pass --overwrite")
+        raise OutputExistsError(out, "store")
     files = find_files(source)
     if not files:
-        raise HistoscreenError(f"{source}: the folder holds no files")
-
-    rejects: list[Reject] = []
-    names: dict[Path, PatchName] = {}
-    for path in files:
-        name, reason = check_name(path)
-        if name is None:
-            rejects.append(Reject(str(path), reason or "invalid name"))
-        else:
-            names[path] = name
-
-    # One slot per unique patch, in slide order (patient, then row, then column), so a
-    # slide's patches sit together on disk. Copies are decoded in path order, which
-    # puts the archive's top-level copy before its IDC_regular_ps50_idx5 twin.
-    keys = sorted({n.key for n in names.values()}, key=lambda k: (patient_sort_key(k[0]), k[2], k[1]))
-    slot_of_key = {key: slot for slot, key in enumerate(keys)}
-    ordered = sorted(names, key=lambda p: (slot_of_key[names[p].key], str(p)))
+        raise InputError(f"{source}: the folder holds no files")
+    patch_source = FileSource(files, description=str(source), workers=workers)
+    upper_bound = len(patch_source)
 
     with atomic_folder(out, overwrite=overwrite) as partial:
         patches = np.lib.format.open_memmap(
-            partial / PATCHES_FILE, mode="w+", dtype=np.uint8, shape=(len(keys), PATCH_SIZE, PATCH_SIZE, 3)
+            partial / PATCHES_FILE, mode="w+", dtype=np.uint8, shape=(upper_bound, PATCH_SIZE, PATCH_SIZE, 3)
         )
-        kept: list[tuple[Path, int, int, bytes] | None] = [None] * len(keys)
-        conflicts: list[Conflict] = []
-        duplicates = done = 0
-        for paths, chunk in decode_files([(path, names[path].key) for path in ordered], workers):
-            first_copies = []
-            for row, path in enumerate(paths):
-                if chunk.reasons[row] is not None:
-                    rejects.append(Reject(str(path), chunk.reasons[row]))
-                    continue
-                slot = slot_of_key[names[path].key]
-                first = kept[slot]
-                if first is None:
-                    kept[slot] = (path, chunk.widths[row], chunk.heights[row], chunk.digests[row])
-                    first_copies.append((slot, row))
-                    continue
-                duplicates += 1
-                labels_differ = names[first[0]].label != names[path].label
-                pixels_differ = first[3] != chunk.digests[row]
-                if labels_differ or pixels_differ:
-                    conflicts.append(Conflict(str(first[0]), str(path), labels_differ, pixels_differ))
-            if first_copies:
-                slots, rows = zip(*first_copies)
-                patches[list(slots)] = chunk.pixels[list(rows)]
-            done += len(paths)
-            progress("decoding", done, len(ordered))
-
+        # Patches come in slide order (patient, then row, then column), so a slide's
+        # patches sit together on disk.
+        parts, filled = [], 0
+        for batch in patch_source.batches(batch_size=1024):
+            patches[filled : filled + len(batch)] = batch.pixels
+            parts.append(batch.without_pixels())
+            filled += len(batch)
+            progress("decoding", filled, upper_bound)
+        rejects, conflicts = patch_source.problems, patch_source.conflicts
         if strict and (rejects or conflicts):
-            problems = [f"{r.path}: {r.reason}" for r in rejects[:5]]
+            problems = [f"{r.where}: {r.reason}" for r in rejects[:5]]
             problems += [f"{c.other_path}: disagrees with {c.kept_path}" for c in conflicts[:5]]
-            raise HistoscreenError(
-                f"--strict: {len(rejects)} rejected files and {len(conflicts)} conflicting duplicates; "
+            raise StrictModeError(
+                f"strict: {len(rejects)} rejected files and {len(conflicts)} conflicting duplicates; "
                 "first: " + "; ".join(problems)
             )
-        filled = [slot for slot, entry in enumerate(kept) if entry is not None]
         if not filled:
-            example = f" (e.g. {rejects[0].path}: {rejects[0].reason})" if rejects else ""
-            raise HistoscreenError(f"{source}: none of {len(files)} files is a valid patch{example}")
-        if len(filled) < len(keys):
-            patches = _compact(partial / PATCHES_FILE, patches, filled)
+            example = f" (e.g. {rejects[0].where}: {rejects[0].reason})" if rejects else ""
+            raise InputError(f"{source}: none of {len(files)} files is a valid patch{example}")
+        if filled < upper_bound:
+            patches = _truncate(partial / PATCHES_FILE, patches, filled)
         patches.flush()
         del patches
 
+        kept = PatchBatch.concatenate(parts)
         index = pd.DataFrame(
             {
-                "patient": pd.array([names[kept[s][0]].patient for s in filled], dtype="string"),
-                "x": np.array([names[kept[s][0]].x for s in filled], dtype=np.int32),
-                "y": np.array([names[kept[s][0]].y for s in filled], dtype=np.int32),
-                "label": np.array([names[kept[s][0]].label for s in filled], dtype=np.int8),
-                "width": np.array([kept[s][1] for s in filled], dtype=np.int16),
-                "height": np.array([kept[s][2] for s in filled], dtype=np.int16),
-                "source": pd.array([str(kept[s][0]) for s in filled], dtype="string"),
+                "patient": pd.array(kept.patients.tolist(), dtype="string"),
+                "x": kept.xs.astype(np.int32),
+                "y": kept.ys.astype(np.int32),
+                "label": kept.labels.astype(np.int8),
+                "width": kept.widths.astype(np.int16),
+                "height": kept.heights.astype(np.int16),
+                "source": pd.array(kept.paths.tolist(), dtype="string"),
             }
         )
         index.to_parquet(partial / INDEX_FILE, index=False)
-        _write_csv(partial / REJECTS_FILE, ["path", "reason"], [(r.path, r.reason) for r in rejects])
+        _write_csv(partial / REJECTS_FILE, ["path", "reason"], [(r.where, r.reason) for r in rejects])
         _write_csv(
             partial / CONFLICTS_FILE,
             ["kept_path", "other_path", "labels_differ", "pixels_differ"],
@@ -199,7 +158,7 @@ def prepare(
             patches=len(index),
             patients=int(index["patient"].nunique()),
             per_class=per_class,
-            duplicates=duplicates,
+            duplicates=patch_source.duplicates,
             rejects=rejects,
             conflicts=conflicts,
             padded=int(((index["width"] < PATCH_SIZE) | (index["height"] < PATCH_SIZE)).sum()),
@@ -213,7 +172,7 @@ def prepare(
             "per_class": {str(k): v for k, v in sorted(per_class.items())},
             "padded_edge_patches": summary.padded,
             "files_seen": summary.files_seen,
-            "duplicates_dropped": duplicates,
+            "duplicates_dropped": summary.duplicates,
             "rejects": len(rejects),
             "conflicts": len(conflicts),
             "source": str(source.resolve()),
@@ -226,14 +185,13 @@ def prepare(
     return summary
 
 
-def _compact(path: Path, patches: np.memmap, filled: list[int]) -> np.memmap:
-    """Drop the slots whose every copy was rejected, streaming to keep memory flat."""
+def _truncate(path: Path, patches: np.memmap, count: int) -> np.memmap:
+    """Keep the first `count` patches (fewer than listed: every copy of some was rejected),
+    streaming to keep memory flat."""
     compacted_path = path.with_name("compacted-" + path.name)
-    compacted = np.lib.format.open_memmap(
-        compacted_path, mode="w+", dtype=np.uint8, shape=(len(filled), *patches.shape[1:])
-    )
-    for start in range(0, len(filled), 4096):
-        compacted[start : start + 4096] = patches[filled[start : start + 4096]]
+    compacted = np.lib.format.open_memmap(compacted_path, mode="w+", dtype=np.uint8, shape=(count, *patches.shape[1:]))
+    for start in range(0, count, 4096):
+        compacted[start : start + 4096] = patches[start : min(start + 4096, count)]
     compacted.flush()
     del patches
     os.replace(compacted_path, path)

@@ -26,11 +26,21 @@ class PatchName:
 
     @property
     def column(self) -> int:
-        return (self.x - COORD_ORIGIN) // GRID_STEP
+        return grid_index(self.x)
 
     @property
     def row(self) -> int:
-        return (self.y - COORD_ORIGIN) // GRID_STEP
+        return grid_index(self.y)
+
+
+def grid_index(coordinate):
+    """The grid column (of an x) or row (of a y): the one place the 1-based, 50-px grid is
+    turned into cells. Works on ints and on numpy arrays alike."""
+    return (coordinate - COORD_ORIGIN) // GRID_STEP
+
+
+def on_grid(coordinate: int) -> bool:
+    return coordinate >= COORD_ORIGIN and (coordinate - COORD_ORIGIN) % GRID_STEP == 0
 
 
 def parse_patch_name(file_name: str) -> PatchName | None:

@@ -1,7 +1,7 @@
 """Reading single patch files: finding them, checking their names and decoding their pixels.
 
 Every check returns a reason a person can act on, so a bad file is reported, never
-silently dropped. `prepare` uses these now; prediction on loose folders will too.
+silently dropped. `sources.FileSource` is their one user.
 """
 
 from __future__ import annotations
@@ -19,12 +19,11 @@ from PIL import Image, UnidentifiedImageError
 
 from histoscreen.constants import (
     BACKGROUND_RGB,
-    COORD_ORIGIN,
     GRID_STEP,
     PATCH_NAME_HINT,
     PATCH_SIZE,
 )
-from histoscreen.data.naming import PatchName, parse_patch_name
+from histoscreen.data.naming import PatchName, on_grid, parse_patch_name
 
 _MODE_DESCRIPTIONS = {
     "1": "1-bit black and white",
@@ -70,7 +69,7 @@ def check_name(path: Path) -> tuple[PatchName | None, str | None]:
     if name is None:
         return None, f"name does not match {PATCH_NAME_HINT}"
     for axis, value in (("x", name.x), ("y", name.y)):
-        if (value - COORD_ORIGIN) % GRID_STEP:
+        if not on_grid(value):
             return None, f"{axis}={value} is not on the {GRID_STEP}-px grid (1, 51, 101, ...)"
     label_folder = path.parent.name
     if label_folder in ("0", "1"):

@@ -17,10 +17,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from histoscreen import HistoscreenError
+from histoscreen.errors import InputError, SettingError
 from histoscreen.data.naming import patient_sort_key
 
 SPLIT_NAMES = ("train", "val", "test")
+SPLIT_SCHEMES = ("official", "kfold", "csv")
 
 
 @dataclass(frozen=True)
@@ -37,13 +38,13 @@ class PatientSplit:
             shared = getattr(self, first) & getattr(self, second)
             if shared:
                 listed = ", ".join(sorted(shared, key=patient_sort_key)[:10])
-                raise HistoscreenError(
+                raise InputError(
                     f"split {self.name!r}: {len(shared)} patients are in both {first} and {second}: {listed}"
                 )
 
     def patients(self, split: str) -> frozenset[str]:
         if split not in SPLIT_NAMES:
-            raise HistoscreenError(f"unknown split {split!r}; expected one of {', '.join(SPLIT_NAMES)}")
+            raise SettingError("split", f"{split!r} is not one of {', '.join(SPLIT_NAMES)}")
         return getattr(self, split)
 
     def split_of(self, patient: str) -> str | None:
@@ -91,11 +92,11 @@ def kfold_splits(
     official test patients) takes patients out of every round.
     """
     if folds < 2:
-        raise HistoscreenError(f"folds must be at least 2, got {folds}")
+        raise SettingError("folds", f"must be at least 2, got {folds}")
     excluded = set(exclude)
     table = patient_table[~patient_table["patient"].isin(excluded)]
     if len(table) < folds:
-        raise HistoscreenError(f"{folds} folds need at least {folds} patients; only {len(table)} available")
+        raise InputError(f"{folds} folds need at least {folds} patients; only {len(table)} available")
     rng = np.random.default_rng(seed)
     shuffled = table.iloc[rng.permutation(len(table))]
     fraction = shuffled["idc_patches"].to_numpy() / np.maximum(shuffled["patches"].to_numpy(), 1)
@@ -116,47 +117,59 @@ def csv_split(path: str | os.PathLike) -> PatientSplit:
     """A user's split: a CSV with columns patient and split (train, val or test)."""
     path = Path(path)
     if not path.is_file():
-        raise HistoscreenError(f"{path}: no such split file")
+        raise InputError(f"{path}: no such split file")
     members: dict[str, set[str]] = {s: set() for s in SPLIT_NAMES}
     with open(path, newline="") as handle:
         reader = csv.DictReader(handle)
         if reader.fieldnames is None or not {"patient", "split"} <= set(reader.fieldnames):
-            raise HistoscreenError(f"{path}: needs a header with columns 'patient' and 'split'")
+            raise InputError(f"{path}: needs a header with columns 'patient' and 'split'")
         for line, row in enumerate(reader, start=2):
             patient, split = (row["patient"] or "").strip(), (row["split"] or "").strip().lower()
             if not patient:
-                raise HistoscreenError(f"{path}, line {line}: empty patient id")
+                raise InputError(f"{path}, line {line}: empty patient id")
             if split not in members:
-                raise HistoscreenError(
+                raise InputError(
                     f"{path}, line {line}: split {row['split']!r} is not one of {', '.join(SPLIT_NAMES)}"
                 )
             members[split].add(patient)
     return PatientSplit(*(frozenset(members[s]) for s in SPLIT_NAMES), name=path.name)
 
 
-def resolve_split(
-    patient_table: pd.DataFrame,
-    scheme: str = "official",
-    *,
-    extra_to_train: bool = False,
-    folds: int = 5,
-    fold: int = 1,
-    seed: int = 0,
-    csv_path: str | os.PathLike | None = None,
-) -> PatientSplit:
-    """One split of a store's patients, by name: the CLI and training share this.
+@dataclass(frozen=True)
+class SplitSpec:
+    """Which patient split to use, by name: the one description train, calibrate, evaluate
+    and splits share.
 
-    scheme: 'official', 'kfold' (round `fold` of `folds`, 1-based) or 'csv' (`csv_path`).
+    scheme: 'official' (the published lists; `extra_to_train` adds unlisted patients to
+    train), 'kfold' (round `fold` of `folds`, 1-based, fold assignment seeded by `seed`;
+    the official test patients are always left out) or 'csv' (`csv_path`).
     """
-    present = patient_table["patient"].tolist()
-    if scheme == "official":
-        return official_split(present, extra_to_train=extra_to_train)
-    if scheme == "kfold":
-        if not 1 <= fold <= folds:
-            raise HistoscreenError(f"fold must be between 1 and {folds}, got {fold}")
-        return kfold_splits(patient_table, folds, seed=seed, exclude=official_lists()["test"])[fold - 1]
-    if scheme == "csv":
-        if csv_path is None:
-            raise HistoscreenError("the csv split scheme needs a CSV file (--split-csv)")
-        return csv_split(csv_path)
-    raise HistoscreenError(f"unknown split scheme {scheme!r}; expected official, kfold or csv")
+
+    scheme: str = "official"
+    folds: int = 5
+    fold: int = 1
+    seed: int = 0
+    csv_path: str | None = None
+    extra_to_train: bool = False
+
+    def __post_init__(self) -> None:
+        if self.scheme not in SPLIT_SCHEMES:
+            raise SettingError("split_scheme", f"{self.scheme!r} is not one of {', '.join(SPLIT_SCHEMES)}")
+        if self.scheme == "kfold":
+            if self.folds < 2:
+                raise SettingError("folds", f"must be at least 2, got {self.folds}")
+            if not 1 <= self.fold <= self.folds:
+                raise SettingError("fold", f"must be between 1 and {self.folds}, got {self.fold}")
+        if self.scheme == "csv" and self.csv_path is None:
+            raise SettingError("split_csv", "is needed by the csv split scheme: a CSV file with columns patient,split")
+
+    def resolve(self, patient_table: pd.DataFrame) -> PatientSplit:
+        """This split of the patients of `patient_table` (see PatchStore.patient_table)."""
+        if self.scheme == "official":
+            return official_split(patient_table["patient"].tolist(), extra_to_train=self.extra_to_train)
+        if self.scheme == "kfold":
+            return self.kfold_rounds(patient_table)[self.fold - 1]
+        return csv_split(self.csv_path)
+
+    def kfold_rounds(self, patient_table: pd.DataFrame) -> list[PatientSplit]:
+        return kfold_splits(patient_table, self.folds, seed=self.seed, exclude=official_lists()["test"])

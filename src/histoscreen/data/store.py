@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from histoscreen import HistoscreenError
+from histoscreen.errors import InputError
 from histoscreen.constants import PATCH_SIZE
 from histoscreen.data.naming import patient_sort_key
 
@@ -39,30 +39,30 @@ class PatchStore:
         self.path = Path(path)
         manifest_path = self.path / MANIFEST_FILE
         if not manifest_path.is_file():
-            raise HistoscreenError(f"{self.path}: not a patch store (no {MANIFEST_FILE}; run 'histoscreen prepare')")
+            raise InputError(f"{self.path}: not a patch store (no {MANIFEST_FILE}; run 'histoscreen prepare')")
         try:
             self.manifest = json.loads(manifest_path.read_text())
         except json.JSONDecodeError as error:
-            raise HistoscreenError(f"{manifest_path}: unreadable ({error})") from None
+            raise InputError(f"{manifest_path}: unreadable ({error})") from None
         if self.manifest.get("format") != STORE_FORMAT or self.manifest.get("version") != STORE_VERSION:
-            raise HistoscreenError(
+            raise InputError(
                 f"{manifest_path}: store format {self.manifest.get('format')!r} version "
                 f"{self.manifest.get('version')!r} is not {STORE_FORMAT!r} version {STORE_VERSION}"
             )
         for name in (PATCHES_FILE, INDEX_FILE):
             if not (self.path / name).is_file():
-                raise HistoscreenError(f"{self.path}: store is missing {name}")
+                raise InputError(f"{self.path}: store is missing {name}")
         self.patches: np.ndarray = np.load(self.path / PATCHES_FILE, mmap_mode="r", allow_pickle=False)
         self.index: pd.DataFrame = pd.read_parquet(self.path / INDEX_FILE)
         expected_shape = (len(self.index), PATCH_SIZE, PATCH_SIZE, 3)
         if self.patches.shape != expected_shape or self.patches.dtype != np.uint8:
-            raise HistoscreenError(
+            raise InputError(
                 f"{self.path}: {PATCHES_FILE} holds {self.patches.dtype} {self.patches.shape}, "
                 f"expected uint8 {expected_shape} to match {INDEX_FILE}"
             )
         missing = set(INDEX_COLUMNS) - set(self.index.columns)
         if missing:
-            raise HistoscreenError(f"{self.path}: {INDEX_FILE} lacks columns {sorted(missing)}")
+            raise InputError(f"{self.path}: {INDEX_FILE} lacks columns {sorted(missing)}")
 
     def __len__(self) -> int:
         return len(self.index)

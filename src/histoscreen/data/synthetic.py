@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from histoscreen import HistoscreenError
+from histoscreen.errors import SettingError
 from histoscreen.atomic import atomic_folder
 from histoscreen.constants import (
     COORD_ORIGIN,
@@ -82,7 +82,7 @@ def generate_slide(patient_index: int, seed: int, *, idc_fraction: float | None 
         # this pixel share per slide gives about 28% IDC patches, as in the real set.
         idc_fraction = float(rng.uniform(0.14, 0.54))
     if not 0.0 <= idc_fraction <= 1.0:
-        raise HistoscreenError(f"idc_fraction must be between 0 and 1, got {idc_fraction}")
+        raise SettingError("idc_fraction", f"must be between 0 and 1, got {idc_fraction}")
 
     ramp = np.linspace(-0.4, 0.8, width, dtype=np.float32)[None, :]
     tissue_field = _smooth_field(rng, height, width, cell=180) + ramp
@@ -147,9 +147,9 @@ def synthesize(
     the Kaggle archive repeats itself.
     """
     if patients < 1:
-        raise HistoscreenError(f"patients must be at least 1, got {patients}")
+        raise SettingError("patients", f"must be at least 1, got {patients}")
     if idc_fractions is not None and len(idc_fractions) != patients:
-        raise HistoscreenError(f"idc_fractions has {len(idc_fractions)} values for {patients} patients")
+        raise SettingError("idc_fractions", f"has {len(idc_fractions)} values for {patients} patients")
     summaries = []
     with atomic_folder(Path(out), overwrite=overwrite) as partial:
         roots = [partial, partial / KAGGLE_DUPLICATE_FOLDER] if doubled else [partial]

@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 from torch import nn
 
-from histoscreen import HistoscreenError
+from histoscreen.errors import SettingError
 
 _FACTORIES: dict[str, Callable[..., nn.Module]] = {}
 
@@ -20,7 +20,7 @@ def register_model(factory: Callable[..., nn.Module]) -> Callable[..., nn.Module
 def create_model(name: str, **kwargs) -> nn.Module:
     """Build a registered architecture. Every model maps N x 3 x 50 x 50 to N IDC logits."""
     if name not in _FACTORIES:
-        raise HistoscreenError(f"unknown model {name!r}; available: {', '.join(list_models())}")
+        raise SettingError("architecture", f"{name!r} is not a known model; available: {', '.join(list_models())}")
     return _FACTORIES[name](**kwargs)
 
 

@@ -1,4 +1,4 @@
-"""The one batched forward pass every stage uses: training's validation, evaluation,
+"""The one batched torch forward pass every stage uses: training's validation, calibration,
 prediction and screening. uint8 patches in, IDC logits out."""
 
 from __future__ import annotations
@@ -7,12 +7,6 @@ import numpy as np
 import torch
 
 from histoscreen.data.transforms import DIHEDRAL_VIEWS, Normalisation, dihedral, to_model_input
-
-
-def pick_device(requested: str = "auto") -> torch.device:
-    if requested == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(requested)
 
 
 @torch.inference_mode()

@@ -1,5 +1,10 @@
 """What a pathologist reads off a slide's probability map: tumour burden, connected IDC
-regions, uncertain patches, the triage order, and region outlines for QuPath."""
+regions, uncertain patches, the triage order, and region outlines for QuPath.
+
+A slide's patches are laid on a grid of cells (one per 50-px patch). The grid spans only
+the cells between the first and last patch present, so a slide cut far from its origin
+costs no memory for the empty margin.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +12,52 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from histoscreen.constants import GRID_STEP
+from histoscreen.constants import BACKGROUND_RGB, COORD_ORIGIN, GRID_STEP
+from histoscreen.data.sources import PatchBatch
+
+
+@dataclass(frozen=True)
+class SlideGrid:
+    """The cells of one slide's patches: `columns` and `rows` count from `origin`, the
+    top-left cell present, in grid steps."""
+
+    columns: np.ndarray
+    rows: np.ndarray
+    origin: tuple[int, int]  # (column, row) of the slide's top-left patch
+    shape: tuple[int, int]  # rows x columns
+
+    @classmethod
+    def of(cls, slide: PatchBatch) -> SlideGrid:
+        columns, rows = slide.columns, slide.rows
+        first_column, first_row = int(columns.min()), int(rows.min())
+        columns, rows = columns - first_column, rows - first_row
+        return cls(columns, rows, (first_column, first_row), (int(rows.max()) + 1, int(columns.max()) + 1))
+
+    def layout(self, values: np.ndarray, empty: float = np.nan) -> np.ndarray:
+        """Per-patch values laid out on the grid (rows x columns); `empty` elsewhere."""
+        layout = np.full(self.shape, empty, dtype=np.float64)
+        layout[self.rows, self.columns] = values
+        return layout
+
+    @property
+    def pixel_origin(self) -> tuple[int, int]:
+        """Slide pixel (x, y) of the grid's top-left corner."""
+        return self.origin[0] * GRID_STEP, self.origin[1] * GRID_STEP
+
+
+def build_mosaic(slide: PatchBatch, grid: SlideGrid | None = None) -> np.ndarray:
+    """The slide as one RGB image over its grid: every patch at its place, background where
+    none was cut."""
+    grid = grid or SlideGrid.of(slide)
+    left, top = grid.pixel_origin
+    height = int((slide.ys - COORD_ORIGIN - top + slide.heights).max())
+    width = int((slide.xs - COORD_ORIGIN - left + slide.widths).max())
+    mosaic = np.empty((height, width, 3), dtype=np.uint8)
+    mosaic[:] = BACKGROUND_RGB
+    for pixels, x, y, w, h in zip(slide.pixels, slide.xs, slide.ys, slide.widths, slide.heights):
+        y0, x0 = y - COORD_ORIGIN - top, x - COORD_ORIGIN - left
+        mosaic[y0 : y0 + h, x0 : x0 + w] = pixels[:h, :w]
+    return mosaic
 
 # A patch whose calibrated probability lies this close to the threshold is shown to a
 # person rather than trusted either way.
@@ -131,19 +181,21 @@ def rank_slides(summaries: list[SlideSummary]) -> list[SlideSummary]:
     return ordered
 
 
-def region_polygons(mask: np.ndarray, cell: int = GRID_STEP) -> list[list[list[tuple[int, int]]]]:
+def region_polygons(
+    mask: np.ndarray, cell: int = GRID_STEP, origin: tuple[int, int] = (0, 0)
+) -> list[list[list[tuple[int, int]]]]:
     """Outlines of the 4-connected regions of `mask`, in slide pixel coordinates.
 
     One polygon per region: its outer ring first, then its holes; each ring closed (first
-    point repeated). Cell (row, column) covers pixels [column*cell, (column+1)*cell) x
-    [row*cell, (row+1)*cell).
+    point repeated). Cell (row, column) covers pixels [x0 + column*cell, x0 + (column+1)*cell)
+    x [y0 + row*cell, y0 + (row+1)*cell), with (x0, y0) = `origin`.
     """
     labels, count = connected_regions(mask)
     polygons = []
     for region in range(1, count + 1):
         rings = _trace_rings(labels == region)
         rings.sort(key=lambda ring: -abs(_signed_area(ring)))  # the outer ring encloses the most
-        polygons.append([[(int(x) * cell, int(y) * cell) for x, y in ring] for ring in rings])
+        polygons.append([[(origin[0] + int(x) * cell, origin[1] + int(y) * cell) for x, y in ring] for ring in rings])
     return polygons
 
 
@@ -199,12 +251,13 @@ def _signed_area(ring: list[tuple[int, int]]) -> float:
     return 0.5 * sum(x0 * y1 - x1 * y0 for (x0, y0), (x1, y1) in zip(ring, ring[1:]))
 
 
-def regions_geojson(mask: np.ndarray, probability_grid: np.ndarray, patient: str) -> dict:
+def regions_geojson(mask: np.ndarray, probability_grid: np.ndarray, patient: str, origin: tuple[int, int] = (0, 0)) -> dict:
     """IDC regions as a GeoJSON FeatureCollection of polygons in slide pixel coordinates
-    (x to the right, y down, origin at the slide's top-left), as QuPath imports them."""
+    (x to the right, y down, origin at the slide's top-left), as QuPath imports them.
+    `origin` is the slide pixel of the grid's top-left corner (SlideGrid.pixel_origin)."""
     labels, _ = connected_regions(mask)
     features = []
-    for number, rings in enumerate(region_polygons(mask), start=1):
+    for number, rings in enumerate(region_polygons(mask, origin=origin), start=1):
         inside = labels == number
         features.append(
             {

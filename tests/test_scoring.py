@@ -9,7 +9,7 @@ import pytest
 from sklearn import metrics as sk
 from sklearn.linear_model import LogisticRegression
 
-from histoscreen.evaluation import (
+from histoscreen.scoring import (
     bootstrap_by_patient,
     choose_threshold,
     classification_metrics,

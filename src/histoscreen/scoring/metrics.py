@@ -1,7 +1,9 @@
-"""Metrics, threshold choice, temperature calibration, patient bootstrap and plots.
+"""Metrics: confusion counts, ROC, precision-recall, calibration error, patient bootstrap.
 
 Metric functions are pure: arrays in (labels 0/1, IDC probabilities or scores), numbers
-out. An undefined value (sensitivity without positives, AUC with one class) is NaN.
+out. An undefined value (sensitivity without positives, AUC with one class) is NaN. The
+public ones check their arrays first (as scikit-learn's check_consistent_length does), so a
+mistake is a message naming the argument, not a numpy broadcast error.
 """
 
 from __future__ import annotations
@@ -11,6 +13,34 @@ from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
+
+from histoscreen.errors import ArgumentError
+
+
+def check_labels_and_scores(labels, scores, *, scores_name: str = "probabilities") -> tuple[np.ndarray, np.ndarray]:
+    """(labels as int 0/1, scores as float64), both 1-D and of one length, or an ArgumentError.
+
+    >>> check_labels_and_scores([0, 1, 1], [0.2, 0.9])
+    Traceback (most recent call last):
+    ...
+    histoscreen.errors.ArgumentError: labels has 3 values but probabilities has 2
+    """
+    labels, scores = np.asarray(labels), np.asarray(scores)
+    for name, values in (("labels", labels), (scores_name, scores)):
+        if values.ndim != 1:
+            raise ArgumentError(f"{name} must be one-dimensional, got shape {values.shape}")
+    if len(labels) != len(scores):
+        raise ArgumentError(f"labels has {len(labels)} values but {scores_name} has {len(scores)}")
+    if labels.dtype == bool:
+        labels = labels.astype(int)
+    if labels.size and (labels.dtype.kind not in "iuf" or not np.isin(labels, (0, 1)).all()):
+        raise ArgumentError(f"labels must be 0 (non-IDC) or 1 (IDC), got values {np.unique(labels)[:5].tolist()}")
+    if scores.dtype.kind not in "iuf":
+        raise ArgumentError(f"{scores_name} must be numbers, got dtype {scores.dtype}")
+    scores = scores.astype(np.float64)
+    if not np.isfinite(scores).all():
+        raise ArgumentError(f"{scores_name} holds {int((~np.isfinite(scores)).sum())} values that are not finite numbers")
+    return labels.astype(int), scores
 
 
 def confusion_counts(labels: np.ndarray, predicted: np.ndarray) -> tuple[int, int, int, int]:
@@ -91,9 +121,12 @@ def expected_calibration_error(labels: np.ndarray, probabilities: np.ndarray, bi
 
 def classification_metrics(labels: np.ndarray, probabilities: np.ndarray, threshold: float = 0.5) -> dict:
     """Accuracy, balanced accuracy, sensitivity, specificity, precision, F1, ROC-AUC, PR-AUC,
-    Brier score, ECE and the confusion counts, at `threshold`."""
-    labels = np.asarray(labels).astype(int)
-    probabilities = np.asarray(probabilities, dtype=np.float64)
+    Brier score, ECE and the confusion counts, at `threshold`.
+
+    >>> classification_metrics([0, 0, 1, 1], [0.1, 0.6, 0.7, 0.9], 0.5)["accuracy"]
+    0.75
+    """
+    labels, probabilities = check_labels_and_scores(labels, probabilities)
     tn, fp, fn, tp = confusion_counts(labels, probabilities >= threshold)
     sensitivity = _ratio(tp, tp + fn)
     specificity = _ratio(tn, tn + fp)
@@ -117,63 +150,6 @@ def classification_metrics(labels: np.ndarray, probabilities: np.ndarray, thresh
         "patches": int(len(labels)),
         "threshold": float(threshold),
     }
-
-
-def choose_threshold(labels: np.ndarray, probabilities: np.ndarray, min_sensitivity: float | None = None) -> float:
-    """The threshold with the best balanced accuracy, or, with `min_sensitivity`, the
-    highest-specificity threshold whose sensitivity is at least that.
-
-    The threshold returned sits halfway between two neighbouring distinct scores, so it
-    does not hinge on one patch's exact value.
-    """
-    labels, probabilities = np.asarray(labels).astype(bool), np.asarray(probabilities, dtype=np.float64)
-    if labels.all() or not labels.any():
-        return 0.5
-    fpr, tpr, thresholds = roc_curve(labels, probabilities)
-    fpr, tpr, thresholds = fpr[1:], tpr[1:], thresholds[1:]
-    if min_sensitivity is None:
-        best = int(np.argmax(tpr + (1 - fpr)))
-    else:
-        allowed = np.flatnonzero(tpr >= min_sensitivity)
-        best = int(allowed[np.argmin(fpr[allowed])])
-    lower = thresholds[best + 1] if best + 1 < len(thresholds) else 0.0
-    return float((thresholds[best] + lower) / 2)
-
-
-def fit_calibration(labels: np.ndarray, logits: np.ndarray) -> tuple[float, float]:
-    """Temperature T and bias b minimising the log-loss of sigmoid(logit / T + b).
-
-    Temperature scaling (Guo et al. 2017) with a bias term, i.e. Platt scaling: a
-    class-weighted loss shifts every logit by log(pos_weight), which a temperature alone
-    cannot undo. Fitted by Newton's method on the two parameters.
-    """
-    labels, logits = np.asarray(labels, dtype=np.float64), np.asarray(logits, dtype=np.float64)
-    if labels.all() or not labels.any():
-        return 1.0, 0.0
-    features = np.stack([logits, np.ones_like(logits)], axis=1)
-
-    def log_loss(weights: np.ndarray) -> float:
-        scaled = features @ weights
-        return float(np.mean(np.logaddexp(0, scaled) - labels * scaled))
-
-    weights = np.array([1.0, 0.0])
-    loss = log_loss(weights)
-    for _ in range(100):
-        probabilities = sigmoid(features @ weights)
-        gradient = features.T @ (probabilities - labels) / len(labels)
-        curvature = features.T @ (features * (probabilities * (1 - probabilities))[:, None]) / len(labels)
-        step = np.linalg.solve(curvature + 1e-9 * np.eye(2), gradient)
-        # Newton steps overshoot from far away; halve until the loss goes down.
-        scale = 1.0
-        while scale > 1e-6 and log_loss(weights - scale * step) > loss:
-            scale /= 2
-        weights = weights - scale * step
-        new_loss = log_loss(weights)
-        if loss - new_loss < 1e-12:
-            break
-        loss = new_loss
-    slope = max(float(weights[0]), 1e-3)  # a model that ranks patches the wrong way round is not rescued here
-    return 1.0 / slope, float(weights[1])
 
 
 def sigmoid(values: np.ndarray) -> np.ndarray:
@@ -202,7 +178,11 @@ def bootstrap_by_patient(
     Patches of one patient are correlated, so resampling patches would give intervals that
     are far too narrow; the patient is the unit of independent evidence.
     """
-    labels, probabilities = np.asarray(labels), np.asarray(probabilities)
+    labels, probabilities = check_labels_and_scores(labels, probabilities)
+    if len(patients) != len(labels):
+        raise ArgumentError(f"labels has {len(labels)} values but patients has {len(patients)}")
+    if rounds < 1:
+        raise ArgumentError(f"rounds must be at least 1, got {rounds}")
     groups = [np.flatnonzero(np.asarray(patients) == p) for p in pd.unique(np.asarray(patients))]
     rng = np.random.default_rng(seed)
     names = ("accuracy", "balanced_accuracy", "sensitivity", "specificity", "precision", "f1", "roc_auc", "pr_auc")
@@ -250,83 +230,3 @@ def reliability_bins(labels: np.ndarray, probabilities: np.ndarray, bins: int = 
     return table.reset_index()
 
 
-def write_plots(
-    labels: np.ndarray,
-    probabilities: np.ndarray,
-    threshold: float,
-    out_dir,
-    *,
-    title: str,
-    history: list[dict] | None = None,
-) -> list[str]:
-    """ROC, precision-recall, confusion matrix, calibration and (given a history) training
-    curves as PNG files in `out_dir`; returns their file names."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from pathlib import Path
-
-    out_dir = Path(out_dir)
-    labels, probabilities = np.asarray(labels).astype(int), np.asarray(probabilities, dtype=np.float64)
-    metrics = classification_metrics(labels, probabilities, threshold)
-    written = []
-
-    def save(figure, name: str) -> None:
-        figure.tight_layout()
-        figure.savefig(out_dir / name, dpi=110)
-        plt.close(figure)
-        written.append(name)
-
-    fpr, tpr, thresholds = roc_curve(labels, probabilities)
-    figure, axes = plt.subplots(figsize=(4.8, 4.5))
-    axes.plot(fpr, tpr, color="#1f77b4", label=f"AUC {metrics['roc_auc']:.3f}")
-    axes.plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=1)
-    axes.scatter([1 - metrics["specificity"]], [metrics["sensitivity"]], color="#d62728", zorder=3, label=f"threshold {threshold:.3f}")
-    axes.set(xlabel="1 - specificity (non-IDC called IDC)", ylabel="sensitivity (IDC recall)", title=f"ROC: {title}")
-    axes.legend(loc="lower right")
-    save(figure, "roc.png")
-
-    order = np.argsort(-probabilities, kind="mergesort")
-    hits = np.cumsum(labels[order])
-    precision = hits / np.arange(1, len(labels) + 1)
-    recall = hits / max(labels.sum(), 1)
-    figure, axes = plt.subplots(figsize=(4.8, 4.5))
-    axes.plot(recall, precision, color="#1f77b4", label=f"AP {metrics['pr_auc']:.3f}")
-    axes.axhline(labels.mean(), color="grey", linestyle=":", linewidth=1, label="prevalence")
-    axes.set(xlabel="recall (sensitivity)", ylabel="precision", ylim=(0, 1.02), title=f"Precision-recall: {title}")
-    axes.legend(loc="lower left")
-    save(figure, "pr.png")
-
-    matrix = np.array([[metrics["tn"], metrics["fp"]], [metrics["fn"], metrics["tp"]]])
-    figure, axes = plt.subplots(figsize=(4.2, 3.8))
-    axes.imshow(matrix / matrix.sum(axis=1, keepdims=True).clip(min=1), cmap="Blues", vmin=0, vmax=1)
-    for (row, column), count in np.ndenumerate(matrix):
-        share = count / max(matrix[row].sum(), 1)
-        axes.text(column, row, f"{count:,}\n{share:.1%}", ha="center", va="center", color="white" if share > 0.5 else "black")
-    axes.set(xticks=[0, 1], yticks=[0, 1], xticklabels=["non-IDC", "IDC"], yticklabels=["non-IDC", "IDC"])
-    axes.set(xlabel="predicted", ylabel="true", title=f"Confusion at {threshold:.3f}")
-    save(figure, "confusion.png")
-
-    table = reliability_bins(labels, probabilities)
-    figure, axes = plt.subplots(figsize=(4.8, 4.5))
-    axes.plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=1)
-    axes.plot(table["mean_prob"], table["idc_rate"], marker="o", color="#1f77b4", label=f"ECE {metrics['ece']:.3f}")
-    axes.set(xlabel="predicted IDC probability", ylabel="observed IDC rate", xlim=(0, 1), ylim=(0, 1), title=f"Calibration: {title}")
-    axes.legend(loc="upper left")
-    save(figure, "calibration.png")
-
-    if history:
-        epochs = [h["epoch"] for h in history]
-        figure, (loss_axes, score_axes) = plt.subplots(1, 2, figsize=(9, 3.8))
-        loss_axes.plot(epochs, [h["train_loss"] for h in history], label="train loss (weighted)")
-        loss_axes.plot(epochs, [h["val_loss"] for h in history], label="val loss")
-        loss_axes.set(xlabel="epoch", title="Loss")
-        loss_axes.legend()
-        for key, label in (("val_best_balanced_accuracy", "val balanced accuracy"), ("val_auc", "val ROC-AUC")):
-            score_axes.plot(epochs, [h[key] for h in history], label=label)
-        score_axes.set(xlabel="epoch", title="Validation (val patients)")
-        score_axes.legend()
-        save(figure, "training_curves.png")
-    return written

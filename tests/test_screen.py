@@ -11,20 +11,21 @@ import numpy as np
 import pytest
 
 from histoscreen.data import generate_slide, synthesize
-from histoscreen.inference import predict
-from histoscreen.screening import build_mosaic, find_slides, rank_slides, region_polygons, screen, summarise_slide
+from histoscreen.data import open_sources
+from histoscreen.tasks.slides import build_mosaic, rank_slides, region_polygons, summarise_slide
+from conftest import predict_to_csv, screen_to
 
 CHROMIUM = Path("/usr/bin/chromium")
 
 
 def test_a_rebuilt_slide_equals_the_drawn_slide(tmp_path):
     synthesize(tmp_path / "slides", patients=2, seed=8, doubled=True)
-    errors = []
-    sources = find_slides(tmp_path / "slides", errors)
-    assert [s.patient for s in sources] == ["900000", "900001"] and errors == []
-    for index, source in enumerate(sources):
-        slide = source.load(errors)
+    [source] = open_sources([tmp_path / "slides"])
+    assert source.slide_ids() == ["900000", "900001"] and source.problems == []
+    for index, slide_id in enumerate(source.slide_ids()):
+        slide = source.read_slide(slide_id)
         drawn = generate_slide(index, seed=8)
+        assert slide.columns.min() == 0 and slide.rows.min() == 0  # the grid starts at the slide's origin
         mosaic = build_mosaic(slide)
         covered = np.zeros(drawn.tissue.shape, dtype=bool)
         for x, y, w, h in zip(slide.xs, slide.ys, slide.widths, slide.heights):
@@ -105,7 +106,7 @@ def screened_batch(tiny_model, tmp_path_factory):
     victim = sorted((root / "input" / "900020").rglob("*.png"))[7]
     victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
     (root / "input" / "900077" / "0").mkdir(parents=True)
-    result = screen(root / "input", root / "report", model=tiny_model, um_per_px=0.25)
+    result = screen_to(root / "input", root / "report", model=tiny_model, um_per_px=0.25)
     return result, root / "report", victim
 
 
@@ -172,7 +173,7 @@ def test_screening_uses_slide_context_by_default_and_predict_agrees(screened_bat
     assert settings["context"] is True and settings["context_settings"]["radius"] >= 1
     assert "with slide context" in (report / "index.html").read_text()
     slide = result.slides[0].patient
-    predict([victim.parents[2] / slide], tmp_path / "preds.csv", model=tiny_model, context=True)
+    predict_to_csv([victim.parents[2] / slide], tmp_path / "preds.csv", model=tiny_model, context=True)
     expected = probabilities_by_position(tmp_path / "preds.csv")
     screened = probabilities_by_position(report / "slides" / slide / "patches.csv")
     assert screened.keys() == expected.keys()
@@ -181,8 +182,8 @@ def test_screening_uses_slide_context_by_default_and_predict_agrees(screened_bat
 
 def test_no_context_judges_each_patch_alone(tiny_model, tmp_path):
     synthesize(tmp_path / "input", patients=1, seed=5, first_index=30)
-    screen(tmp_path / "input", tmp_path / "report", model=tiny_model, context=False)
-    predict([tmp_path / "input"], tmp_path / "preds.csv", model=tiny_model)
+    screen_to(tmp_path / "input", tmp_path / "report", model=tiny_model, context=False)
+    predict_to_csv([tmp_path / "input"], tmp_path / "preds.csv", model=tiny_model)
     settings = json.loads((tmp_path / "report" / "slides.json").read_text())["settings"]
     assert settings["context"] is False and "context_settings" not in settings
     expected = probabilities_by_position(tmp_path / "preds.csv")

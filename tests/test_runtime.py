@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 
 import numpy as np
@@ -10,13 +11,14 @@ import onnxruntime
 import pytest
 import torch
 
-from histoscreen.backends import export_model
+from histoscreen.runtime import export_model
 from histoscreen.data import PatchStore
 from histoscreen.data.transforms import to_model_input
-from histoscreen.evaluation import sigmoid
-from histoscreen.inference import predict, shipped_model_path
-from histoscreen.models.checkpoint import load_model
-from histoscreen.models.forward import batched_logits
+from histoscreen.scoring import sigmoid
+from histoscreen.models import shipped_model_path
+from conftest import predict_to_csv
+from histoscreen.models import load_model
+from histoscreen.runtime import batched_logits
 
 
 @pytest.mark.parametrize("which", ["shipped", "tiny"])
@@ -30,7 +32,7 @@ def test_onnx_export_round_trip(which, tiny_model, synthetic_store, tmp_path):
     got = session.run(None, {"patches": patches})[0]
     assert np.abs(sigmoid(got) - sigmoid(expected)).max() < 1e-4
     assert np.abs(got - expected).max() < 1e-3
-    assert json.loads((tmp_path / "model.json").read_text())["threshold"] == metadata.threshold
+    assert json.loads((tmp_path / "model.json").read_text())["scoring"]["plain"] == dataclasses.asdict(metadata.scoring.plain)
 
 
 def test_torchscript_export_round_trip_with_wsinfer_config(synthetic_store, tmp_path):
@@ -49,7 +51,7 @@ def test_torchscript_export_round_trip_with_wsinfer_config(synthetic_store, tmp_
     with torch.no_grad():
         two_class = scripted(to_model_input(torch.from_numpy(patches.copy()), metadata.normalisation))
     probabilities = torch.softmax(two_class, dim=1)[:, 1].numpy()
-    expected = sigmoid(batched_logits(model, patches, metadata.normalisation) / metadata.temperature + metadata.bias)
+    expected = sigmoid(metadata.scoring.plain.calibrated(batched_logits(model, patches, metadata.normalisation)))
     assert np.abs(probabilities - expected).max() < 1e-4
 
 
@@ -63,8 +65,8 @@ def test_onnx_backend_gives_the_same_predictions_as_torch(tta, tmp_path):
     from histoscreen.data import synthesize
 
     synthesize(tmp_path / "slides", patients=2, seed=31)
-    predict([tmp_path / "slides"], tmp_path / "torch.csv", tta=tta, backend="torch")
-    predict([tmp_path / "slides"], tmp_path / "onnx.csv", tta=tta, backend="onnx")
+    predict_to_csv([tmp_path / "slides"], tmp_path / "torch.csv", tta=tta, backend="torch")
+    predict_to_csv([tmp_path / "slides"], tmp_path / "onnx.csv", tta=tta, backend="onnx")
     torch_rows, onnx_rows = read_rows(tmp_path / "torch.csv"), read_rows(tmp_path / "onnx.csv")
     assert [r["path"] for r in torch_rows] == [r["path"] for r in onnx_rows] and len(torch_rows) > 100
     assert [r["pred"] for r in torch_rows] == [r["pred"] for r in onnx_rows]

@@ -9,10 +9,12 @@ import numpy as np
 import pytest
 
 from histoscreen.data import PatchStore, synthesize
-from histoscreen.evaluation import sigmoid
-from histoscreen.inference import Predictor, predict, shipped_model_path
-from histoscreen.models.checkpoint import load_model
-from histoscreen.models.forward import batched_logits
+from histoscreen.scoring import sigmoid
+from histoscreen.models import shipped_model_path
+from histoscreen.runtime import Predictor
+from conftest import predict_to_csv
+from histoscreen.models import load_model
+from histoscreen.runtime import batched_logits
 
 
 def read_predictions(path):
@@ -22,13 +24,14 @@ def read_predictions(path):
 
 def test_predict_applies_the_stored_temperature_bias_and_threshold(edited_tiny_model, synthetic_store, tmp_path):
     model_dir = edited_tiny_model(
-        lambda metadata: metadata.update(temperature=2.5, bias=-0.3, threshold=0.4, tta_temperature=0.5, tta_bias=0.2, tta_threshold=0.6)
+        lambda metadata: metadata["scoring"].update(plain=dict(temperature=2.5, bias=-0.3, threshold=0.4),
+                                                    tta=dict(temperature=0.5, bias=0.2, threshold=0.6))
     )
 
     store = PatchStore(synthetic_store)
     model, loaded = load_model(model_dir)
     for tta, (temperature, bias, threshold) in ((False, (2.5, -0.3, 0.4)), (True, (0.5, 0.2, 0.6))):
-        predict([synthetic_store], tmp_path / "preds.csv", model=model_dir, tta=tta, backend="torch")
+        predict_to_csv([synthetic_store], tmp_path / "preds.csv", model=model_dir, tta=tta, backend="torch")
         rows = read_predictions(tmp_path / "preds.csv")
         expected = sigmoid(batched_logits(model, store.patches[:], loaded.normalisation, tta=tta) / temperature + bias)
         got = np.array([float(r["prob_idc"]) for r in rows])
@@ -46,10 +49,10 @@ def test_predict_on_a_folder_with_a_corrupt_file(tiny_model, tmp_path):
     loose.parent.mkdir()
     shutil.copy(files[0], loose)
 
-    summary = predict([tmp_path / "slides", loose], tmp_path / "out" / "preds.csv", model=tiny_model)
+    summary = predict_to_csv([tmp_path / "slides", loose], tmp_path / "out" / "preds.csv", model=tiny_model)
 
     rows = read_predictions(tmp_path / "out" / "preds.csv")
-    assert summary.patches == len(rows) == len(files)  # all but the broken one, plus the loose one
+    assert len(summary.rows) == len(rows) == len(files)  # all but the broken one, plus the loose one
     assert str(broken) not in {r["path"] for r in rows}
     unparsed = next(r for r in rows if r["path"] == str(loose))
     assert (unparsed["patient"], unparsed["x"], unparsed["y"]) == ("", "", "")

@@ -9,42 +9,17 @@ of it (a (2r+1) x (2r+1) window, the patch itself left out):
 
 then recalibrated (temperature, bias) and thresholded. Only patches of the same patient
 are neighbours; a patch whose name gives no position has none. Radius and weight are
-chosen on the val patients, like the threshold (see `training.calibrate`).
+chosen on the val patients, like the threshold (see `scoring.calibration.fit_scoring`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
-
 import numpy as np
 
-from histoscreen.constants import COORD_ORIGIN, GRID_STEP
+from histoscreen.data.sources import SlidePositions
 
 CONTEXT_RADII = (1, 2, 3)
 CONTEXT_WEIGHTS = (0.25, 0.5, 0.7, 0.85)
-
-
-@dataclass(frozen=True)
-class SlidePositions:
-    """Where each patch sits: its patient and grid cell; `known` is False where the name
-    gave no position (such patches have no neighbours)."""
-
-    patients: np.ndarray  # object array of patient ids ("" where unknown)
-    columns: np.ndarray  # int64 grid column, x // GRID_STEP
-    rows: np.ndarray  # int64 grid row
-    known: np.ndarray  # bool
-
-    @classmethod
-    def of(cls, patients: Sequence[str | None], xs: Sequence[int | None], ys: Sequence[int | None]) -> SlidePositions:
-        known = np.array([p is not None and p != "" and x is not None and y is not None for p, x, y in zip(patients, xs, ys)], dtype=bool)
-        columns = np.array([(x - COORD_ORIGIN) // GRID_STEP if k else 0 for x, k in zip(xs, known)], dtype=np.int64)
-        rows = np.array([(y - COORD_ORIGIN) // GRID_STEP if k else 0 for y, k in zip(ys, known)], dtype=np.int64)
-        names = np.array([p if k else "" for p, k in zip(patients, known)], dtype=object)
-        return cls(names, columns, rows, known)
-
-    def __len__(self) -> int:
-        return len(self.known)
 
 
 def neighbour_means(logits: np.ndarray, positions: SlidePositions, radius: int) -> tuple[np.ndarray, np.ndarray]:
@@ -53,7 +28,7 @@ def neighbour_means(logits: np.ndarray, positions: SlidePositions, radius: int) 
     sums = np.zeros(len(logits))
     counts = np.zeros(len(logits))
     known_rows = np.flatnonzero(positions.known)
-    patients = positions.patients[known_rows]
+    patients = positions.slides[known_rows]
     for patient in np.unique(patients):
         members = known_rows[patients == patient]
         columns, rows = positions.columns[members], positions.rows[members]

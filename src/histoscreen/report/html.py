@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from html import escape
 from pathlib import Path
 
-from histoscreen.screening.analysis import SlideSummary
-from histoscreen.screening.slides import ScreeningError
+from histoscreen.data.sources import Problem
+from histoscreen.tasks.slides import SlideSummary
 
 DISCLAIMER = (
     "Screening aid, not a diagnosis. These maps show where a model trained on public data "
@@ -62,7 +61,7 @@ def _region(summary: SlideSummary) -> str:
     return text
 
 
-def write_index(folder: Path, slides: list[SlideSummary], errors: list[ScreeningError], settings: dict) -> None:
+def write_index(folder: Path, slides: list[SlideSummary], errors: list[Problem], settings: dict) -> None:
     labelled = any(s.true_idc_fraction is not None for s in slides)
     header = ["rank", "slide", "thumbnail", "patches", "IDC patches", "burden", "largest region (patches)",
               "mean p", "max p", "flags"]
@@ -89,7 +88,7 @@ def write_index(folder: Path, slides: list[SlideSummary], errors: list[Screening
         rows.append(f'<tr class="slide">{"".join(cells)}</tr>')
     problems = ""
     if errors:
-        items = "".join(f"<li><code>{escape(e.where)}</code>: {escape(e.problem)}</li>" for e in errors[:200])
+        items = "".join(f"<li><code>{escape(e.where)}</code>: {escape(e.reason)}</li>" for e in errors[:200])
         more = f"<p>… and {len(errors) - 200} more in errors.csv</p>" if len(errors) > 200 else ""
         problems = f'<h2>Problems ({len(errors)})</h2><ul id="problems">{items}</ul>{more}'
     body = (
@@ -106,10 +105,9 @@ def write_index(folder: Path, slides: list[SlideSummary], errors: list[Screening
     (folder / "index.html").write_text(_page("IDC screening report", body))
 
 
-def write_slide_page(folder: Path, summary: SlideSummary, settings: dict) -> None:
+def write_slide_page(folder: Path, summary: SlideSummary, settings: dict, gallery: list[dict], has_truth: bool) -> None:
+    """The slide's page; `gallery` lists the explained patches (file, caption)."""
     patient = escape(summary.patient)
-    slide_folder = folder / "slides" / summary.patient
-    gallery = json.loads((slide_folder / "gallery.json").read_text())
     facts = [
         ("rank", f"{summary.rank}"),
         ("patches screened", f"{summary.patches:,}"),
@@ -127,7 +125,7 @@ def write_slide_page(folder: Path, summary: SlideSummary, settings: dict) -> Non
         ]
     table = "".join(f'<tr><th class="left">{escape(k)}</th><td>{escape(v)}</td></tr>' for k, v in facts)
     truth = ""
-    if (slide_folder / "truth.png").exists():
+    if has_truth:
         truth = f'<div><h3>Ground truth</h3><img class="view" src="{patient}/truth.png" alt="ground truth map"></div>'
     figures = "".join(
         f'<figure><img src="{patient}/{escape(item["file"])}" alt="{escape(item["caption"])}">'

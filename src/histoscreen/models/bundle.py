@@ -1,0 +1,347 @@
+"""A model bundle: safetensors weights plus JSON metadata, saved and loaded. Never pickle.
+
+A model is two files side by side: NAME.safetensors (tensors only, no code) and NAME.json
+(architecture, normalisation, the scoring fitted on val patients, provenance). Every
+field of the JSON is checked on load: a NaN or negative temperature, a threshold outside
+(0, 1) or a zero standard deviation would silently turn every call, so such a file is
+refused with one line naming the field.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, field, fields
+from importlib import resources
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save
+
+from histoscreen.atomic import atomic_write_bytes, atomic_write_text, check_output_file
+from histoscreen.constants import KAGGLE_UM_PER_PX
+from histoscreen.data.transforms import Normalisation
+from histoscreen.errors import HistoscreenError, ModelError
+from histoscreen.models.registry import create_model
+
+WEIGHTS_SUFFIX = ".safetensors"
+METADATA_SUFFIX = ".json"
+MODEL_FORMAT = "histoscreen-model"
+MODEL_FORMAT_VERSION = 2
+SHIPPED_MODEL_NAME = "idc-residual"
+
+# How a patch is scored: alone or blended with its neighbours on the slide (context), from
+# one view or the mean of the 8 dihedral views (TTA). Each mode has its own calibration.
+SCORING_MODES = ("plain", "tta", "context_plain", "context_tta")
+
+
+def scoring_mode(*, tta: bool, context: bool) -> str:
+    return ("context_" if context else "") + ("tta" if tta else "plain")
+
+
+def _finite(name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    return float(value)
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """prob_idc = sigmoid(logit / temperature + bias); IDC when prob_idc >= threshold."""
+
+    temperature: float = 1.0
+    bias: float = 0.0
+    threshold: float = 0.5
+
+    def __post_init__(self) -> None:
+        for name in ("temperature", "bias", "threshold"):
+            object.__setattr__(self, name, _finite(name, getattr(self, name)))
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be positive, got {self.temperature}")
+        if not 0 < self.threshold < 1:
+            raise ValueError(f"threshold must lie strictly between 0 and 1, got {self.threshold}")
+
+    def calibrated(self, logits):
+        """Calibrated logits (numpy arrays or floats)."""
+        return logits / self.temperature + self.bias
+
+
+@dataclass(frozen=True)
+class ContextSettings:
+    """Slide context (scoring/context.py): how far to look and how much to trust the neighbours."""
+
+    radius: int
+    weight: float
+
+    def __post_init__(self) -> None:
+        if isinstance(self.radius, bool) or not isinstance(self.radius, int) or not 1 <= self.radius <= 10:
+            raise ValueError(f"radius must be a whole number of grid steps from 1 to 10, got {self.radius!r}")
+        weight = _finite("weight", self.weight)
+        if not 0 <= weight <= 1:
+            raise ValueError(f"weight must lie between 0 and 1, got {weight}")
+        object.__setattr__(self, "weight", weight)
+
+
+@dataclass(frozen=True)
+class Scoring:
+    """Everything fitted on val patients that turns a model's logits into calls."""
+
+    plain: Calibration = Calibration()
+    tta: Calibration = Calibration()
+    context: ContextSettings | None = None
+    context_plain: Calibration | None = None
+    context_tta: Calibration | None = None
+
+    def __post_init__(self) -> None:
+        parts = (self.context, self.context_plain, self.context_tta)
+        if any(p is None for p in parts) and any(p is not None for p in parts):
+            raise ValueError("context, context_plain and context_tta go together: all or none")
+
+    @property
+    def has_context(self) -> bool:
+        return self.context is not None
+
+    def calibration(self, mode: str) -> Calibration:
+        found = getattr(self, mode)
+        if found is None:
+            raise ModelError(f"this model has no {mode} calibration")
+        return found
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, payload: dict) -> Scoring:
+        if not isinstance(payload, dict):
+            raise ValueError(f"scoring must be an object, got {type(payload).__name__}")
+        unknown = set(payload) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ValueError(f"scoring has unknown entries {sorted(unknown)}")
+        parts: dict = {}
+        for name, value in payload.items():
+            if value is None:
+                parts[name] = None
+                continue
+            if not isinstance(value, dict):
+                raise ValueError(f"scoring.{name} must be an object, got {type(value).__name__}")
+            kind = ContextSettings if name == "context" else Calibration
+            try:
+                parts[name] = kind(**value)
+            except TypeError:
+                raise ValueError(f"scoring.{name} has entries {sorted(value)}, expected {[f.name for f in fields(kind)]}") from None
+            except ValueError as error:
+                raise ValueError(f"scoring.{name}.{error}") from None
+        return cls(**parts)
+
+
+@dataclass(frozen=True)
+class Validation:
+    """How the scoring did on the val patients it was fitted on, and how it carries over
+    (leaving one of them out at a time)."""
+
+    threshold_rule: str
+    metrics: dict[str, dict]  # by scoring mode: classification_metrics at the fitted threshold
+    leave_one_patient_out: dict[str, dict] = field(default_factory=dict)  # by "plain"/"tta"
+    split: str | None = None
+    patients: tuple[str, ...] = ()
+    store: str | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, payload: dict) -> Validation:
+        if not isinstance(payload, dict) or not isinstance(payload.get("metrics"), dict):
+            raise ValueError("validation must be an object with metrics by scoring mode")
+        return cls(**{**payload, "patients": tuple(payload.get("patients", ()))})
+
+
+@dataclass
+class ModelMetadata:
+    architecture: str
+    architecture_kwargs: dict
+    normalisation: Normalisation
+    scoring: Scoring = Scoring()
+    class_names: tuple[str, str] = ("non-IDC", "IDC")
+    spacing_um_px: float = KAGGLE_UM_PER_PX  # the pixel size the model was trained at
+    training: dict = field(default_factory=dict)  # provenance: config, history, data, command, machine
+    validation: Validation | None = None
+
+    def to_json(self) -> str:
+        payload = {
+            "format": MODEL_FORMAT,
+            "format_version": MODEL_FORMAT_VERSION,
+            "architecture": self.architecture,
+            "architecture_kwargs": self.architecture_kwargs,
+            "normalisation": asdict(self.normalisation),
+            "scoring": self.scoring.to_dict(),
+            "class_names": list(self.class_names),
+            "spacing_um_px": self.spacing_um_px,
+            "training": self.training,
+            "validation": self.validation.to_dict() if self.validation else None,
+        }
+        return json.dumps(payload, indent=2) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str, source: Path) -> ModelMetadata:
+        try:
+            payload = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise ModelError(f"{source}: model metadata is not valid JSON ({error})") from None
+        if not isinstance(payload, dict) or payload.get("format") != MODEL_FORMAT:
+            raise ModelError(f"{source}: not histoscreen model metadata (no format {MODEL_FORMAT!r})")
+        version = payload.get("format_version", 1)
+        if version not in (1, MODEL_FORMAT_VERSION):
+            raise ModelError(f"{source}: model format version {version!r} is newer than this histoscreen reads ({MODEL_FORMAT_VERSION})")
+        try:
+            if version == 1:
+                payload = _from_version_1(payload)
+            return cls._checked(payload)
+        except (KeyError, TypeError, ValueError) as error:
+            detail = f"missing {error}" if isinstance(error, KeyError) else str(error)
+            raise ModelError(f"{source}: invalid model metadata: {detail}") from None
+
+    @classmethod
+    def _checked(cls, payload: dict) -> ModelMetadata:
+        architecture, kwargs = payload["architecture"], payload.get("architecture_kwargs", {})
+        if not isinstance(architecture, str) or not isinstance(kwargs, dict):
+            raise ValueError("architecture must be a name and architecture_kwargs an object")
+        normalisation = payload["normalisation"]
+        mean = [_finite("normalisation.mean", v) for v in normalisation["mean"]]
+        std = [_finite("normalisation.std", v) for v in normalisation["std"]]
+        if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
+            raise ValueError(f"normalisation needs 3 means and 3 positive standard deviations, got {mean} and {std}")
+        class_names = tuple(payload.get("class_names", cls.class_names))
+        if len(class_names) != 2 or not all(isinstance(n, str) for n in class_names):
+            raise ValueError(f"class_names must be two names, got {class_names!r}")
+        spacing = _finite("spacing_um_px", payload.get("spacing_um_px", KAGGLE_UM_PER_PX))
+        if spacing <= 0:
+            raise ValueError(f"spacing_um_px must be positive, got {spacing}")
+        training = payload.get("training") or {}
+        if not isinstance(training, dict):
+            raise ValueError("training must be an object")
+        validation = payload.get("validation")
+        return cls(
+            architecture=architecture,
+            architecture_kwargs=kwargs,
+            normalisation=Normalisation(tuple(mean), tuple(std)),
+            scoring=Scoring.from_dict(payload.get("scoring", {})),
+            class_names=class_names,
+            spacing_um_px=spacing,
+            training=training,
+            validation=Validation.from_dict(validation) if validation else None,
+        )
+
+
+def _from_version_1(payload: dict) -> dict:
+    """Wave-1 metadata kept calibration in flat fields and free-form dicts."""
+    def calibration(prefix: str, source: dict) -> dict:
+        return {name: source.get(f"{prefix}{name}", default) for name, default in (("temperature", 1.0), ("bias", 0.0), ("threshold", 0.5))}
+
+    scoring = {"plain": calibration("", payload), "tta": calibration("tta_", payload)}
+    context = payload.get("context") or {}
+    if context:
+        scoring["context"] = {"radius": context["radius"], "weight": context["weight"]}
+        scoring["context_plain"] = calibration("", context)
+        scoring["context_tta"] = calibration("tta_", context)
+    old = payload.get("validation") or {}
+    validation = None
+    if old:
+        validation = {
+            "threshold_rule": old.get("threshold_rule", "max balanced accuracy"),
+            "metrics": {mode: old[mode] for mode in SCORING_MODES if mode in old},
+            "leave_one_patient_out": {
+                mode: old[f"leave_one_patient_out_{mode}"] for mode in ("plain", "tta") if f"leave_one_patient_out_{mode}" in old
+            },
+            "split": old.get("split"),
+            "patients": old.get("patients", ()),
+            "store": old.get("store"),
+        }
+    return {
+        "architecture": payload["architecture"],
+        "architecture_kwargs": payload.get("architecture_kwargs", {}),
+        "normalisation": payload["normalisation"],
+        "scoring": scoring,
+        "class_names": payload.get("class_names", ["non-IDC", "IDC"]),
+        "training": payload.get("training", {}),
+        "validation": validation,
+    }
+
+
+def shipped_model_path() -> Path:
+    """The model trained on the real official-train patients that ships with the package."""
+    return Path(str(resources.files("histoscreen.models") / "shipped" / f"{SHIPPED_MODEL_NAME}{WEIGHTS_SUFFIX}"))
+
+
+def model_paths(path: str | os.PathLike) -> tuple[Path, Path]:
+    """(weights, metadata) for a model given as a folder, its weights file or its .json."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / f"model{WEIGHTS_SUFFIX}"
+    if path.suffix == METADATA_SUFFIX:
+        return path.with_suffix(WEIGHTS_SUFFIX), path
+    return path, path.with_suffix(METADATA_SUFFIX)
+
+
+def save_model(model: torch.nn.Module, metadata: ModelMetadata, path: str | os.PathLike, *, overwrite: bool = True) -> Path:
+    weights, meta = model_paths(path)
+    for existing in (weights, meta):
+        check_output_file(existing, overwrite=overwrite)
+    weights.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {name: tensor.detach().cpu().contiguous() for name, tensor in model.state_dict().items()}
+    atomic_write_bytes(weights, save(tensors, metadata={"format": MODEL_FORMAT}))
+    atomic_write_text(meta, metadata.to_json())
+    return weights
+
+
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """Load tensors from a safetensors file, refusing anything else (pickles included)."""
+    if not path.is_file():
+        raise ModelError(f"{path}: no such model file")
+    with open(path, "rb") as handle:
+        head = handle.read(9)
+    # safetensors: an 8-byte header length, then the JSON header itself.
+    if len(head) < 9 or head[8:9] != b"{":
+        if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80":
+            raise ModelError(
+                f"{path}: this is a pickled PyTorch file (.pt/.pth); histoscreen never unpickles model files, "
+                "as unpickling can run arbitrary code. Convert it to safetensors with metadata JSON."
+            )
+        raise ModelError(f"{path}: not a safetensors file")
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError, ValueError) as error:
+        raise ModelError(f"{path}: unreadable safetensors file ({error})") from None
+
+
+def load_metadata(path: str | os.PathLike) -> ModelMetadata:
+    """The JSON half of a model, checked, without touching its weights."""
+    weights, meta = model_paths(path)
+    if not meta.is_file():
+        raise ModelError(f"{weights}: its metadata {meta.name} is missing beside it")
+    try:
+        text = meta.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise ModelError(f"{meta}: unreadable model metadata ({error})") from None
+    return ModelMetadata.from_json(text, meta)
+
+
+def load_model(path: str | os.PathLike) -> tuple[torch.nn.Module, ModelMetadata]:
+    """Build the architecture named in the metadata and fill it with the saved weights (eval mode)."""
+    weights, _ = model_paths(path)
+    tensors = read_safetensors(weights)
+    metadata = load_metadata(path)
+    try:
+        model = create_model(metadata.architecture, **metadata.architecture_kwargs)
+    except HistoscreenError as error:
+        raise ModelError(f"{weights}: {error}") from None
+    except (TypeError, ValueError) as error:
+        raise ModelError(f"{weights}: architecture_kwargs do not fit {metadata.architecture} ({error})") from None
+    try:
+        model.load_state_dict(tensors)
+    except RuntimeError as error:
+        first = str(error).splitlines()[0]
+        raise ModelError(f"{weights}: weights do not fit {metadata.architecture} ({first})") from None
+    return model.eval(), metadata

@@ -1,0 +1,127 @@
+"""Writing a screening report: a self-contained folder that opens from disk.
+
+  index.html, slides.csv, slides.json, errors.csv
+  slides/<patient>.html and slides/<patient>/: mosaic.jpg, thumbnail.png, heatmap.png,
+  truth.png (with ground truth), patches.csv, regions.geojson, explained/*.png
+
+Slides are written as `Screening` yields them, so only one slide is in memory at a time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from histoscreen.atomic import atomic_folder
+from histoscreen.data.sources import NO_LABEL, Problem
+from histoscreen.progress import Progress, silent
+from histoscreen.report.html import write_index, write_slide_page
+from histoscreen.report.pictures import THUMBNAIL_PX, explanation_figure, heatmap_image, save_png, shrink
+from histoscreen.report.tables import write_csv
+from histoscreen.tasks.screen import Screening, SlideResult
+from histoscreen.tasks.slides import SlideSummary, build_mosaic, rank_slides, regions_geojson
+
+SLIDE_COLUMNS = [
+    "rank", "patient", "patches", "idc_patches", "idc_fraction", "largest_region_patches", "largest_region_mm2",
+    "confident_region_patches", "mean_prob", "max_prob", "uncertain",
+    "true_idc_patches", "true_idc_fraction", "sensitivity", "specificity", "agreement",
+]
+
+
+@dataclass
+class ScreeningReport:
+    out: Path
+    slides: list[SlideSummary]  # ranked, most suspicious first
+    problems: list[Problem] = field(default_factory=list)
+    patches: int = 0
+    seconds: float = 0.0
+
+    def lines(self) -> list[str]:
+        rate = self.patches / self.seconds if self.seconds else 0.0
+        lines = [
+            f"report: {self.out / 'index.html'}",
+            f"slides: {len(self.slides)} screened, {self.patches:,} patches in {self.seconds:.1f} s ({rate:,.0f} patches/s)",
+            f"problems: {len(self.problems)}" + (f" (see {self.out / 'errors.csv'})" if self.problems else ""),
+        ]
+        for summary in self.slides[:5]:
+            lines.append(
+                f"  #{summary.rank} {summary.patient}: burden {summary.idc_fraction:.1%}, "
+                f"largest region {summary.largest_region_patches} patches, {summary.uncertain} uncertain"
+            )
+        return lines
+
+
+def write_screening_report(
+    screening: Screening, out_dir: str | os.PathLike, *, overwrite: bool = False, progress: Progress = silent
+) -> ScreeningReport:
+    """Screen every slide of `screening` and write the report folder `out_dir`."""
+    started = time.perf_counter()
+    out_dir = Path(out_dir)
+    summaries: list[SlideSummary] = []
+    patches = 0
+    with atomic_folder(out_dir, overwrite=overwrite) as partial:
+        for number, result in enumerate(screening, start=1):
+            folder = partial / "slides" / result.patient
+            try:
+                write_slide(result, partial, screening.settings)
+            except Exception as error:  # a slide that cannot be drawn is reported, the rest go on
+                shutil.rmtree(folder, ignore_errors=True)
+                (partial / "slides" / f"{result.patient}.html").unlink(missing_ok=True)
+                screening.failures.append(Problem(result.patient, f"writing the report failed: {type(error).__name__}: {error}"))
+            else:
+                summaries.append(result.summary)
+                patches += len(result.slide)
+            progress("screening slides", number, len(screening))
+        ranked = rank_slides(summaries)
+        rows = [summary.as_row() for summary in ranked]
+        write_csv(partial / "slides.csv", SLIDE_COLUMNS, ([row[c] for c in SLIDE_COLUMNS] for row in rows))
+        (partial / "slides.json").write_text(json.dumps({"settings": screening.settings, "slides": rows}, indent=2) + "\n")
+        problems = screening.problems
+        write_csv(partial / "errors.csv", ["where", "problem"], ((p.where, p.reason) for p in problems))
+        write_index(partial, ranked, problems, screening.settings)
+    return ScreeningReport(out_dir, ranked, problems, patches, time.perf_counter() - started)
+
+
+def write_slide(result: SlideResult, report_folder: Path, settings: dict) -> None:
+    """Everything of one slide: pictures, patch table, regions, explanations, its page."""
+    folder = report_folder / "slides" / result.patient
+    folder.mkdir(parents=True)
+    slide, threshold = result.slide, result.threshold
+    probability_grid, truth_grid = result.probability_grid(), result.truth_grid()
+    mosaic = build_mosaic(slide, result.grid)
+    Image.fromarray(mosaic).save(folder / "mosaic.jpg", quality=90)
+    save_png(shrink(mosaic, THUMBNAIL_PX), folder / "thumbnail.png")
+    heatmap_image(mosaic, probability_grid, threshold, folder / "heatmap.png",
+                  title=f"{result.patient}: IDC probability (cyan outline: at or above threshold {threshold:.2f})")
+    if truth_grid is not None:
+        heatmap_image(mosaic, truth_grid, 0.5, folder / "truth.png", title=f"{result.patient}: ground truth (IDC = 1, outlined)",
+                      values_label="true label")
+    write_csv(
+        folder / "patches.csv", ["x", "y", "prob_idc", "pred", "uncertain", "label"],
+        (
+            [int(x), int(y), f"{p:.6f}", int(call), int(doubt), "" if label == NO_LABEL else int(label)]
+            for x, y, p, call, doubt, label in zip(slide.xs, slide.ys, result.probabilities, result.calls, result.uncertain, slide.labels)
+        ),
+    )
+    idc_mask = np.nan_to_num(probability_grid, nan=-1) >= threshold
+    geojson = regions_geojson(idc_mask, probability_grid, result.patient, origin=result.grid.pixel_origin)
+    (folder / "regions.geojson").write_text(json.dumps(geojson) + "\n")
+
+    (folder / "explained").mkdir()
+    gallery = []
+    for explanation in result.explanations:
+        row = explanation.row
+        name = f"x{slide.xs[row]}_y{slide.ys[row]}.png"
+        caption = f"{explanation.kind}: x={slide.xs[row]}, y={slide.ys[row]}, p(IDC) {result.probabilities[row]:.2f}"
+        if slide.labels[row] != NO_LABEL:
+            caption += f", true {'IDC' if slide.labels[row] == 1 else 'non-IDC'}"
+        explanation_figure(slide.pixels[row], explanation.cam, folder / "explained" / name)
+        gallery.append({"file": f"explained/{name}", "kind": explanation.kind, "caption": caption})
+    write_slide_page(report_folder, result.summary, settings, gallery, has_truth=truth_grid is not None)

@@ -1,0 +1,81 @@
+"""Exports: ONNX (uint8 patches in, logits out) and TorchScript with a WSInfer config.json,
+so QuPath's WSInfer extension can run the model."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from histoscreen.atomic import atomic_write_bytes, atomic_write_text, check_output_file
+from histoscreen.constants import PATCH_SIZE
+from histoscreen.errors import SettingError
+from histoscreen.models.bundle import load_model
+from histoscreen.runtime.onnx import onnx_bytes
+
+EXPORT_FORMATS = ("onnx", "torchscript")
+
+
+class CalibratedTwoClass(nn.Module):
+    """Normalised float N x 3 x H x W in, two logits out, [0, logit / T + b]: a softmax of
+    them gives the calibrated (non-IDC, IDC) probabilities, as WSInfer expects."""
+
+    def __init__(self, model: nn.Module, temperature: float, bias: float):
+        super().__init__()
+        self.model = model
+        self.temperature = temperature
+        self.bias = bias
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        logit = self.model(images) / self.temperature + self.bias
+        return torch.stack([torch.zeros_like(logit), logit], dim=1)
+
+
+def export_model(
+    model_path: str | os.PathLike, out: str | os.PathLike, *, format: str, um_per_px: float | None = None, overwrite: bool = False
+) -> list[Path]:
+    """Write the model as ONNX (uint8 patches in, logits out, plus its metadata JSON) or as
+    TorchScript with a WSInfer config.json beside it. Returns the files written."""
+    if format not in EXPORT_FORMATS:
+        raise SettingError("format", f"{format!r} is not one of {', '.join(EXPORT_FORMATS)}")
+    if um_per_px is not None and not um_per_px > 0:
+        raise SettingError("um_per_px", f"must be positive, got {um_per_px}")
+    model, metadata = load_model(model_path)
+    out = Path(out)
+    for written in (out, out.with_suffix(".json") if format == "onnx" else out.parent / "config.json"):
+        check_output_file(written, overwrite=overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if format == "onnx":
+        atomic_write_bytes(out, onnx_bytes(model, metadata))
+        atomic_write_text(out.with_suffix(".json"), metadata.to_json())
+        return [out, out.with_suffix(".json")]
+    plain = metadata.scoring.plain
+    wrapped = CalibratedTwoClass(model.eval(), plain.temperature, plain.bias).eval()
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():
+        # TorchScript is deprecated in torch, but it is the format WSInfer and QuPath load.
+        warnings.simplefilter("ignore")
+        scripted = torch.jit.trace(wrapped, torch.zeros(1, 3, PATCH_SIZE, PATCH_SIZE))
+        torch.jit.save(scripted, buffer)
+    atomic_write_bytes(out, buffer.getvalue())
+    config = {
+        "spec_version": "1.0",
+        "architecture": f"histoscreen-{metadata.architecture}",
+        "num_classes": 2,
+        "class_names": list(metadata.class_names),
+        "patch_size_pixels": PATCH_SIZE,
+        "spacing_um_px": um_per_px if um_per_px is not None else metadata.spacing_um_px,
+        "transform": [
+            {"name": "Resize", "arguments": {"size": PATCH_SIZE}},
+            {"name": "ToTensor"},
+            {"name": "Normalize", "arguments": {"mean": list(metadata.normalisation.mean), "std": list(metadata.normalisation.std)}},
+        ],
+    }
+    config_path = out.parent / "config.json"
+    atomic_write_text(config_path, json.dumps(config, indent=2) + "\n")
+    return [out, config_path]

@@ -1,0 +1,9 @@
+"""Tasks: predict, evaluate, calibrate and screen. Each computes and returns its results;
+none writes a file (the report stage does)."""
+
+from histoscreen.tasks.calibrate import calibrate
+from histoscreen.tasks.evaluate import Evaluation, evaluate
+from histoscreen.tasks.predict import Predictions, predict
+from histoscreen.tasks.screen import Screening, SlideResult
+
+__all__ = ["Evaluation", "Predictions", "Screening", "SlideResult", "calibrate", "evaluate", "predict"]
