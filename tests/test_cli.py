@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import ast
+import csv
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -100,3 +103,80 @@ def test_a_pickle_handed_as_a_model_is_refused(tmp_path, synthetic_store):
     assert result.returncode == 2
     assert "never unpickles" in result.stderr and len(result.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "p.csv").exists()
+
+
+COMMANDS = ["prepare", "synth", "splits", "train", "calibrate", "evaluate", "predict", "screen", "export"]
+SOURCE = Path(__file__).resolve().parents[1] / "src" / "histoscreen"
+# Settings the Python API checks that no command exposes (so their errors are never phrased as flags).
+API_ONLY_SETTINGS = {"idc_fraction", "idc_fractions"}
+
+
+def strings_in(node: ast.AST) -> list[str]:
+    return [n.value for n in ast.walk(node) if isinstance(n, ast.Constant) and isinstance(n.value, str)]
+
+
+def test_every_flag_a_message_or_help_names_exists():
+    from histoscreen import cli
+
+    parser = cli.build_parser()
+    every_flag = set().union(*(cli.command_flags(parser, command) for command in COMMANDS), ["--version"])
+    named = {flag for text in strings_in(ast.parse((SOURCE / "cli.py").read_text())) for flag in re.findall(r"--[a-z][a-z-]*", text)}
+    assert named and named <= every_flag, sorted(named - every_flag)
+    for command in COMMANDS:  # the same as running `histoscreen COMMAND --help`
+        with pytest.raises(SystemExit) as done:
+            parser.parse_args([command, "--help"])
+        assert done.value.code == 0
+
+
+def _setting_error(node: ast.AST) -> bool:
+    return isinstance(node, ast.Call) and getattr(node.func, "id", None) == "SettingError" and bool(node.args)
+
+
+def test_the_library_names_no_flag_and_every_setting_error_maps_to_one():
+    from histoscreen import cli
+
+    parser = cli.build_parser()
+    every_flag = set().union(*(cli.command_flags(parser, command) for command in COMMANDS))
+    unmapped, settings = [], []
+    for path in SOURCE.rglob("*.py"):
+        if path.name == "cli.py":
+            continue
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Raise) and node.exc is not None:
+                flags = [t for t in strings_in(node.exc) if re.search(r"(^|\s)--[a-z]", t)]
+                assert not flags, f"{path.name}:{node.lineno} names a command-line flag: {flags}"
+            if isinstance(node, ast.For) and isinstance(node.target, ast.Name):
+                looped = strings_in(node.iter)  # SettingError(name, ...) inside `for name in (...)`
+                for call in ast.walk(node):
+                    if _setting_error(call) and isinstance(call.args[0], ast.Name) and call.args[0].id == node.target.id:
+                        settings += [(path.name, call.lineno, setting) for setting in looped]
+            if _setting_error(node) and isinstance(node.args[0], ast.Constant):
+                settings.append((path.name, node.lineno, node.args[0].value))
+    assert len(settings) > 20
+    for module, line, setting in settings:
+        flag = cli.FLAG_OF_SETTING.get(setting, "--" + setting.replace("_", "-"))
+        if flag not in every_flag and setting not in API_ONLY_SETTINGS:
+            unmapped.append(f"{module}:{line} {setting} -> {flag}")
+    assert unmapped == []
+
+
+def test_setting_errors_and_existing_outputs_are_phrased_with_flags(synthetic_store, tmp_path):
+    zero = histoscreen("predict", str(synthetic_store), "--out", str(tmp_path / "p.csv"), "--batch-size", "0")
+    assert zero.returncode == 2 and zero.stderr.strip() == "histoscreen predict: error: --batch-size must be at least 1, got 0"
+    folds = histoscreen("splits", str(synthetic_store), "--split-scheme", "kfold", "--folds", "1")
+    assert folds.returncode == 2 and folds.stderr.strip() == "histoscreen splits: error: --folds must be at least 2, got 1"
+    (tmp_path / "taken.csv").write_text("mine\n")
+    taken = histoscreen("predict", str(synthetic_store), "--out", str(tmp_path / "taken.csv"))
+    assert taken.returncode == 2 and "taken.csv already exists; choose another path or pass --overwrite" in taken.stderr
+    assert (tmp_path / "taken.csv").read_text() == "mine\n"
+
+
+def test_predict_folds_the_archives_duplicate_copies(synthetic_archive, tmp_path):
+    result = histoscreen("predict", str(synthetic_archive), "--out", str(tmp_path / "p.csv"))
+    assert result.returncode == 0, result.stderr
+    with open(tmp_path / "p.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    top_level = [p for p in synthetic_archive.rglob("*.png") if "IDC_regular_ps50_idx5" not in p.parts]
+    assert len(rows) == len(top_level) == len({(r["patient"], r["x"], r["y"]) for r in rows})
+    assert f"duplicate copies folded: {len(top_level):,}" in result.stdout

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 import pytest
@@ -115,3 +116,29 @@ def test_per_patient_table():
     a, b = table.set_index("patient").loc["a"], table.set_index("patient").loc["b"]
     assert (a.patches, a.accuracy, a.sensitivity, a.specificity) == (2, 0.5, 1.0, 0.0)
     assert (b.true_idc_fraction, b.predicted_idc_fraction) == (0.5, 0.0)
+
+
+@pytest.mark.parametrize(
+    "labels, probabilities, words",
+    [
+        ([0, 1, 1], [0.2, 0.9], "labels has 3 values but probabilities has 2"),
+        ([0, 2, 1], [0.2, 0.9, 0.5], "labels must be 0 (non-IDC) or 1 (IDC)"),
+        ([0, 1], [0.2, float("nan")], "probabilities holds 1 values that are not finite"),
+        ([[0, 1]], [[0.2, 0.9]], "labels must be one-dimensional"),
+        ([0, 1], ["a", "b"], "probabilities must be numbers"),
+    ],
+)
+def test_metrics_check_their_arguments(labels, probabilities, words):
+    from histoscreen.errors import ArgumentError
+
+    with pytest.raises(ArgumentError, match=re.escape(words)):
+        classification_metrics(labels, probabilities, 0.5)
+
+
+def test_bootstrap_checks_patients_and_rounds():
+    from histoscreen.errors import ArgumentError
+
+    with pytest.raises(ArgumentError, match="patients has 2"):
+        bootstrap_by_patient([0, 1, 1], [0.1, 0.8, 0.7], np.array(["a", "b"]), 0.5)
+    with pytest.raises(ArgumentError, match="rounds must be at least 1"):
+        bootstrap_by_patient([0, 1], [0.1, 0.8], np.array(["a", "b"]), 0.5, rounds=0)
