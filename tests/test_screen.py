@@ -12,7 +12,7 @@ import pytest
 
 from histoscreen.data import generate_slide, synthesize
 from histoscreen.data import open_sources
-from histoscreen.tasks.slides import build_mosaic, rank_slides, region_polygons, summarise_slide
+from histoscreen.tasks.slides import SlideGrid, build_mosaic, rank_slides, region_polygons, summarise_slide
 from conftest import predict_to_csv, screen_to
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -36,6 +36,12 @@ def test_a_rebuilt_slide_equals_the_drawn_slide(tmp_path):
         assert covered[drawn.tissue].mean() > 0.9  # nearly all tissue was cut into patches
 
 
+def cells_of(layout: np.ndarray) -> tuple[SlideGrid, np.ndarray]:
+    """The grid of a hand-drawn slide (NaN: no patch there) and its patches' values."""
+    rows, columns = np.nonzero(~np.isnan(layout))
+    return SlideGrid.from_cells(rows, columns), layout[rows, columns]
+
+
 def test_burden_and_region_size_on_a_hand_made_grid():
     nan = np.nan
     grid = np.array(
@@ -46,7 +52,8 @@ def test_burden_and_region_size_on_a_hand_made_grid():
             [0.3, nan, 0.1, 0.1],
         ]
     )
-    summary = summarise_slide("p", grid, threshold=0.5, um_per_px=2.0)
+    cells, probabilities = cells_of(grid)
+    summary = summarise_slide("p", cells, probabilities, threshold=0.5, um_per_px=2.0)
     assert summary.patches == 13
     assert summary.idc_patches == 6  # 0.9 0.8 0.7 | 0.95 0.55 0.6
     assert summary.idc_fraction == pytest.approx(6 / 13)
@@ -58,7 +65,7 @@ def test_burden_and_region_size_on_a_hand_made_grid():
     assert summary.mean_prob == pytest.approx(np.nanmean(grid))
     truth = np.where(np.isnan(grid), nan, (np.nan_to_num(grid) >= 0.5).astype(float))
     truth[3, 0] = 1.0  # one IDC patch the model missed
-    checked = summarise_slide("p", grid, threshold=0.5, truth_grid=truth)
+    checked = summarise_slide("p", cells, probabilities, threshold=0.5, labels=cells_of(truth)[1])
     assert checked.sensitivity == pytest.approx(6 / 7) and checked.specificity == pytest.approx(1.0)
     assert checked.agreement == pytest.approx(12 / 13)
 
@@ -67,7 +74,7 @@ def test_ranking_puts_the_largest_confident_region_first():
     def slide(patient, idc_cells):
         grid = np.full((10, 10), 0.05)
         grid.flat[:idc_cells] = 0.95
-        return summarise_slide(patient, grid, 0.5)
+        return summarise_slide(patient, *cells_of(grid), 0.5)
 
     ranked = rank_slides([slide("small", 3), slide("none", 0), slide("large", 30), slide("medium", 12)])
     assert [s.patient for s in ranked] == ["large", "medium", "small", "none"]
@@ -88,10 +95,11 @@ def test_region_polygons_cover_exactly_the_cells_above_threshold():
     mask = rng.random((14, 17)) < 0.45
     mask[5:8, 5:8] = True
     mask[6, 6] = False  # a hole
-    polygons = region_polygons(mask, cell=50)
+    rows, columns = np.nonzero(np.ones_like(mask))
+    polygons = region_polygons(SlideGrid.from_cells(rows + 3, columns + 2), mask[rows, columns], cell=50)
     for r in range(mask.shape[0]):
         for c in range(mask.shape[1]):
-            hits = sum(point_in_polygon(c * 50 + 25, r * 50 + 25, rings) for rings in polygons)
+            hits = sum(point_in_polygon((c + 2) * 50 + 25, (r + 3) * 50 + 25, rings) for rings in polygons)
             assert hits == int(mask[r, c]), (r, c)
     for rings in polygons:
         for ring in rings:

@@ -10,6 +10,8 @@ import sys
 import time
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from histoscreen import HistoscreenError
 from histoscreen.data import SplitSpec
@@ -96,6 +98,8 @@ def test_killed_run_resumes_to_the_same_result(synthetic_store, tmp_path):
     history = [json.loads(line) for line in log.read_text().splitlines()]
     assert [h["epoch"] for h in history] == list(range(1, epochs + 1))
     model, metadata = load_model(out)
+    straight_weights, resumed_weights = load_file(straight.model_path), load_file(out / "model.safetensors")
+    assert all(torch.equal(straight_weights[k], resumed_weights[k]) for k in straight_weights)  # bit for bit
     for resumed_epoch, straight_epoch in zip(history, straight.history):
         assert resumed_epoch["val_loss"] == straight_epoch["val_loss"]  # every generator restored: the same run
     assert metadata.scoring == straight.metadata.scoring

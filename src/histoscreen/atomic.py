@@ -1,39 +1,85 @@
-"""Writing outputs so that a killed run never leaves something that looks finished.
+"""Writing outputs so that no input and nothing finished is ever lost.
 
 Everything is written under a temporary name beside its destination (same file system,
-so the final rename is atomic) and renamed into place only when it is complete.
+so the final rename is atomic) and renamed into place only when it is complete. An output
+may never be, contain or sit inside one of the run's inputs, whatever the flags; an
+existing output is replaced only when asked to, and an existing folder only when
+histoscreen wrote it (it holds the OUTPUT_MARK file every output folder gets).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from datetime import datetime, timezone
 from pathlib import Path
 
 from histoscreen.errors import OutputExistsError, UnsafeOutputError
 
 _PARTIAL_MARK = ".partial-"
+OUTPUT_MARK = ".histoscreen-output"
+
+
+def guard_output(destination: Path, inputs: Iterable[str | os.PathLike]) -> None:
+    """Refuse an output that equals, contains or sits inside one of the inputs."""
+    target = Path(destination).resolve()
+    for given in inputs:
+        source = Path(given).resolve()
+        if target == source:
+            raise UnsafeOutputError(f"{destination} is also an input; choose an output path apart from the inputs")
+        if source.is_relative_to(target):
+            raise UnsafeOutputError(f"{destination} contains the input {given}; choose an output path apart from the inputs")
+        if target.is_relative_to(source) and source.is_dir():
+            raise UnsafeOutputError(f"{destination} lies inside the input {given}; choose an output path apart from the inputs")
+
+
+def is_histoscreen_output(folder: Path) -> bool:
+    return (folder / OUTPUT_MARK).is_file()
+
+
+def check_output_folder(destination: Path, *, overwrite: bool, inputs: Iterable[str | os.PathLike] = ()) -> None:
+    """What atomic_folder checks before it writes; call it early to fail before long work."""
+    destination = Path(destination)
+    guard_output(destination, inputs)
+    if destination.exists() or destination.is_symlink():
+        if not overwrite:
+            raise OutputExistsError(destination)
+        if destination.is_symlink() or not destination.is_dir() or not is_histoscreen_output(destination):
+            raise UnsafeOutputError(
+                f"{destination} exists and was not written by histoscreen (it has no {OUTPUT_MARK}), so it is "
+                "never replaced; remove it yourself or choose another path"
+            )
+
+
+def child_path(root: Path, *parts: str) -> Path:
+    """root/parts..., refused when the parts (a slide id from the data, say) would lead out of root."""
+    path = root.joinpath(*parts)
+    if not path.resolve().is_relative_to(root.resolve()) or any(p in ("", ".", "..") or "/" in p or "\\" in p for p in parts):
+        raise UnsafeOutputError(f"{'/'.join(parts)!r} would be written outside {root}")
+    return path
 
 
 @contextmanager
-def atomic_folder(destination: Path, *, overwrite: bool = False) -> Iterator[Path]:
+def atomic_folder(destination: Path, *, overwrite: bool = False, inputs: Iterable[str | os.PathLike] = (), kind: str = "output") -> Iterator[Path]:
     """Yield an empty temporary folder that becomes `destination` when the block succeeds.
 
     On any error (or Ctrl-C) the temporary folder is removed and `destination` is left as
-    it was. With `overwrite`, an existing destination is replaced only after the new one
-    is complete.
+    it was. With `overwrite`, an existing destination that histoscreen wrote is replaced
+    only after the new one is complete; anything else is never removed.
     """
     destination = Path(destination)
-    if destination.exists() and not overwrite:
-        raise OutputExistsError(destination)
+    check_output_folder(destination, overwrite=overwrite, inputs=inputs)
     destination.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_partials(destination)
     partial = destination.parent / f".{destination.name}{_PARTIAL_MARK}{os.getpid()}"
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir()
     try:
+        mark = {"written_by": "histoscreen", "kind": kind, "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+        (partial / OUTPUT_MARK).write_text(json.dumps(mark) + "\n")
         yield partial
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
@@ -47,8 +93,10 @@ def atomic_folder(destination: Path, *, overwrite: bool = False) -> Iterator[Pat
         os.replace(partial, destination)
 
 
-def check_output_file(destination: Path, *, overwrite: bool) -> None:
-    """Refuse to replace an existing file unless asked to, and never replace a folder."""
+def check_output_file(destination: Path, *, overwrite: bool, inputs: Iterable[str | os.PathLike] = ()) -> None:
+    """Refuse an output file that is or sits in an input, an existing file unless asked to
+    replace it, and a folder always."""
+    guard_output(destination, inputs)
     if destination.is_dir():
         raise UnsafeOutputError(f"{destination} is a folder; this output is a file")
     if destination.exists() and not overwrite:

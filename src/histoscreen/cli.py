@@ -14,18 +14,24 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import shlex
 import sys
 from collections.abc import Sequence
 
 from tqdm import tqdm
 
+from pathlib import Path
+
 from histoscreen import __version__
+from histoscreen.atomic import check_output_file, check_output_folder
 from histoscreen.errors import HistoscreenError, OutputExistsError, RunExistsError, SettingError
+from histoscreen.problems import printable_path
 from histoscreen.progress import Progress, silent
 
 EXIT_USAGE_OR_INPUT = 2
 EXIT_INTERRUPTED = 130
+EXIT_INTERNAL = 3
 
 # Library setting names whose flag is not simply --setting-name.
 FLAG_OF_SETTING = {
@@ -131,6 +137,13 @@ def _split_spec(args: argparse.Namespace):
                      csv_path=args.split_csv, extra_to_train=args.extra_to_train)
 
 
+def _model_files(model: str | None) -> list:
+    from histoscreen.models import shipped_model_path
+    from histoscreen.models.bundle import model_paths
+
+    return list(model_paths(model or shipped_model_path()))
+
+
 def _apply_threads(args: argparse.Namespace) -> None:
     """torch's thread count is process-wide: set here, at the entry point, never in the library."""
     if getattr(args, "threads", None):
@@ -170,7 +183,7 @@ def _command_synth(args: argparse.Namespace, progress: Progress) -> list[str]:
 def _command_splits(args: argparse.Namespace, progress: Progress) -> list[str]:
     import pandas as pd
 
-    from histoscreen.atomic import atomic_write_text, check_output_file
+    from histoscreen.tables import write_frame
     from histoscreen.data import PatchStore
     from histoscreen.data.splits import SPLIT_NAMES
 
@@ -191,11 +204,8 @@ def _command_splits(args: argparse.Namespace, progress: Progress) -> list[str]:
         if unassigned:
             lines.append(f"  not in any split: {len(unassigned)} patients")
     if args.out:
-        from pathlib import Path
-
-        check_output_file(Path(args.out), overwrite=args.overwrite)
-        frames = [s.to_frame().assign(round=s.name) for s in splits]
-        atomic_write_text(Path(args.out), pd.concat(frames).to_csv(index=False))
+        check_output_file(Path(args.out), overwrite=args.overwrite, inputs=[args.store])
+        write_frame(Path(args.out), pd.concat([s.to_frame().assign(round=s.name) for s in splits]))
         lines.append(f"written: {args.out}")
     return lines
 
@@ -238,17 +248,20 @@ def _validation_lines(metadata) -> list[str]:
 
 
 def _command_calibrate(args: argparse.Namespace, progress: Progress) -> list[str]:
-    from pathlib import Path
-
     from histoscreen.models import save_model, shipped_model_path
+    from histoscreen.models.bundle import model_paths
     from histoscreen.tasks import calibrate
 
+    out = Path(args.out)
+    target = out if out.suffix == ".safetensors" else out / "model.safetensors"
+    inputs = [args.store, *_model_files(args.model)]
+    for written in model_paths(target):
+        check_output_file(written, overwrite=args.overwrite, inputs=inputs)
     model, metadata = calibrate(
         args.store, args.model or shipped_model_path(), split_spec=_split_spec(args),
         min_sensitivity=args.min_sensitivity, device=args.device,
     )
-    out = Path(args.out)
-    path = save_model(model, metadata, out if out.suffix == ".safetensors" else out / "model.safetensors", overwrite=args.overwrite)
+    path = save_model(model, metadata, target, overwrite=args.overwrite, inputs=inputs)
     return [
         f"model: {path}",
         f"calibrated on {len(metadata.validation.patients)} {metadata.validation.split} patients",
@@ -260,6 +273,7 @@ def _command_evaluate(args: argparse.Namespace, progress: Progress) -> list[str]
     from histoscreen.report import write_evaluation
     from histoscreen.tasks import evaluate
 
+    check_output_folder(Path(args.out), overwrite=args.overwrite, inputs=[args.store, *_model_files(args.model)])
     evaluation = evaluate(
         args.store, model=args.model, split=args.split, split_spec=_split_spec(args), tta=args.tta,
         context=bool(args.context), bootstrap_rounds=args.bootstrap, device=args.device, backend=args.backend,
@@ -281,6 +295,7 @@ def _command_predict(args: argparse.Namespace, progress: Progress) -> list[str]:
     from histoscreen.report import write_predictions
     from histoscreen.tasks import predict
 
+    check_output_file(Path(args.out), overwrite=args.overwrite, inputs=[*args.inputs, *_model_files(args.model)])
     predictions = predict(
         args.inputs, model=args.model, tta=args.tta, context=bool(args.context), batch_size=args.batch_size,
         workers=args.workers, device=args.device, backend=args.backend, progress=progress,
@@ -487,6 +502,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"histoscreen {args.command}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except OSError as error:  # the disk, not the data: full, read-only, gone
+        where = f"{printable_path(error.filename)}: " if error.filename else ""
+        print(f"histoscreen {args.command}: error: {where}{error.strerror or error}", file=sys.stderr)
+        return EXIT_USAGE_OR_INPUT
+    except MemoryError:
+        print(f"histoscreen {args.command}: error: out of memory", file=sys.stderr)
+        return EXIT_USAGE_OR_INPUT
+    except Exception as error:  # a bug: still one line, the traceback on request
+        if os.environ.get("HISTOSCREEN_DEBUG"):
+            raise
+        print(f"histoscreen {args.command}: internal error: {type(error).__name__}: {error} "
+              "(please report it; HISTOSCREEN_DEBUG=1 shows the traceback)", file=sys.stderr)
+        return EXIT_INTERNAL
     finally:
         if bar is not None:
             bar.close()

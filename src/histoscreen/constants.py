@@ -8,12 +8,19 @@ PATCH_SIZE = 50
 GRID_STEP = 50
 COORD_ORIGIN = 1
 
+# No slide is larger than this (500 mm at 40x): a coordinate beyond it is a broken name,
+# not a place on a slide.
+MAX_SLIDE_PX = 2_000_000
+
 # Edge patches are padded with white: background on a bright-field slide is white.
 BACKGROUND_RGB = (255, 255, 255)
 
 PATCH_NAME_PATTERN = re.compile(
     r"^(?P<patient>\d+)_idx5_x(?P<x>\d+)_y(?P<y>\d+)_class(?P<label>[01])\.png$"
 )
+# Slide ids become folder and file names in reports: letters, digits, dot, underscore and
+# dash, starting with a letter or digit (so never "." or "..").
+SAFE_SLIDE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 PATCH_NAME_TEMPLATE = "{patient}_idx5_x{x}_y{y}_class{label}.png"
 PATCH_NAME_HINT = "<patient>_idx5_x<X>_y<Y>_class<0|1>.png"
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import random
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -21,13 +22,13 @@ import torch
 from safetensors.torch import save as safetensors_bytes
 
 from histoscreen import __version__
-from histoscreen.atomic import atomic_write_bytes, atomic_write_text
+from histoscreen.atomic import OUTPUT_MARK, atomic_write_bytes, atomic_write_text, guard_output
 from histoscreen.data.naming import patient_sort_key
 from histoscreen.data.sources import PatchBatch, StoreSource
 from histoscreen.data.splits import PatientSplit, SplitSpec
 from histoscreen.data.store import PatchStore
 from histoscreen.data.transforms import Normalisation, augment
-from histoscreen.errors import InputError, ResumeMismatchError, RunExistsError, SettingError
+from histoscreen.errors import InputError, ResumeMismatchError, RunExistsError, SettingError, UnsafeOutputError
 from histoscreen.models import count_flops, create_model
 from histoscreen.models.bundle import ModelMetadata, Scoring, Validation, read_safetensors, save_model
 from histoscreen.progress import Progress, silent
@@ -40,6 +41,7 @@ CHECKPOINTS = "checkpoints"
 STATE_JSON = "state.json"
 BEST_WEIGHTS = "best.safetensors"
 METRICS_LOG = "metrics.jsonl"
+RUN_FILES = {CHECKPOINTS, METRICS_LOG, "model.safetensors", "model.json", OUTPUT_MARK}
 BALANCE_CHOICES = ("weighted", "sampler", "none")
 
 
@@ -131,7 +133,10 @@ def train_one_epoch(
     device: torch.device,
     progress: Progress,
 ) -> tuple[float, int]:
-    """One pass over the training patches; returns the mean loss and the next global step."""
+    """One pass over the training patches; returns the mean loss and the next global step.
+
+    The epoch's order and augmentations come from a generator seeded by the epoch, so a
+    resumed run draws the same ones without any saved state."""
     generator = torch.Generator().manual_seed(config.seed * 100_003 + epoch)
     positives = float(labels.sum())
     if config.balance == "sampler":
@@ -229,6 +234,7 @@ def train(
     """
     out_dir = Path(out_dir)
     checkpoints = out_dir / CHECKPOINTS
+    _check_run_folder(out_dir, store_path)
     device = pick_device(config.device)
     data = load_training_data(store_path, config)
     described = data.describe()
@@ -278,6 +284,20 @@ def train(
         )
 
     return finalise(model, normalisation, data, config, state, out_dir, device, command, log)
+
+
+def _check_run_folder(out_dir: Path, store_path: str | os.PathLike) -> None:
+    """A run writes into a new folder or one holding a run of its own, never among other files."""
+    guard_output(out_dir, [store_path])
+    if out_dir.is_dir():
+        strangers = sorted(p.name for p in out_dir.iterdir() if p.name not in RUN_FILES)
+        if strangers:
+            raise UnsafeOutputError(
+                f"{out_dir} holds files that are not a training run ({', '.join(strangers[:3])}); "
+                "training writes into a new folder or resumes its own"
+            )
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / OUTPUT_MARK).write_text(json.dumps({"written_by": "histoscreen", "kind": "training run"}) + "\n")
 
 
 def finalise(model, normalisation, data: TrainingData, config: TrainConfig, state: dict, out_dir: Path,
@@ -358,11 +378,17 @@ def _save_state(checkpoints: Path, config: TrainConfig, model, optimizer, state:
         tensors["rng.cuda"] = torch.cuda.get_rng_state()
     tensor_file = f"epoch-{state['epoch']:03d}.safetensors"
     atomic_write_bytes(checkpoints / tensor_file, safetensors_bytes(_cpu_tensors(tensors)))
-    payload = {**state, "tensors": tensor_file, "config": asdict(config), "param_groups": optimizer_state["param_groups"]}
+    payload = {**state, "tensors": tensor_file, "config": asdict(config), "param_groups": optimizer_state["param_groups"],
+               "rng_python": random.getstate(), "rng_numpy": _numpy_rng_state()}
     atomic_write_text(checkpoints / STATE_JSON, json.dumps(payload, indent=1) + "\n")
     for older in checkpoints.glob("epoch-*.safetensors"):
         if older.name != tensor_file:
             older.unlink()
+
+
+def _numpy_rng_state() -> list:
+    name, keys, position, has_gauss, cached = np.random.get_state()
+    return [name, keys.tolist(), position, has_gauss, cached]
 
 
 def _load_state(checkpoints: Path, config: TrainConfig, model, optimizer) -> dict | None:
@@ -381,6 +407,10 @@ def _load_state(checkpoints: Path, config: TrainConfig, model, optimizer) -> dic
             _, index, name = key.split(".", 2)
             optimizer_state["state"].setdefault(int(index), {})[name] = value
     optimizer.load_state_dict(optimizer_state)
+    version, internal, gauss = state.pop("rng_python")
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, position, has_gauss, cached = state.pop("rng_numpy")
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), position, has_gauss, cached))
     torch.set_rng_state(tensors["rng.torch"])
     if "rng.cuda" in tensors and torch.cuda.is_available():
         torch.cuda.set_rng_state(tensors["rng.cuda"])

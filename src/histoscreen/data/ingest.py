@@ -8,7 +8,6 @@ memory-mapped array, and the store is published atomically.
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import time
@@ -21,10 +20,11 @@ import numpy as np
 import pandas as pd
 
 from histoscreen import __version__
-from histoscreen.atomic import atomic_folder
+from histoscreen.atomic import atomic_folder, check_output_folder
 from histoscreen.constants import PATCH_SIZE
 from histoscreen.data.patch_files import find_files
-from histoscreen.data.sources import Conflict, FileSource, PatchBatch, Problem
+from histoscreen.data.sources import Conflict, FileSource, PatchBatch
+from histoscreen.problems import Problem
 from histoscreen.data.store import (
     CONFLICTS_FILE,
     INDEX_FILE,
@@ -35,8 +35,9 @@ from histoscreen.data.store import (
     STORE_VERSION,
     PatchStore,
 )
-from histoscreen.errors import InputError, OutputExistsError
+from histoscreen.errors import InputError
 from histoscreen.progress import Progress, silent
+from histoscreen.tables import write_csv
 
 
 @dataclass
@@ -96,18 +97,18 @@ def prepare(
         raise InputError(f"{source}: no such folder")
     if not source.is_dir():
         raise InputError(f"{source}: not a folder (prepare reads a folder of patch PNGs)")
-    if out.exists() and not overwrite:
-        raise OutputExistsError(out, "store")
-    files = find_files(source)
-    if not files:
+    check_output_folder(out, overwrite=overwrite, inputs=[source])
+    files, listing_problems = find_files(source)
+    if not files and not listing_problems:
         raise InputError(f"{source}: the folder holds no files")
-    patch_source = FileSource(files, description=str(source), workers=workers)
+    patch_source = FileSource(files, description=str(source), workers=workers, listing_problems=listing_problems)
     upper_bound = len(patch_source)
 
-    with atomic_folder(out, overwrite=overwrite) as partial:
+    with atomic_folder(out, overwrite=overwrite, inputs=[source], kind="patch store") as partial:
         patches = np.lib.format.open_memmap(
             partial / PATCHES_FILE, mode="w+", dtype=np.uint8, shape=(upper_bound, PATCH_SIZE, PATCH_SIZE, 3)
         )
+        _reserve_disk_space(partial / PATCHES_FILE)
         # Patches come in slide order (patient, then row, then column), so a slide's
         # patches sit together on disk.
         parts, filled = [], 0
@@ -145,8 +146,8 @@ def prepare(
             }
         )
         index.to_parquet(partial / INDEX_FILE, index=False)
-        _write_csv(partial / REJECTS_FILE, ["path", "reason"], [(r.where, r.reason) for r in rejects])
-        _write_csv(
+        write_csv(partial / REJECTS_FILE, ["path", "reason"], [(r.where, r.reason) for r in rejects])
+        write_csv(
             partial / CONFLICTS_FILE,
             ["kept_path", "other_path", "labels_differ", "pixels_differ"],
             [(c.kept_path, c.other_path, int(c.labels_differ), int(c.pixels_differ)) for c in conflicts],
@@ -185,6 +186,14 @@ def prepare(
     return summary
 
 
+def _reserve_disk_space(path: Path) -> None:
+    """Claim the memory-mapped file's blocks now: a full disk is then an error here, not a
+    SIGBUS that kills the process when a page is first written."""
+    if hasattr(os, "posix_fallocate"):
+        with open(path, "r+b") as handle:
+            os.posix_fallocate(handle.fileno(), 0, os.path.getsize(path))
+
+
 def _truncate(path: Path, patches: np.memmap, count: int) -> np.memmap:
     """Keep the first `count` patches (fewer than listed: every copy of some was rejected),
     streaming to keep memory flat."""
@@ -196,10 +205,3 @@ def _truncate(path: Path, patches: np.memmap, count: int) -> np.memmap:
     del patches
     os.replace(compacted_path, path)
     return compacted
-
-
-def _write_csv(path: Path, header: list[str], rows) -> None:
-    with open(path, "w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(header)
-        writer.writerows(rows)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from histoscreen.constants import (
+    SAFE_SLIDE_ID,
     COORD_ORIGIN,
     GRID_STEP,
     PATCH_NAME_PATTERN,
@@ -62,6 +63,18 @@ def parse_patch_name(file_name: str) -> PatchName | None:
 
 def patch_file_name(patient: str, x: int, y: int, label: int) -> str:
     return PATCH_NAME_TEMPLATE.format(patient=patient, x=x, y=y, label=label)
+
+
+def check_slide_id(slide_id: str) -> str | None:
+    """Why `slide_id` cannot name a slide (it becomes a folder and file name in reports), or
+    None. Kaggle ids are digits; other sources need a plain slug.
+
+    >>> check_slide_id("10253") is None, check_slide_id("../../x")
+    (True, 'is not a safe slide id: use letters, digits, ".", "_" and "-" (up to 128), starting with a letter or digit')
+    """
+    if isinstance(slide_id, str) and SAFE_SLIDE_ID.fullmatch(slide_id):
+        return None
+    return 'is not a safe slide id: use letters, digits, ".", "_" and "-" (up to 128), starting with a letter or digit'
 
 
 def patient_sort_key(patient: str) -> tuple[int, str]:

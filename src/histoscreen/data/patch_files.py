@@ -9,9 +9,11 @@ from __future__ import annotations
 import hashlib
 import multiprocessing
 import os
+import struct
+import warnings
 from collections.abc import Hashable, Iterator
-from io import BytesIO
 from dataclasses import dataclass
+from io import BytesIO
 from pathlib import Path
 
 import numpy as np
@@ -20,10 +22,15 @@ from PIL import Image, UnidentifiedImageError
 from histoscreen.constants import (
     BACKGROUND_RGB,
     GRID_STEP,
+    MAX_SLIDE_PX,
     PATCH_NAME_HINT,
     PATCH_SIZE,
 )
 from histoscreen.data.naming import PatchName, on_grid, parse_patch_name
+from histoscreen.errors import SettingError
+from histoscreen.problems import Problem, is_utf8_name, printable_path
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 _MODE_DESCRIPTIONS = {
     "1": "1-bit black and white",
@@ -48,13 +55,37 @@ class DecodedPatch:
     reason: str | None
 
 
-def find_files(folder: Path) -> list[Path]:
-    """Every regular, non-hidden file below `folder`, in a stable order."""
+def find_files(folder: Path) -> tuple[list[Path], list[Problem]]:
+    """Every non-hidden file below `folder`, in a stable order, and what could not be
+    searched: unreadable folders, symbolic links to folders (not followed, so a search never
+    leaves the folder it was given) and names that are not UTF-8."""
     found: list[Path] = []
-    for root, dirs, files in os.walk(folder):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        found.extend(Path(root, f) for f in sorted(files) if not f.startswith("."))
-    return found
+    problems: list[Problem] = []
+
+    def unreadable(error: OSError) -> None:
+        problems.append(Problem(printable_path(error.filename or folder), f"unreadable folder ({error.strerror or error})"))
+
+    for root, dirs, files in os.walk(folder, onerror=unreadable):
+        searched = []
+        for name in sorted(dirs):
+            path = Path(root, name)
+            if name.startswith("."):
+                continue
+            if not is_utf8_name(name):
+                problems.append(Problem(printable_path(path), "folder name is not valid UTF-8; not searched"))
+            elif path.is_symlink():
+                problems.append(Problem(str(path), "symbolic link to a folder; not followed (copy the folder instead)"))
+            else:
+                searched.append(name)
+        dirs[:] = searched
+        for name in sorted(files):
+            if name.startswith("."):
+                continue
+            if not is_utf8_name(name):
+                problems.append(Problem(printable_path(Path(root, name)), "file name is not valid UTF-8"))
+            else:
+                found.append(Path(root, name))
+    return found, problems
 
 
 def check_name(path: Path) -> tuple[PatchName | None, str | None]:
@@ -69,6 +100,8 @@ def check_name(path: Path) -> tuple[PatchName | None, str | None]:
     if name is None:
         return None, f"name does not match {PATCH_NAME_HINT}"
     for axis, value in (("x", name.x), ("y", name.y)):
+        if value > MAX_SLIDE_PX:
+            return None, f"{axis}={value} lies beyond any slide (more than {MAX_SLIDE_PX:,} px)"
         if not on_grid(value):
             return None, f"{axis}={value} is not on the {GRID_STEP}-px grid (1, 51, 101, ...)"
     label_folder = path.parent.name
@@ -85,8 +118,14 @@ def decode_patch_bytes(data: bytes) -> DecodedPatch:
     """Decode one patch PNG, padding edge patches with background to the full size."""
     if not data:
         return _rejected("empty file (0 bytes)")
+    if data.startswith(PNG_SIGNATURE) and len(data) >= 24:
+        # IHDR comes first: refuse a huge image from its header, before any decoder sees it
+        width, height = struct.unpack(">II", data[16:24])
+        if width > PATCH_SIZE or height > PATCH_SIZE or width < 1 or height < 1:
+            return _rejected(f"size {width}x{height} does not fit in {PATCH_SIZE}x{PATCH_SIZE}")
     try:
-        with Image.open(BytesIO(data)) as image:
+        with warnings.catch_warnings(), Image.open(BytesIO(data)) as image:
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
             if image.format != "PNG":
                 return _rejected(f"not a PNG image (format {image.format})")
             width, height = image.size
@@ -100,7 +139,9 @@ def decode_patch_bytes(data: bytes) -> DecodedPatch:
             pixels = np.asarray(image, dtype=np.uint8)
     except UnidentifiedImageError:
         return _rejected("not an image (unreadable as PNG)")
-    except (OSError, SyntaxError, ValueError) as error:
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+        return _rejected(f"image far larger than a patch ({error})")
+    except (OSError, SyntaxError, ValueError, struct.error) as error:
         return _rejected(f"corrupt or truncated PNG ({error})")
     padded = np.empty((PATCH_SIZE, PATCH_SIZE, 3), dtype=np.uint8)
     padded[:] = BACKGROUND_RGB
@@ -155,6 +196,8 @@ def decode_files(
     Items with equal keys next to each other whose files are byte-identical are decoded
     once (the Kaggle archive's twins). Each chunk comes with its paths.
     """
+    if workers is not None and workers < 1:
+        raise SettingError("workers", f"must be at least 1, got {workers}")
     workers = workers or os.cpu_count() or 1
     chunks = [items[i : i + chunk_size] for i in range(0, len(items), chunk_size)]
     if workers == 1 or len(chunks) < 2:

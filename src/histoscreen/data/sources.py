@@ -21,22 +21,14 @@ from pathlib import Path
 import numpy as np
 
 from histoscreen.constants import KAGGLE_DUPLICATE_FOLDER, PATCH_SIZE
+from histoscreen.data.grid import NO_SLIDE, UNKNOWN_COORDINATE, SlidePositions
 from histoscreen.data.naming import PatchName, grid_index, parse_patch_name, patient_sort_key
 from histoscreen.data.patch_files import check_name, decode_files, find_files
 from histoscreen.data.store import MANIFEST_FILE, PatchStore
-from histoscreen.errors import InputError
+from histoscreen.errors import InputError, SettingError
+from histoscreen.problems import Problem
 
 NO_LABEL = -1
-UNKNOWN_COORDINATE = -1
-NO_SLIDE = ""  # the slide id of patches whose name gives no place
-
-
-@dataclass(frozen=True)
-class Problem:
-    """Something that could not be used: one file, a folder, or a whole slide."""
-
-    where: str
-    reason: str
 
 
 @dataclass(frozen=True)
@@ -51,37 +43,6 @@ class Conflict:
     def as_problem(self) -> Problem:
         differing = " and ".join(w for w, d in (("label", self.labels_differ), ("pixels", self.pixels_differ)) if d)
         return Problem(self.other_path, f"a second copy of {self.kept_path} with a different {differing}; the first copy was used")
-
-
-@dataclass(frozen=True)
-class SlidePositions:
-    """Where each patch sits: its slide and grid cell; `known` is False where the name gave
-    no place (such patches have no neighbours)."""
-
-    slides: np.ndarray  # object array of slide (patient) ids, NO_SLIDE where unknown
-    columns: np.ndarray  # int64 grid column
-    rows: np.ndarray  # int64 grid row
-    known: np.ndarray  # bool
-
-    @classmethod
-    def of(cls, slides: Sequence[str] | np.ndarray, xs: Sequence[int] | np.ndarray, ys: Sequence[int] | np.ndarray) -> SlidePositions:
-        """From slide ids and 1-based slide coordinates (UNKNOWN_COORDINATE where unknown)."""
-        slides = np.asarray(slides, dtype=object)
-        xs, ys = np.asarray(xs, dtype=np.int64), np.asarray(ys, dtype=np.int64)
-        known = (slides != NO_SLIDE) & (xs != UNKNOWN_COORDINATE) & (ys != UNKNOWN_COORDINATE)
-        return cls(
-            np.where(known, slides, NO_SLIDE).astype(object),
-            np.where(known, grid_index(xs), 0),
-            np.where(known, grid_index(ys), 0),
-            known,
-        )
-
-    @classmethod
-    def unknown(cls, count: int) -> SlidePositions:
-        return cls.of(np.full(count, NO_SLIDE, dtype=object), np.full(count, UNKNOWN_COORDINATE), np.full(count, UNKNOWN_COORDINATE))
-
-    def __len__(self) -> int:
-        return len(self.known)
 
 
 @dataclass
@@ -242,8 +203,12 @@ class FileSource(PatchSource):
         named_only: bool = True,
         workers: int | None = None,
         empty_folders: Sequence[Path] = (),
+        listing_problems: Sequence[Problem] = (),
     ):
         super().__init__()
+        if workers is not None and workers < 1:
+            raise SettingError("workers", f"must be at least 1, got {workers}")
+        self.problems += listing_problems
         self.description = description
         self.workers = workers
         self.files_seen = len(files)
@@ -272,10 +237,10 @@ class FileSource(PatchSource):
 
     @classmethod
     def from_folder(cls, folder: Path, **options) -> FileSource:
-        files = find_files(folder)
-        if not files:
+        files, problems = find_files(folder)
+        if not files and not problems:
             raise InputError(f"{folder}: the folder holds no files")
-        return cls(files, description=str(folder), empty_folders=_patient_folders(folder), **options)
+        return cls(files, description=str(folder), empty_folders=_patient_folders(folder), listing_problems=problems, **options)
 
     def slide_ids(self) -> list[str]:
         return list(self._slides)
@@ -368,6 +333,7 @@ def open_sources(
     files: list[Path] = []
     folders: list[Path] = []
     empty_folders: list[Path] = []
+    listing_problems: list[Problem] = []
     for given in inputs:
         path = Path(given)
         if not path.exists():
@@ -375,15 +341,17 @@ def open_sources(
         if path.is_dir() and (path / MANIFEST_FILE).is_file():
             sources.append(StoreSource(PatchStore(path)))
         elif path.is_dir():
-            found = find_files(path)
-            if not found:
+            found, problems = find_files(path)
+            if not found and not problems:
                 raise InputError(f"{path}: the folder holds no files")
             files += found
+            listing_problems += problems
             folders.append(path)
             empty_folders += _patient_folders(path)
         else:
             files.append(path)
-    if files:
+    if files or listing_problems:
         description = ", ".join(str(f) for f in folders) or f"{len(files)} files"
-        sources.append(FileSource(files, description=description, named_only=named_only, workers=workers, empty_folders=empty_folders))
+        sources.append(FileSource(files, description=description, named_only=named_only, workers=workers,
+                                  empty_folders=empty_folders, listing_problems=listing_problems))
     return sources

@@ -19,8 +19,8 @@ import numpy as np
 import pandas as pd
 
 from histoscreen.errors import InputError
-from histoscreen.constants import PATCH_SIZE
-from histoscreen.data.naming import patient_sort_key
+from histoscreen.constants import COORD_ORIGIN, GRID_STEP, MAX_SLIDE_PX, PATCH_SIZE
+from histoscreen.data.naming import check_slide_id, patient_sort_key
 
 STORE_FORMAT = "histoscreen-patch-store"
 STORE_VERSION = 1
@@ -52,8 +52,14 @@ class PatchStore:
         for name in (PATCHES_FILE, INDEX_FILE):
             if not (self.path / name).is_file():
                 raise InputError(f"{self.path}: store is missing {name}")
-        self.patches: np.ndarray = np.load(self.path / PATCHES_FILE, mmap_mode="r", allow_pickle=False)
-        self.index: pd.DataFrame = pd.read_parquet(self.path / INDEX_FILE)
+        try:
+            self.patches: np.ndarray = np.load(self.path / PATCHES_FILE, mmap_mode="r", allow_pickle=False)
+        except (OSError, ValueError) as error:
+            raise InputError(f"{self.path / PATCHES_FILE}: unreadable or damaged ({error})") from None
+        try:
+            self.index: pd.DataFrame = pd.read_parquet(self.path / INDEX_FILE)
+        except (OSError, ValueError) as error:  # pyarrow's ArrowInvalid is a ValueError
+            raise InputError(f"{self.path / INDEX_FILE}: unreadable or damaged ({error})") from None
         expected_shape = (len(self.index), PATCH_SIZE, PATCH_SIZE, 3)
         if self.patches.shape != expected_shape or self.patches.dtype != np.uint8:
             raise InputError(
@@ -63,6 +69,28 @@ class PatchStore:
         missing = set(INDEX_COLUMNS) - set(self.index.columns)
         if missing:
             raise InputError(f"{self.path}: {INDEX_FILE} lacks columns {sorted(missing)}")
+        self._check_index()
+
+    def _check_index(self) -> None:
+        """Every value that later becomes a path, a grid cell or a call is checked here, once:
+        a store is a file anyone can hand over, and its patient ids name report folders."""
+        index = self.index
+        index["patient"] = index["patient"].astype("string")
+        bad_ids = [p for p in index["patient"].unique().tolist() if check_slide_id(p) is not None]
+        if bad_ids:
+            raise InputError(f"{self.path / INDEX_FILE}: patient {bad_ids[0]!r} {check_slide_id(bad_ids[0])}")
+        for column, low, high in (("x", 1, MAX_SLIDE_PX), ("y", 1, MAX_SLIDE_PX), ("label", 0, 1),
+                                  ("width", 1, PATCH_SIZE), ("height", 1, PATCH_SIZE)):
+            values = index[column]
+            if not pd.api.types.is_integer_dtype(values):
+                raise InputError(f"{self.path / INDEX_FILE}: column {column} holds {values.dtype}, not whole numbers")
+            outside = (values < low) | (values > high)
+            if outside.any():
+                raise InputError(f"{self.path / INDEX_FILE}: {column} = {values[outside].iloc[0]} lies outside {low}..{high:,}")
+        off_grid = ((index["x"] - COORD_ORIGIN) % GRID_STEP != 0) | ((index["y"] - COORD_ORIGIN) % GRID_STEP != 0)
+        if off_grid.any():
+            row = index[off_grid].iloc[0]
+            raise InputError(f"{self.path / INDEX_FILE}: patch x={row['x']}, y={row['y']} is not on the {GRID_STEP}-px grid")
 
     def __len__(self) -> int:
         return len(self.index)

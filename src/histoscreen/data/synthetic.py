@@ -151,7 +151,7 @@ def synthesize(
     if idc_fractions is not None and len(idc_fractions) != patients:
         raise SettingError("idc_fractions", f"has {len(idc_fractions)} values for {patients} patients")
     summaries = []
-    with atomic_folder(Path(out), overwrite=overwrite) as partial:
+    with atomic_folder(Path(out), overwrite=overwrite, kind="synthetic slides") as partial:
         roots = [partial, partial / KAGGLE_DUPLICATE_FOLDER] if doubled else [partial]
         for number in range(patients):
             wanted = None if idc_fractions is None else idc_fractions[number]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field, fields
 from importlib import resources
 from pathlib import Path
@@ -285,10 +286,15 @@ def model_paths(path: str | os.PathLike) -> tuple[Path, Path]:
     return path, path.with_suffix(METADATA_SUFFIX)
 
 
-def save_model(model: torch.nn.Module, metadata: ModelMetadata, path: str | os.PathLike, *, overwrite: bool = True) -> Path:
+def save_model(
+    model: torch.nn.Module, metadata: ModelMetadata, path: str | os.PathLike, *, overwrite: bool = True,
+    inputs: Iterable[str | os.PathLike] = (),
+) -> Path:
+    """Write NAME.safetensors and NAME.json; never over one of `inputs` (the model it was
+    made from, say), nor over an existing model unless `overwrite`."""
     weights, meta = model_paths(path)
     for existing in (weights, meta):
-        check_output_file(existing, overwrite=overwrite)
+        check_output_file(existing, overwrite=overwrite, inputs=inputs)
     weights.parent.mkdir(parents=True, exist_ok=True)
     tensors = {name: tensor.detach().cpu().contiguous() for name, tensor in model.state_dict().items()}
     atomic_write_bytes(weights, save(tensors, metadata={"format": MODEL_FORMAT}))

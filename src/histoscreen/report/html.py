@@ -5,7 +5,7 @@ from __future__ import annotations
 from html import escape
 from pathlib import Path
 
-from histoscreen.data.sources import Problem
+from histoscreen.problems import Problem
 from histoscreen.tasks.slides import SlideSummary
 
 DISCLAIMER = (
@@ -136,7 +136,7 @@ def write_slide_page(folder: Path, summary: SlideSummary, settings: dict, galler
         f'<p><a href="../index.html">← all slides</a></p><h1>Slide {patient}</h1>'
         f"<table>{table}</table>"
         f'<div class="pictures"><div><h3>IDC heatmap</h3><img class="view" src="{patient}/heatmap.png" alt="IDC heatmap"></div>{truth}</div>'
-        f'<p>Tissue mosaic at full resolution: <a href="{patient}/mosaic.jpg">mosaic.jpg</a>. '
+        f'<p>The rebuilt slide: <a href="{patient}/mosaic.jpg">mosaic.jpg</a>. '
         f'IDC regions for QuPath (GeoJSON, slide pixel coordinates): <a href="{patient}/regions.geojson">regions.geojson</a>. '
         f'Every patch with its probability and call: <a href="{patient}/patches.csv">patches.csv</a>.</p>'
         f"<h2>Explained patches</h2><p>The most suspicious patches and the uncertain ones (within 0.1 of the threshold"

@@ -6,7 +6,8 @@ import os
 from pathlib import Path
 
 from histoscreen.atomic import check_output_file
-from histoscreen.report.tables import write_csv, write_frame
+from histoscreen.models.bundle import model_paths
+from histoscreen.tables import write_csv, write_frame
 from histoscreen.tasks.predict import Predictions
 
 
@@ -18,7 +19,9 @@ def write_predictions(predictions: Predictions, out_csv: str | os.PathLike, *, o
     """Write the rows to `out_csv` and the problems to OUT.rejects.csv; a rejects file left by
     an earlier run is removed when this run has none, so the pair always belongs together."""
     out_csv = Path(out_csv)
-    check_output_file(out_csv, overwrite=overwrite)
+    inputs = [*predictions.inputs, *model_paths(predictions.settings["model"])]
+    check_output_file(out_csv, overwrite=overwrite, inputs=inputs)
+    check_output_file(rejects_path(out_csv), overwrite=True, inputs=inputs)
     out_csv.parent.mkdir(parents=True, exist_ok=True)
     rows = predictions.rows.copy()
     rows["prob_idc"] = rows["prob_idc"].map(lambda p: f"{p:.6f}")

@@ -16,17 +16,18 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 from PIL import Image
 
-from histoscreen.atomic import atomic_folder
-from histoscreen.data.sources import NO_LABEL, Problem
+from histoscreen.atomic import atomic_folder, child_path
+from histoscreen.models.bundle import model_paths
+from histoscreen.data.sources import NO_LABEL
+from histoscreen.problems import Problem
 from histoscreen.progress import Progress, silent
 from histoscreen.report.html import write_index, write_slide_page
 from histoscreen.report.pictures import THUMBNAIL_PX, explanation_figure, heatmap_image, save_png, shrink
-from histoscreen.report.tables import write_csv
+from histoscreen.tables import write_csv
 from histoscreen.tasks.screen import Screening, SlideResult
-from histoscreen.tasks.slides import SlideSummary, build_mosaic, rank_slides, regions_geojson
+from histoscreen.tasks.slides import SlideSummary, build_mosaic, mosaic_reduction, rank_slides, regions_geojson
 
 SLIDE_COLUMNS = [
     "rank", "patient", "patches", "idc_patches", "idc_fraction", "largest_region_patches", "largest_region_mm2",
@@ -66,9 +67,10 @@ def write_screening_report(
     out_dir = Path(out_dir)
     summaries: list[SlideSummary] = []
     patches = 0
-    with atomic_folder(out_dir, overwrite=overwrite) as partial:
+    inputs = [*screening.settings["inputs"], *model_paths(screening.settings["model"])]
+    with atomic_folder(out_dir, overwrite=overwrite, inputs=inputs, kind="screening report") as partial:
         for number, result in enumerate(screening, start=1):
-            folder = partial / "slides" / result.patient
+            folder = child_path(partial, "slides", result.patient)
             try:
                 write_slide(result, partial, screening.settings)
             except Exception as error:  # a slide that cannot be drawn is reported, the rest go on
@@ -91,18 +93,18 @@ def write_screening_report(
 
 def write_slide(result: SlideResult, report_folder: Path, settings: dict) -> None:
     """Everything of one slide: pictures, patch table, regions, explanations, its page."""
-    folder = report_folder / "slides" / result.patient
+    folder = child_path(report_folder, "slides", result.patient)
     folder.mkdir(parents=True)
-    slide, threshold = result.slide, result.threshold
-    probability_grid, truth_grid = result.probability_grid(), result.truth_grid()
-    mosaic = build_mosaic(slide, result.grid)
+    slide, grid, threshold = result.slide, result.grid, result.threshold
+    reduction = mosaic_reduction(slide, grid)
+    mosaic = build_mosaic(slide, grid, reduction)
     Image.fromarray(mosaic).save(folder / "mosaic.jpg", quality=90)
     save_png(shrink(mosaic, THUMBNAIL_PX), folder / "thumbnail.png")
-    heatmap_image(mosaic, probability_grid, threshold, folder / "heatmap.png",
+    heatmap_image(mosaic, grid, result.probabilities, threshold, folder / "heatmap.png", reduction=reduction,
                   title=f"{result.patient}: IDC probability (cyan outline: at or above threshold {threshold:.2f})")
-    if truth_grid is not None:
-        heatmap_image(mosaic, truth_grid, 0.5, folder / "truth.png", title=f"{result.patient}: ground truth (IDC = 1, outlined)",
-                      values_label="true label")
+    if slide.has_labels:
+        heatmap_image(mosaic, grid, slide.labels, 0.5, folder / "truth.png", reduction=reduction,
+                      title=f"{result.patient}: ground truth (IDC = 1, outlined)", values_label="true label")
     write_csv(
         folder / "patches.csv", ["x", "y", "prob_idc", "pred", "uncertain", "label"],
         (
@@ -110,8 +112,7 @@ def write_slide(result: SlideResult, report_folder: Path, settings: dict) -> Non
             for x, y, p, call, doubt, label in zip(slide.xs, slide.ys, result.probabilities, result.calls, result.uncertain, slide.labels)
         ),
     )
-    idc_mask = np.nan_to_num(probability_grid, nan=-1) >= threshold
-    geojson = regions_geojson(idc_mask, probability_grid, result.patient, origin=result.grid.pixel_origin)
+    geojson = regions_geojson(grid, result.calls, result.probabilities, result.patient)
     (folder / "regions.geojson").write_text(json.dumps(geojson) + "\n")
 
     (folder / "explained").mkdir()
@@ -124,4 +125,4 @@ def write_slide(result: SlideResult, report_folder: Path, settings: dict) -> Non
             caption += f", true {'IDC' if slide.labels[row] == 1 else 'non-IDC'}"
         explanation_figure(slide.pixels[row], explanation.cam, folder / "explained" / name)
         gallery.append({"file": f"explained/{name}", "kind": explanation.kind, "caption": caption})
-    write_slide_page(report_folder, result.summary, settings, gallery, has_truth=truth_grid is not None)
+    write_slide_page(report_folder, result.summary, settings, gallery, has_truth=slide.has_labels)

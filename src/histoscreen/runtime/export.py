@@ -15,7 +15,7 @@ from torch import nn
 from histoscreen.atomic import atomic_write_bytes, atomic_write_text, check_output_file
 from histoscreen.constants import PATCH_SIZE
 from histoscreen.errors import SettingError
-from histoscreen.models.bundle import load_model
+from histoscreen.models.bundle import load_model, model_paths
 from histoscreen.runtime.onnx import onnx_bytes
 
 EXPORT_FORMATS = ("onnx", "torchscript")
@@ -48,7 +48,7 @@ def export_model(
     model, metadata = load_model(model_path)
     out = Path(out)
     for written in (out, out.with_suffix(".json") if format == "onnx" else out.parent / "config.json"):
-        check_output_file(written, overwrite=overwrite)
+        check_output_file(written, overwrite=overwrite, inputs=model_paths(model_path))
     out.parent.mkdir(parents=True, exist_ok=True)
     if format == "onnx":
         atomic_write_bytes(out, onnx_bytes(model, metadata))

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from histoscreen.constants import PATCH_SIZE
-from histoscreen.data.sources import SlidePositions
+from histoscreen.data.grid import SlidePositions
 from histoscreen.data.transforms import DIHEDRAL_VIEWS
 from histoscreen.errors import ArgumentError, ModelError, SettingError
 from histoscreen.models.bundle import Calibration, load_model, model_paths, scoring_mode, shipped_model_path

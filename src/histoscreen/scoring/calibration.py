@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from histoscreen.data.sources import SlidePositions
+from histoscreen.data.grid import SlidePositions
 from histoscreen.models.bundle import Calibration, ContextSettings, Scoring, Validation, scoring_mode
 from histoscreen.scoring.context import CONTEXT_RADII, CONTEXT_WEIGHTS, blend_with_neighbours
 from histoscreen.scoring.metrics import classification_metrics, confusion_counts, roc_curve, sigmoid

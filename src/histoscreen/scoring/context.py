@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from histoscreen.data.sources import SlidePositions
+from histoscreen.data.grid import CellIndex, SlidePositions
 
 CONTEXT_RADII = (1, 2, 3)
 CONTEXT_WEIGHTS = (0.25, 0.5, 0.7, 0.85)
@@ -24,42 +24,30 @@ CONTEXT_WEIGHTS = (0.25, 0.5, 0.7, 0.85)
 
 def neighbour_means(logits: np.ndarray, positions: SlidePositions, radius: int) -> tuple[np.ndarray, np.ndarray]:
     """Per patch: the mean logit of the other patches within `radius` cells of it on its
-    slide, and how many there are (mean 0 where there are none)."""
+    slide, and how many there are (mean 0 where there are none). A cell named twice (an
+    archive's duplicate) counts once, with the value of its last patch.
+
+    Cells are looked up, not laid out: memory follows the patches, not the slides' extent.
+    """
     sums = np.zeros(len(logits))
     counts = np.zeros(len(logits))
-    known_rows = np.flatnonzero(positions.known)
-    patients = positions.slides[known_rows]
-    for patient in np.unique(patients):
-        members = known_rows[patients == patient]
-        columns, rows = positions.columns[members], positions.rows[members]
-        width, height = columns.max() + 1 + 2 * radius, rows.max() + 1 + 2 * radius
-        value = np.zeros((height, width))
-        present = np.zeros((height, width))
-        # a position named twice (an archive's duplicate) counts once
-        value[rows + radius, columns + radius] = logits[members]
-        present[rows + radius, columns + radius] = 1.0
-        window_sum = _box_sum(value, radius)
-        window_count = _box_sum(present, radius)
-        centre = (rows + radius, columns + radius)
-        sums[members] = window_sum[centre] - value[centre]
-        counts[members] = window_count[centre] - present[centre]
+    known = np.flatnonzero(positions.known)
+    if len(known):
+        _, slides = np.unique(positions.slides[known].astype(str), return_inverse=True)
+        cells = CellIndex(positions.rows[known], positions.columns[known], slides, margin=radius)
+        value = logits[known[cells.item_of_cell]]
+        cell_sums, cell_counts = np.zeros(len(cells)), np.zeros(len(cells))
+        for row_step in range(-radius, radius + 1):
+            for column_step in range(-radius, radius + 1):
+                if row_step or column_step:
+                    neighbour = cells.neighbour_cells(row_step, column_step)
+                    present = neighbour >= 0
+                    cell_sums[present] += value[neighbour[present]]
+                    cell_counts[present] += 1
+        sums[known] = cell_sums[cells.cell_of_item]
+        counts[known] = cell_counts[cells.cell_of_item]
     means = np.divide(sums, counts, out=np.zeros_like(sums), where=counts > 0)
     return means, counts
-
-
-def _box_sum(grid: np.ndarray, radius: int) -> np.ndarray:
-    """Sum over the (2r+1) x (2r+1) window around every cell (zero beyond the edge)."""
-    padded = np.pad(grid, radius)
-    table = padded.cumsum(0).cumsum(1)
-    table = np.pad(table, ((1, 0), (1, 0)))
-    size = 2 * radius + 1
-    height, width = grid.shape
-    return (
-        table[size : size + height, size : size + width]
-        - table[:height, size : size + width]
-        - table[size : size + height, :width]
-        + table[:height, :width]
-    )
 
 
 def blend_with_neighbours(logits: np.ndarray, positions: SlidePositions, radius: int, weight: float) -> np.ndarray:

@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from histoscreen.data.sources import NO_SLIDE, UNKNOWN_COORDINATE, PatchBatch, Problem, open_sources
+from histoscreen.data.sources import NO_SLIDE, UNKNOWN_COORDINATE, PatchBatch, open_sources
+from histoscreen.problems import Problem
 from histoscreen.progress import Progress, silent
 from histoscreen.runtime.predictor import Predictor
 
@@ -28,6 +29,7 @@ class Predictions:
 
     rows: pd.DataFrame
     settings: dict
+    inputs: list[str]
     problems: list[Problem] = field(default_factory=list)
     duplicates: int = 0
     seconds: float = 0.0
@@ -95,5 +97,5 @@ def predict(
     )
     problems = [p for source in sources for p in source.problems + [c.as_problem() for c in source.conflicts]]
     return Predictions(
-        rows, predictor.settings(), problems, sum(s.duplicates for s in sources), time.perf_counter() - started
+        rows, predictor.settings(), [str(i) for i in inputs], problems, sum(s.duplicates for s in sources), time.perf_counter() - started
     )

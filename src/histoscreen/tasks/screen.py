@@ -18,7 +18,8 @@ from pathlib import Path
 import numpy as np
 
 from histoscreen.constants import PATCH_NAME_HINT
-from histoscreen.data.sources import NO_LABEL, PatchBatch, PatchSource, Problem, open_sources
+from histoscreen.data.sources import NO_LABEL, PatchBatch, PatchSource, open_sources
+from histoscreen.problems import Problem
 from histoscreen.errors import InputError, SettingError
 from histoscreen.models.bundle import load_metadata, shipped_model_path
 from histoscreen.runtime.predictor import Predictor
@@ -58,12 +59,6 @@ class SlideResult:
     @property
     def calls(self) -> np.ndarray:
         return self.probabilities >= self.threshold
-
-    def probability_grid(self) -> np.ndarray:
-        return self.grid.layout(self.probabilities)
-
-    def truth_grid(self) -> np.ndarray | None:
-        return self.grid.layout(self.slide.labels.astype(float)) if self.slide.has_labels else None
 
 
 def read_labels_csv(path: str | os.PathLike) -> dict[tuple[str, int, int], int]:
@@ -169,10 +164,8 @@ class Screening:
         grid = SlideGrid.of(slide)
         threshold = predictor.threshold
         summary = summarise_slide(
-            str(slide.patients[0]), grid.layout(probabilities), threshold,
-            uncertain_grid=grid.layout(disagree, empty=0).astype(bool),
-            truth_grid=grid.layout(slide.labels.astype(float)) if slide.has_labels else None,
-            um_per_px=self.um_per_px,
+            str(slide.patients[0]), grid, probabilities, threshold, views_disagree=disagree,
+            labels=slide.labels if slide.has_labels else None, um_per_px=self.um_per_px,
         )
         uncertain = uncertain_patches(probabilities, threshold, disagree)
         suspicious = np.argsort(-probabilities)[: self.explained_per_kind]

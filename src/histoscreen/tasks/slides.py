@@ -1,106 +1,132 @@
-"""What a pathologist reads off a slide's probability map: tumour burden, connected IDC
+"""What a pathologist reads off a slide's probabilities: tumour burden, connected IDC
 regions, uncertain patches, the triage order, and region outlines for QuPath.
 
-A slide's patches are laid on a grid of cells (one per 50-px patch). The grid spans only
-the cells between the first and last patch present, so a slide cut far from its origin
-costs no memory for the empty margin.
+A slide's patches sit on a grid of 50-px cells. Everything here works on the cells that are
+present (looked up through a CellIndex), never on an array the size of the slide's bounding
+box: a patch named far from the others costs no more than any other.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from histoscreen.constants import BACKGROUND_RGB, COORD_ORIGIN, GRID_STEP
+from histoscreen.constants import BACKGROUND_RGB, COORD_ORIGIN, GRID_STEP, PATCH_SIZE
+from histoscreen.data.grid import CellIndex
 from histoscreen.data.sources import PatchBatch
+
+# A patch whose calibrated probability lies this close to the threshold is shown to a
+# person rather than trusted either way.
+UNCERTAIN_MARGIN = 0.1
+
+# A rebuilt slide is drawn at full resolution up to this many pixels (about 6000 x 6000);
+# beyond it, at the largest whole fraction of it that fits (a real slide at the Kaggle set's
+# 2.5x never gets there; a far-off stray patch would).
+MOSAIC_MAX_PIXELS = 36_000_000
+MOSAIC_REDUCTIONS = (1, 2, 5, 10, 25, 50)  # divisors of the patch size
 
 
 @dataclass(frozen=True)
 class SlideGrid:
-    """The cells of one slide's patches: `columns` and `rows` count from `origin`, the
-    top-left cell present, in grid steps."""
+    """The cells of one slide's patches. `columns` and `rows` (per patch) count from
+    `origin`, the slide's top-left cell present; `extent` is rows x columns spanned."""
 
     columns: np.ndarray
     rows: np.ndarray
-    origin: tuple[int, int]  # (column, row) of the slide's top-left patch
-    shape: tuple[int, int]  # rows x columns
+    origin: tuple[int, int]  # (column, row)
+    extent: tuple[int, int]
+    cells: CellIndex = field(compare=False, repr=False)
+
+    @classmethod
+    def from_cells(cls, rows: np.ndarray, columns: np.ndarray) -> SlideGrid:
+        rows, columns = np.asarray(rows, dtype=np.int64), np.asarray(columns, dtype=np.int64)
+        first_column, first_row = int(columns.min()), int(rows.min())
+        columns, rows = columns - first_column, rows - first_row
+        extent = (int(rows.max()) + 1, int(columns.max()) + 1)
+        return cls(columns, rows, (first_column, first_row), extent, CellIndex(rows, columns, margin=1))
 
     @classmethod
     def of(cls, slide: PatchBatch) -> SlideGrid:
-        columns, rows = slide.columns, slide.rows
-        first_column, first_row = int(columns.min()), int(rows.min())
-        columns, rows = columns - first_column, rows - first_row
-        return cls(columns, rows, (first_column, first_row), (int(rows.max()) + 1, int(columns.max()) + 1))
-
-    def layout(self, values: np.ndarray, empty: float = np.nan) -> np.ndarray:
-        """Per-patch values laid out on the grid (rows x columns); `empty` elsewhere."""
-        layout = np.full(self.shape, empty, dtype=np.float64)
-        layout[self.rows, self.columns] = values
-        return layout
+        return cls.from_cells(slide.rows, slide.columns)
 
     @property
     def pixel_origin(self) -> tuple[int, int]:
         """Slide pixel (x, y) of the grid's top-left corner."""
         return self.origin[0] * GRID_STEP, self.origin[1] * GRID_STEP
 
+    def representatives(self) -> np.ndarray:
+        """One patch per cell (the last, where a cell was named twice)."""
+        return self.cells.item_of_cell
 
-def build_mosaic(slide: PatchBatch, grid: SlideGrid | None = None) -> np.ndarray:
+
+def mosaic_reduction(slide: PatchBatch, grid: SlideGrid) -> int:
+    """By how much the rebuilt slide is shrunk when drawn (1: full resolution)."""
+    height, width = grid.extent[0] * GRID_STEP, grid.extent[1] * GRID_STEP
+    return next((r for r in MOSAIC_REDUCTIONS if (height // r) * (width // r) <= MOSAIC_MAX_PIXELS), MOSAIC_REDUCTIONS[-1])
+
+
+def build_mosaic(slide: PatchBatch, grid: SlideGrid | None = None, reduction: int = 1) -> np.ndarray:
     """The slide as one RGB image over its grid: every patch at its place, background where
-    none was cut."""
+    none was cut; with `reduction` r, each patch is averaged down to 50/r px."""
     grid = grid or SlideGrid.of(slide)
     left, top = grid.pixel_origin
     height = int((slide.ys - COORD_ORIGIN - top + slide.heights).max())
     width = int((slide.xs - COORD_ORIGIN - left + slide.widths).max())
-    mosaic = np.empty((height, width, 3), dtype=np.uint8)
+    mosaic = np.empty((-(-height // reduction), -(-width // reduction), 3), dtype=np.uint8)
     mosaic[:] = BACKGROUND_RGB
+    size = PATCH_SIZE // reduction
     for pixels, x, y, w, h in zip(slide.pixels, slide.xs, slide.ys, slide.widths, slide.heights):
-        y0, x0 = y - COORD_ORIGIN - top, x - COORD_ORIGIN - left
+        y0, x0 = (y - COORD_ORIGIN - top) // reduction, (x - COORD_ORIGIN - left) // reduction
+        if reduction > 1:
+            pixels = pixels.reshape(size, reduction, size, reduction, 3).mean(axis=(1, 3)).round().astype(np.uint8)
+        h, w = -(-h // reduction), -(-w // reduction)
         mosaic[y0 : y0 + h, x0 : x0 + w] = pixels[:h, :w]
     return mosaic
-
-# A patch whose calibrated probability lies this close to the threshold is shown to a
-# person rather than trusted either way.
-UNCERTAIN_MARGIN = 0.1
 
 
 def uncertain_patches(probabilities: np.ndarray, threshold: float, views_disagree: np.ndarray | None = None) -> np.ndarray:
     """Patches to show a person: within UNCERTAIN_MARGIN of the threshold, or whose
-    test-time views fall on both sides of it. NaN (no patch) is never uncertain."""
-    uncertain = np.abs(np.nan_to_num(probabilities, nan=np.inf) - threshold) < UNCERTAIN_MARGIN
+    test-time views fall on both sides of it."""
+    uncertain = np.abs(probabilities - threshold) < UNCERTAIN_MARGIN
     return uncertain | views_disagree if views_disagree is not None else uncertain
 
 
-def connected_regions(mask: np.ndarray) -> tuple[np.ndarray, int]:
-    """Label 4-connected regions of True cells: (labels with 0 = background, region count).
+def connected_regions(grid: SlideGrid, mask: np.ndarray) -> tuple[np.ndarray, int]:
+    """Label the 4-connected regions of the cells whose patch is in `mask`: (label per cell
+    of grid.cells, 0 outside every region, regions numbered in reading order; region count).
 
     4-connectivity: tumour touching only at a corner is counted as two foci.
 
-    >>> connected_regions(np.array([[1, 1, 0], [0, 0, 0], [0, 1, 1]], dtype=bool))[1]
+    >>> grid = SlideGrid.from_cells(np.array([0, 0, 2, 2]), np.array([0, 1, 1, 2]))
+    >>> connected_regions(grid, np.ones(4, dtype=bool))[1]
     2
     """
-    labels = np.zeros(mask.shape, dtype=np.int32)
+    cells = grid.cells
+    inside = np.asarray(mask, dtype=bool)[cells.item_of_cell]
+    neighbours = [cells.neighbour_cells(dr, dc) for dr, dc in ((-1, 0), (1, 0), (0, -1), (0, 1))]
+    labels = np.zeros(len(cells), dtype=np.int64)
     count = 0
-    rows, columns = mask.shape
-    for start in zip(*np.nonzero(mask)):
+    for start in np.flatnonzero(inside):  # cells are sorted by key, that is in reading order
         if labels[start]:
             continue
         count += 1
         labels[start] = count
         stack = [start]
         while stack:
-            r, c = stack.pop()
-            for nr, nc in ((r - 1, c), (r + 1, c), (r, c - 1), (r, c + 1)):
-                if 0 <= nr < rows and 0 <= nc < columns and mask[nr, nc] and not labels[nr, nc]:
-                    labels[nr, nc] = count
-                    stack.append((nr, nc))
+            cell = stack.pop()
+            for step in neighbours:
+                other = step[cell]
+                if other >= 0 and inside[other] and not labels[other]:
+                    labels[other] = count
+                    stack.append(other)
     return labels, count
 
 
-def largest_region(mask: np.ndarray) -> int:
+def largest_region(grid: SlideGrid, mask: np.ndarray) -> int:
     """Cells in the largest 4-connected region of `mask` (0 when there is none)."""
-    labels, count = connected_regions(mask)
-    return int(np.bincount(labels.ravel())[1:].max()) if count else 0
+    labels, count = connected_regions(grid, mask)
+    return int(np.bincount(labels)[1:].max()) if count else 0
 
 
 @dataclass
@@ -129,44 +155,46 @@ class SlideSummary:
 
 def summarise_slide(
     patient: str,
-    probability_grid: np.ndarray,
+    grid: SlideGrid,
+    probabilities: np.ndarray,
     threshold: float,
     *,
-    uncertain_grid: np.ndarray | None = None,
-    truth_grid: np.ndarray | None = None,
+    views_disagree: np.ndarray | None = None,
+    labels: np.ndarray | None = None,
     um_per_px: float | None = None,
 ) -> SlideSummary:
-    """Summary of one slide from its probability grid (NaN where no patch was screened).
+    """Summary of one slide from the calibrated probability of each of its patches.
 
-    `uncertain_grid` marks extra uncertain patches (e.g. test-time views that disagree);
-    patches within UNCERTAIN_MARGIN of the threshold are always uncertain. `truth_grid`
-    holds true labels (NaN where unknown).
+    `views_disagree` marks extra uncertain patches (test-time views on both sides of the
+    threshold); patches within UNCERTAIN_MARGIN of it are always uncertain. `labels` holds
+    the true label of every patch (0 or 1), when known. A cell named twice counts once.
     """
-    screened = ~np.isnan(probability_grid)
-    probabilities = probability_grid[screened]
-    idc = screened & (np.nan_to_num(probability_grid, nan=-1.0) >= threshold)
-    uncertain = screened & uncertain_patches(probability_grid, threshold, uncertain_grid)
-    largest = largest_region(idc)
+    kept = grid.representatives()
+    probabilities = np.asarray(probabilities, dtype=np.float64)
+    idc = probabilities >= threshold
+    uncertain = uncertain_patches(probabilities, threshold, views_disagree)
+    largest = largest_region(grid, idc)
+    screened = len(kept)
     summary = SlideSummary(
         patient=patient,
-        patches=int(screened.sum()),
-        idc_patches=int(idc.sum()),
-        idc_fraction=float(idc.sum() / max(screened.sum(), 1)),
+        patches=screened,
+        idc_patches=int(idc[kept].sum()),
+        idc_fraction=float(idc[kept].sum() / max(screened, 1)),
         largest_region_patches=largest,
         largest_region_mm2=None if um_per_px is None else largest * (GRID_STEP * um_per_px / 1000.0) ** 2,
-        confident_region_patches=largest_region(idc & ~uncertain),
-        mean_prob=float(probabilities.mean()) if probabilities.size else 0.0,
-        max_prob=float(probabilities.max()) if probabilities.size else 0.0,
-        uncertain=int(uncertain.sum()),
+        confident_region_patches=largest_region(grid, idc & ~uncertain),
+        mean_prob=float(probabilities[kept].mean()) if screened else 0.0,
+        max_prob=float(probabilities[kept].max()) if screened else 0.0,
+        uncertain=int(uncertain[kept].sum()),
     )
-    if truth_grid is not None and not np.isnan(truth_grid[screened]).any():
-        truth = screened & (np.nan_to_num(truth_grid) == 1)
-        positives, negatives = truth.sum(), (screened & ~truth).sum()
-        summary.true_idc_patches = int(positives)
-        summary.true_idc_fraction = float(positives / max(screened.sum(), 1))
-        summary.sensitivity = float((idc & truth).sum() / positives) if positives else None
-        summary.specificity = float((~idc & screened & ~truth).sum() / negatives) if negatives else None
-        summary.agreement = float(((idc == truth) & screened).sum() / max(screened.sum(), 1))
+    if labels is not None:
+        truth, called = np.asarray(labels)[kept] == 1, idc[kept]
+        positives, negatives = int(truth.sum()), int((~truth).sum())
+        summary.true_idc_patches = positives
+        summary.true_idc_fraction = float(positives / max(screened, 1))
+        summary.sensitivity = float((called & truth).sum() / positives) if positives else None
+        summary.specificity = float((~called & ~truth).sum() / negatives) if negatives else None
+        summary.agreement = float((called == truth).sum() / max(screened, 1))
     return summary
 
 
@@ -181,29 +209,31 @@ def rank_slides(summaries: list[SlideSummary]) -> list[SlideSummary]:
     return ordered
 
 
-def region_polygons(
-    mask: np.ndarray, cell: int = GRID_STEP, origin: tuple[int, int] = (0, 0)
-) -> list[list[list[tuple[int, int]]]]:
-    """Outlines of the 4-connected regions of `mask`, in slide pixel coordinates.
+def region_polygons(grid: SlideGrid, mask: np.ndarray, cell: int = GRID_STEP) -> list[list[list[tuple[int, int]]]]:
+    """Outlines of the 4-connected regions of `mask`'s cells, in slide pixel coordinates.
 
     One polygon per region: its outer ring first, then its holes; each ring closed (first
-    point repeated). Cell (row, column) covers pixels [x0 + column*cell, x0 + (column+1)*cell)
-    x [y0 + row*cell, y0 + (row+1)*cell), with (x0, y0) = `origin`.
+    point repeated). The cell in grid column c and row r covers slide pixels
+    [c*cell, (c+1)*cell) x [r*cell, (r+1)*cell).
     """
-    labels, count = connected_regions(mask)
+    labels, count = connected_regions(grid, mask)
+    items = grid.cells.item_of_cell
+    first_column, first_row = grid.origin
     polygons = []
     for region in range(1, count + 1):
-        rings = _trace_rings(labels == region)
+        members = items[labels == region]
+        rings = _trace_rings(list(zip((grid.rows[members] + first_row).tolist(), (grid.columns[members] + first_column).tolist())))
         rings.sort(key=lambda ring: -abs(_signed_area(ring)))  # the outer ring encloses the most
-        polygons.append([[(origin[0] + int(x) * cell, origin[1] + int(y) * cell) for x, y in ring] for ring in rings])
+        polygons.append([[(int(x) * cell, int(y) * cell) for x, y in ring] for ring in rings])
     return polygons
 
 
-def _trace_rings(cells: np.ndarray) -> list[list[tuple[int, int]]]:
-    """Boundary rings of one region by walking its cells' edges with the region on the right."""
+def _trace_rings(cells: list[tuple[int, int]]) -> list[list[tuple[int, int]]]:
+    """Boundary rings of one region, given its (row, column) cells, by walking the cells'
+    edges with the region on the right. Points are (x, y) in cells."""
     outgoing: dict[tuple[int, int], list[tuple[int, int]]] = {}
     edges = set()
-    for r, c in zip(*np.nonzero(cells)):
+    for r, c in cells:
         corners = [(c, r), (c + 1, r), (c + 1, r + 1), (c, r + 1)]
         for start, end in zip(corners, corners[1:] + corners[:1]):
             if (end, start) in edges:
@@ -251,14 +281,14 @@ def _signed_area(ring: list[tuple[int, int]]) -> float:
     return 0.5 * sum(x0 * y1 - x1 * y0 for (x0, y0), (x1, y1) in zip(ring, ring[1:]))
 
 
-def regions_geojson(mask: np.ndarray, probability_grid: np.ndarray, patient: str, origin: tuple[int, int] = (0, 0)) -> dict:
+def regions_geojson(grid: SlideGrid, mask: np.ndarray, probabilities: np.ndarray, patient: str) -> dict:
     """IDC regions as a GeoJSON FeatureCollection of polygons in slide pixel coordinates
-    (x to the right, y down, origin at the slide's top-left), as QuPath imports them.
-    `origin` is the slide pixel of the grid's top-left corner (SlideGrid.pixel_origin)."""
-    labels, _ = connected_regions(mask)
+    (x to the right, y down, origin at the slide's top-left), as QuPath imports them."""
+    labels, _ = connected_regions(grid, mask)
+    items = grid.cells.item_of_cell
     features = []
-    for number, rings in enumerate(region_polygons(mask, origin=origin), start=1):
-        inside = labels == number
+    for number, rings in enumerate(region_polygons(grid, mask), start=1):
+        members = items[labels == number]
         features.append(
             {
                 "type": "Feature",
@@ -267,8 +297,8 @@ def regions_geojson(mask: np.ndarray, probability_grid: np.ndarray, patient: str
                     "objectType": "annotation",
                     "classification": {"name": "IDC (predicted)", "color": [220, 40, 40]},
                     "name": f"{patient} IDC region {number}",
-                    "patches": int(inside.sum()),
-                    "mean_prob": float(np.nanmean(probability_grid[inside])),
+                    "patches": int(len(members)),
+                    "mean_prob": float(np.mean(probabilities[members])),
                 },
             }
         )

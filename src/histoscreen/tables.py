@@ -1,4 +1,5 @@
-"""CSV tables, written atomically and safe to open in a spreadsheet.
+"""CSV tables, written atomically and safe to open in a spreadsheet; every CSV histoscreen
+writes goes through here.
 
 A cell that begins with =, +, -, @ (or a tab or carriage return) is run as a formula by
 Excel and LibreOffice; folder and file names end up in our CSVs, so such text cells get
