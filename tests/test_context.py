@@ -130,7 +130,7 @@ def test_evaluate_with_context_reports_its_settings(tiny_model, synthetic_store,
 def test_calibrate_refits_on_val_patients_and_keeps_the_weights(tiny_model, synthetic_store, tmp_path):
     result = histoscreen(
         "calibrate", str(synthetic_store), "--model", str(tiny_model), "--out", str(tmp_path / "recalibrated"),
-        "--split-scheme", "kfold", "--folds", "3", "--fold", "2", "--min-sensitivity", "0.95",
+        "--split-scheme", "kfold", "--folds", "3", "--fold", "2", "--threshold-objective", "specificity", "--min-sensitivity", "0.95",
     )
     assert result.returncode == 0, result.stderr
     assert "with slide context" in result.stdout

@@ -10,6 +10,7 @@ import pytest
 from sklearn import metrics as sk
 from sklearn.linear_model import LogisticRegression
 
+from histoscreen.scoring.calibration import ThresholdRule
 from histoscreen.scoring import (
     bootstrap_by_patient,
     choose_threshold,
@@ -74,11 +75,38 @@ def test_threshold_maximises_balanced_accuracy_or_meets_the_sensitivity_floor():
     chosen = choose_threshold(labels, probs)
     best_by_brute_force = max(classification_metrics(labels, probs, t)["balanced_accuracy"] for t in np.unique(probs))
     assert classification_metrics(labels, probs, chosen)["balanced_accuracy"] == pytest.approx(best_by_brute_force)
-    floor = choose_threshold(labels, probs, min_sensitivity=0.95)
+    floor = choose_threshold(labels, probs, ThresholdRule("specificity", min_sensitivity=0.95))
     at_floor = classification_metrics(labels, probs, floor)
     assert at_floor["sensitivity"] >= 0.95
     feasible = [t for t in np.unique(probs) if classification_metrics(labels, probs, t)["sensitivity"] >= 0.95]
     assert at_floor["specificity"] == pytest.approx(max(classification_metrics(labels, probs, t)["specificity"] for t in feasible))
+
+
+@pytest.mark.parametrize("floor", [0.8, 0.87, 0.9])
+def test_the_accuracy_rule_maximises_accuracy_under_both_recall_floors(floor):
+    """Constructed scores: 30% IDC, overlapping classes; brute force over every cut."""
+    rng = np.random.default_rng(11)
+    labels = (rng.random(2000) < 0.3).astype(int)
+    scores = rng.normal(0, 1, 2000) + 2.8 * labels
+    chosen = choose_threshold(labels, scores, ThresholdRule("accuracy", min_sensitivity=floor, min_specificity=floor))
+    got = classification_metrics(labels, scores, chosen)
+    assert got["sensitivity"] >= floor and got["specificity"] >= floor
+    feasible = [classification_metrics(labels, scores, t) for t in np.unique(scores)]
+    feasible = [m for m in feasible if m["sensitivity"] >= floor and m["specificity"] >= floor]
+    assert feasible  # the floors can be met on these scores
+    assert got["accuracy"] == pytest.approx(max(m["accuracy"] for m in feasible))
+    # without floors the accuracy rule gives up sensitivity for the majority class
+    free = classification_metrics(labels, scores, choose_threshold(labels, scores, ThresholdRule("accuracy")))
+    balanced = classification_metrics(labels, scores, choose_threshold(labels, scores))
+    assert free["accuracy"] >= balanced["accuracy"] and free["sensitivity"] <= balanced["sensitivity"]
+
+
+def test_an_impossible_floor_falls_back_to_balanced_accuracy():
+    labels = np.array([0, 0, 1, 1, 0, 1])
+    scores = np.array([0.1, 0.7, 0.3, 0.9, 0.2, 0.8])
+    impossible = ThresholdRule("accuracy", min_sensitivity=1.0, min_specificity=1.0)
+    assert choose_threshold(labels, scores, impossible) == choose_threshold(labels, scores)
+    assert ThresholdRule("accuracy", 0.87, 0.87).describe() == "max accuracy with sensitivity >= 0.87 and specificity >= 0.87"
 
 
 def test_calibration_matches_logistic_regression_and_lowers_ece():

@@ -42,6 +42,7 @@ FLAG_OF_SETTING = {
     "labels_csv": "--labels",
     "csv_path": "--split-csv",
     "scheme": "--split-scheme",
+    "objective": "--threshold-objective",
 }
 
 
@@ -128,6 +129,23 @@ def _split_options() -> argparse.ArgumentParser:
     group.add_argument("--split-seed", type=int, default=_default(SplitSpec, "seed"), help="kfold: seed of the fold assignment")
     group.add_argument("--split-csv", help="csv: file with columns patient,split")
     return group
+
+
+def _threshold_options() -> argparse.ArgumentParser:
+    from histoscreen.scoring.calibration import THRESHOLD_OBJECTIVES, ThresholdRule
+
+    group = argparse.ArgumentParser(add_help=False)
+    group.add_argument("--threshold-objective", choices=THRESHOLD_OBJECTIVES, default=_default(ThresholdRule, "objective"),
+                       help="what the threshold maximises on the val patients (default %(default)s)")
+    group.add_argument("--min-sensitivity", type=float, help="threshold: keep sensitivity (IDC recall) at least this")
+    group.add_argument("--min-specificity", type=float, help="threshold: keep specificity (non-IDC recall) at least this")
+    return group
+
+
+def _threshold_rule(args: argparse.Namespace):
+    from histoscreen.scoring.calibration import ThresholdRule
+
+    return ThresholdRule(args.threshold_objective, args.min_sensitivity, args.min_specificity)
 
 
 def _split_spec(args: argparse.Namespace):
@@ -220,7 +238,7 @@ def _command_train(args: argparse.Namespace, progress: Progress) -> list[str]:
     config = TrainConfig(
         architecture=args.arch, architecture_kwargs=architecture_kwargs, epochs=args.epochs, batch_size=args.batch_size,
         learning_rate=args.lr, weight_decay=args.weight_decay, warmup_epochs=args.warmup_epochs, balance=args.balance,
-        stain_jitter=args.stain_jitter, seed=args.seed, split=_split_spec(args), min_sensitivity=args.min_sensitivity,
+        stain_jitter=args.stain_jitter, border_smoothing=args.border_smoothing, seed=args.seed, split=_split_spec(args), threshold_rule=_threshold_rule(args),
         max_train_patches=args.max_train_patches, device=args.device,
     )
     log = (lambda line: None) if args.quiet else (lambda line: tqdm.write(line, file=sys.stderr))
@@ -259,7 +277,7 @@ def _command_calibrate(args: argparse.Namespace, progress: Progress) -> list[str
         check_output_file(written, overwrite=args.overwrite, inputs=inputs)
     model, metadata = calibrate(
         args.store, args.model or shipped_model_path(), split_spec=_split_spec(args),
-        min_sensitivity=args.min_sensitivity, device=args.device,
+        rule=_threshold_rule(args), device=args.device,
     )
     path = save_model(model, metadata, target, overwrite=args.overwrite, inputs=inputs)
     return [
@@ -383,7 +401,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = command(
         "train", _command_train,
-        [split, _runtime_options(workers=False, batch_size=False, backend=False)],
+        [split, _threshold_options(), _runtime_options(workers=False, batch_size=False, backend=False)],
         help="train an IDC model on a store's train patients, select and calibrate on its val patients",
         description="Train on the train patients of a patient split, keep the epoch with the best val balanced "
         "accuracy, then fit calibration, threshold and slide context on the val patients. Writes "
@@ -402,20 +420,21 @@ def build_parser() -> argparse.ArgumentParser:
                        help="class imbalance: weighted loss (default), balanced sampling, or neither")
     train.add_argument("--stain-jitter", type=float, default=_default(TrainConfig, "stain_jitter"),
                        help="HED stain jitter strength; 0 for none (default %(default)s)")
+    train.add_argument("--border-smoothing", type=float, default=_default(TrainConfig, "border_smoothing"),
+                       help="train on (1-s)*label + s*(mean label of the 8 neighbours): soft targets near region borders (default %(default)s)")
     train.add_argument("--seed", type=int, default=_default(TrainConfig, "seed"))
-    train.add_argument("--min-sensitivity", type=float, help="threshold: highest specificity with at least this sensitivity")
     train.add_argument("--max-train-patches", type=int, help="train on a seeded subsample of this many patches")
     train.add_argument("--resume", action="store_true", help="continue a killed run in OUT where it stopped")
 
     calibrate = command(
-        "calibrate", _command_calibrate, [model, split, _runtime_options(workers=False, batch_size=False, backend=False), overwrite],
+        "calibrate", _command_calibrate,
+        [model, split, _threshold_options(), _runtime_options(workers=False, batch_size=False, backend=False), overwrite],
         help="refit a model's calibration, thresholds and slide context on the val patients of a store",
         description="Write a copy of MODEL whose calibration, thresholds and slide-context settings are fitted on the "
         "val patients of STORE (for example a lab's own labelled patients in a csv split). The weights are unchanged.",
     )
     calibrate.add_argument("store", help="a store written by 'histoscreen prepare'")
     calibrate.add_argument("--out", required=True, help="model file (.safetensors) or folder to write")
-    calibrate.add_argument("--min-sensitivity", type=float, help="threshold: highest specificity with at least this sensitivity")
 
     evaluate = command(
         "evaluate", _command_evaluate,

@@ -24,6 +24,7 @@ from safetensors.torch import save as safetensors_bytes
 from histoscreen import __version__
 from histoscreen.atomic import OUTPUT_MARK, atomic_write_bytes, atomic_write_text, guard_output
 from histoscreen.data.naming import patient_sort_key
+from histoscreen.data.grid import SlidePositions
 from histoscreen.data.sources import PatchBatch, StoreSource
 from histoscreen.data.splits import PatientSplit, SplitSpec
 from histoscreen.data.store import PatchStore
@@ -34,7 +35,8 @@ from histoscreen.models.bundle import ModelMetadata, Scoring, Validation, read_s
 from histoscreen.progress import Progress, silent
 from histoscreen.runtime.device import machine_description, pick_device
 from histoscreen.runtime.forward import batched_logits
-from histoscreen.scoring.calibration import choose_threshold, fit_scoring
+from histoscreen.scoring.calibration import ThresholdRule, choose_threshold, fit_scoring
+from histoscreen.scoring.context import neighbour_means
 from histoscreen.scoring.metrics import classification_metrics, sigmoid
 
 CHECKPOINTS = "checkpoints"
@@ -56,26 +58,32 @@ class TrainConfig:
     warmup_epochs: float = 1.0
     balance: str = "weighted"  # weighted loss, balanced sampling, or neither
     stain_jitter: float = 0.05  # HED scale and shift; 0 turns stain and colour jitter off
+    # IDC regions were outlined at low magnification, so labels near a region's border are
+    # the least sure: train on (1 - s) * label + s * (mean label of the 8 neighbours).
+    # Targets only, never inputs; 0 trains on the labels as they are.
+    border_smoothing: float = 0.0
     seed: int = 0
     split: SplitSpec = field(default_factory=SplitSpec)
-    min_sensitivity: float | None = None  # threshold rule; None maximises balanced accuracy
+    threshold_rule: ThresholdRule = field(default_factory=ThresholdRule)
     max_train_patches: int | None = None  # a seeded subsample, for quick runs
     device: str = "auto"
 
     def __post_init__(self) -> None:
         if isinstance(self.split, dict):  # a config read back from JSON
             self.split = SplitSpec(**self.split)
+        if isinstance(self.threshold_rule, dict):
+            self.threshold_rule = ThresholdRule(**self.threshold_rule)
         if self.balance not in BALANCE_CHOICES:
             raise SettingError("balance", f"must be one of {', '.join(BALANCE_CHOICES)}, got {self.balance!r}")
         for name in ("epochs", "batch_size"):
             if getattr(self, name) < 1:
                 raise SettingError(name, f"must be at least 1, got {getattr(self, name)}")
+        if not 0 <= self.border_smoothing <= 1:
+            raise SettingError("border_smoothing", f"must be between 0 and 1, got {self.border_smoothing}")
         for name in ("learning_rate", "weight_decay", "warmup_epochs", "stain_jitter"):
             value = getattr(self, name)
             if not math.isfinite(value) or value < 0 or (name == "learning_rate" and value == 0):
                 raise SettingError(name, f"must be a {'positive' if name == 'learning_rate' else 'non-negative'} number, got {value}")
-        if self.min_sensitivity is not None and not 0 < self.min_sensitivity <= 1:
-            raise SettingError("min_sensitivity", f"must be in (0, 1], got {self.min_sensitivity}")
         if self.max_train_patches is not None and self.max_train_patches < 1:
             raise SettingError("max_train_patches", f"must be at least 1, got {self.max_train_patches}")
         if not isinstance(self.architecture_kwargs, dict):
@@ -97,6 +105,7 @@ class TrainingData:
     split: PatientSplit
     train_patches: torch.Tensor  # uint8 N x 50 x 50 x 3
     train_labels: torch.Tensor
+    train_targets: torch.Tensor  # float: the labels, or their border-smoothed version
     val: PatchBatch  # with pixels, labels and slide positions (for the context fit)
 
     def describe(self) -> dict:
@@ -125,6 +134,7 @@ def train_one_epoch(
     optimizer: torch.optim.Optimizer,
     patches: torch.Tensor,
     labels: torch.Tensor,
+    targets: torch.Tensor,
     normalisation: Normalisation,
     config: TrainConfig,
     epoch: int,
@@ -154,11 +164,11 @@ def train_one_epoch(
     for number, start in enumerate(batches, start=1):
         rows = order[start : start + config.batch_size]
         images = augment(patches[rows], normalisation, generator, stain=config.stain_jitter).to(device, non_blocking=True)
-        targets = labels[rows].float().to(device, non_blocking=True)
+        batch_targets = targets[rows].to(device, non_blocking=True)
         for group in optimizer.param_groups:
             group["lr"] = learning_rate_at(step, total_steps, warmup_steps, config.learning_rate)
         with autocast:
-            loss = loss_function(model(images).float(), targets)
+            loss = loss_function(model(images).float(), batch_targets)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -201,8 +211,14 @@ def load_training_data(store_path: str | os.PathLike, config: TrainConfig) -> Tr
     if train_labels.sum() == 0 or train_labels.sum() == len(train_labels):
         raise InputError(f"{store.path}: the train patients hold only one class; training needs IDC and non-IDC patches")
     train_patches = torch.from_numpy(np.ascontiguousarray(store.patches[train_rows]))
+    targets = train_labels.double().numpy()
+    if config.border_smoothing > 0:
+        part = store.index.iloc[train_rows]
+        positions = SlidePositions.of(part["patient"].to_numpy(dtype=object), part["x"].to_numpy(), part["y"].to_numpy())
+        means, counts = neighbour_means(targets, positions, radius=1)
+        targets = np.where(counts > 0, (1 - config.border_smoothing) * targets + config.border_smoothing * means, targets)
     val = StoreSource(store, split.val).read_all()
-    return TrainingData(store, split, train_patches, train_labels, val)
+    return TrainingData(store, split, train_patches, train_labels, torch.as_tensor(targets, dtype=torch.float32), val)
 
 
 def build_model(config: TrainConfig, device: torch.device) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
@@ -264,7 +280,7 @@ def train(
     for epoch in range(state["epoch"] + 1, config.epochs + 1):
         started = time.perf_counter()
         train_loss, _ = train_one_epoch(
-            model, optimizer, data.train_patches, data.train_labels, normalisation, config, epoch,
+            model, optimizer, data.train_patches, data.train_labels, data.train_targets, normalisation, config, epoch,
             (epoch - 1) * steps_per_epoch, steps_per_epoch * config.epochs, device, progress,
         )
         record = {"epoch": epoch, "train_loss": train_loss, "learning_rate": optimizer.param_groups[0]["lr"]}
@@ -304,7 +320,7 @@ def finalise(model, normalisation, data: TrainingData, config: TrainConfig, stat
              device: torch.device, command: str | None, log: Callable[[str], None]) -> TrainResult:
     """Keep the best epoch, fit its scoring on the val patients, save the model."""
     model.load_state_dict(read_safetensors(out_dir / CHECKPOINTS / BEST_WEIGHTS))
-    scoring, validation = fit_scoring_on(model, normalisation, data.val, min_sensitivity=config.min_sensitivity, device=device)
+    scoring, validation = fit_scoring_on(model, normalisation, data.val, rule=config.threshold_rule, device=device)
     metadata = ModelMetadata(
         architecture=config.architecture,
         architecture_kwargs=config.architecture_kwargs,
@@ -336,7 +352,7 @@ def fit_scoring_on(
     normalisation: Normalisation,
     val: PatchBatch,
     *,
-    min_sensitivity: float | None = None,
+    rule: ThresholdRule = ThresholdRule(),
     device: torch.device | None = None,
 ) -> tuple[Scoring, Validation]:
     """Run the model on labelled val patches (one view and the 8 dihedral ones) and fit the
@@ -345,7 +361,7 @@ def fit_scoring_on(
     plain = batched_logits(model, val.pixels, normalisation, device=device)
     tta = batched_logits(model, val.pixels, normalisation, tta=True, device=device)
     return fit_scoring(
-        val.labels, plain, tta, positions=val.positions, patients=val.patients, min_sensitivity=min_sensitivity
+        val.labels, plain, tta, positions=val.positions, patients=val.patients, rule=rule
     )
 
 

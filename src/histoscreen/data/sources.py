@@ -183,7 +183,7 @@ class StoreSource(PatchSource):
 class _Listing:
     """The files of one slide: every copy of each (x, y), in slide order (row, then column)."""
 
-    copies: list[list[Path]] = field(default_factory=list)
+    copies: list[list[str]] = field(default_factory=list)
 
 
 class FileSource(PatchSource):
@@ -197,7 +197,7 @@ class FileSource(PatchSource):
 
     def __init__(
         self,
-        files: Sequence[Path],
+        files: Sequence[str | os.PathLike],
         *,
         description: str = "files",
         named_only: bool = True,
@@ -212,18 +212,18 @@ class FileSource(PatchSource):
         self.description = description
         self.workers = workers
         self.files_seen = len(files)
-        names: dict[Path, PatchName] = {}
-        unnamed: list[Path] = []
-        for path in files:
+        names: dict[str, PatchName] = {}
+        unnamed: list[str] = []
+        for path in map(os.fspath, files):
             name, reason = check_name(path)
             if name is not None:
                 names[path] = name
-            elif not named_only and path.suffix.lower() == ".png" and parse_patch_name(path.name) is None:
+            elif not named_only and path.lower().endswith(".png") and parse_patch_name(os.path.basename(path)) is None:
                 unnamed.append(path)
             else:
-                self.problems.append(Problem(str(path), reason or "invalid name"))
-        copies: dict[tuple[str, int, int], list[Path]] = {}
-        for path in sorted(names, key=str):  # the archive's top-level copy before its twin
+                self.problems.append(Problem(path, reason or "invalid name"))
+        copies: dict[tuple[str, int, int], list[str]] = {}
+        for path in sorted(names):  # the archive's top-level copy before its twin
             copies.setdefault(names[path].key, []).append(path)
         self._names = names
         self._slides: dict[str, _Listing] = {}
@@ -256,8 +256,8 @@ class FileSource(PatchSource):
             for number, paths in enumerate(self._slides[slide].copies if slide in self._slides else [])
             for path in paths
         ]
-        pending: list[tuple[Path, np.ndarray, int, int]] = []
-        first_copy: tuple[Path, bytes] | None = None
+        pending: list[tuple[str, np.ndarray, int, int]] = []
+        first_copy: tuple[str, bytes] | None = None
         previous_key = None
         for paths, chunk in decode_files([(path, (self._key(path), number)) for path, number in items], self.workers):
             for row, path in enumerate(paths):
@@ -266,7 +266,7 @@ class FileSource(PatchSource):
                     previous_key, first_copy = key, None
                 reason = chunk.reasons[row]
                 if reason is not None:
-                    self.problems.append(Problem(str(path), reason))
+                    self.problems.append(Problem(path, reason))
                     continue
                 if first_copy is not None and key is not None:
                     self._compare_copies(first_copy, path, chunk.digests[row])
@@ -279,22 +279,22 @@ class FileSource(PatchSource):
         if pending:
             yield self._batch(pending)
 
-    def _key(self, path: Path) -> tuple[str, int, int] | None:
+    def _key(self, path: str) -> tuple[str, int, int] | None:
         name = self._names.get(path)
         return name.key if name is not None else None
 
-    def _compare_copies(self, first: tuple[Path, bytes], other: Path, digest: bytes) -> None:
+    def _compare_copies(self, first: tuple[str, bytes], other: str, digest: bytes) -> None:
         self.duplicates += 1
         labels_differ = self._names[first[0]].label != self._names[other].label
         pixels_differ = first[1] != digest
         if labels_differ or pixels_differ:
-            self.conflicts.append(Conflict(str(first[0]), str(other), labels_differ, pixels_differ))
+            self.conflicts.append(Conflict(first[0], other, labels_differ, pixels_differ))
 
-    def _batch(self, decoded: list[tuple[Path, np.ndarray, int, int]]) -> PatchBatch:
+    def _batch(self, decoded: list[tuple[str, np.ndarray, int, int]]) -> PatchBatch:
         names = [self._names.get(path) for path, *_ in decoded]
         return PatchBatch(
             np.stack([pixels for _, pixels, _, _ in decoded]),
-            np.array([str(path) for path, *_ in decoded], dtype=object),
+            np.array([path for path, *_ in decoded], dtype=object),
             np.array([n.patient if n else NO_SLIDE for n in names], dtype=object),
             np.array([n.x if n else UNKNOWN_COORDINATE for n in names], dtype=np.int64),
             np.array([n.y if n else UNKNOWN_COORDINATE for n in names], dtype=np.int64),
@@ -330,7 +330,7 @@ def open_sources(
     if not inputs:
         raise InputError("no input given")
     sources: list[PatchSource] = []
-    files: list[Path] = []
+    files: list[str] = []
     folders: list[Path] = []
     empty_folders: list[Path] = []
     listing_problems: list[Problem] = []
@@ -349,7 +349,7 @@ def open_sources(
             folders.append(path)
             empty_folders += _patient_folders(path)
         else:
-            files.append(path)
+            files.append(os.fspath(path))
     if files or listing_problems:
         description = ", ".join(str(f) for f in folders) or f"{len(files)} files"
         sources.append(FileSource(files, description=description, named_only=named_only, workers=workers,

@@ -7,31 +7,73 @@ benchmarks alike.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 from histoscreen.data.grid import SlidePositions
+from histoscreen.errors import SettingError
 from histoscreen.models.bundle import Calibration, ContextSettings, Scoring, Validation, scoring_mode
 from histoscreen.scoring.context import CONTEXT_RADII, CONTEXT_WEIGHTS, blend_with_neighbours
 from histoscreen.scoring.metrics import classification_metrics, confusion_counts, roc_curve, sigmoid
 
 
-def choose_threshold(labels: np.ndarray, probabilities: np.ndarray, min_sensitivity: float | None = None) -> float:
-    """The threshold with the best balanced accuracy, or, with `min_sensitivity`, the
-    highest-specificity threshold whose sensitivity is at least that.
+THRESHOLD_OBJECTIVES = ("balanced_accuracy", "accuracy", "specificity")
+
+
+@dataclass(frozen=True)
+class ThresholdRule:
+    """How the decision threshold is chosen on val patients: the threshold that maximises
+    `objective` among those meeting the recall floors (when none does, the one with the best
+    balanced accuracy). Accuracy weighs the classes by their prevalence in the val patients;
+    balanced accuracy weighs them equally."""
+
+    objective: str = "balanced_accuracy"
+    min_sensitivity: float | None = None
+    min_specificity: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.objective not in THRESHOLD_OBJECTIVES:
+            raise SettingError("threshold_objective", f"{self.objective!r} is not one of {', '.join(THRESHOLD_OBJECTIVES)}")
+        for name in ("min_sensitivity", "min_specificity"):
+            floor = getattr(self, name)
+            if floor is not None and not 0 < floor <= 1:
+                raise SettingError(name, f"must be in (0, 1], got {floor}")
+
+    def describe(self) -> str:
+        floors = [f"{name} >= {value}" for name, value in (("sensitivity", self.min_sensitivity), ("specificity", self.min_specificity)) if value is not None]
+        return f"max {self.objective.replace('_', ' ')}" + (f" with {' and '.join(floors)}" if floors else "")
+
+
+def choose_threshold(labels: np.ndarray, probabilities: np.ndarray, rule: ThresholdRule = ThresholdRule()) -> float:
+    """The threshold `rule` picks on these scores (see ThresholdRule).
 
     The threshold returned sits halfway between two neighbouring distinct scores, so it
     does not hinge on one patch's exact value.
+
+    >>> choose_threshold([0, 0, 1, 1], [0.1, 0.4, 0.6, 0.9])
+    0.5
     """
     labels, probabilities = np.asarray(labels).astype(bool), np.asarray(probabilities, dtype=np.float64)
     if labels.all() or not labels.any():
         return 0.5
     fpr, tpr, thresholds = roc_curve(labels, probabilities)
     fpr, tpr, thresholds = fpr[1:], tpr[1:], thresholds[1:]
-    if min_sensitivity is None:
-        best = int(np.argmax(tpr + (1 - fpr)))
+    positives, negatives = labels.sum(), (~labels).sum()
+    objective = {
+        "balanced_accuracy": tpr + (1 - fpr),
+        "accuracy": tpr * positives + (1 - fpr) * negatives,
+        "specificity": 1 - fpr + 1e-12 * tpr,  # ties go to the more sensitive threshold
+    }[rule.objective]
+    allowed = np.ones(len(tpr), dtype=bool)
+    if rule.min_sensitivity is not None:
+        allowed &= tpr >= rule.min_sensitivity - 1e-12
+    if rule.min_specificity is not None:
+        allowed &= 1 - fpr >= rule.min_specificity - 1e-12
+    if allowed.any():
+        best = int(np.flatnonzero(allowed)[np.argmax(objective[allowed])])
     else:
-        allowed = np.flatnonzero(tpr >= min_sensitivity)
-        best = int(allowed[np.argmin(fpr[allowed])])
+        best = int(np.argmax(tpr + (1 - fpr)))
     lower = thresholds[best + 1] if best + 1 < len(thresholds) else 0.0
     return float((thresholds[best] + lower) / 2)
 
@@ -81,7 +123,7 @@ def fit_scoring(
     *,
     positions: SlidePositions | None = None,
     patients: np.ndarray | None = None,
-    min_sensitivity: float | None = None,
+    rule: ThresholdRule = ThresholdRule(),
 ) -> tuple[Scoring, Validation]:
     """Fit temperature and bias, then the threshold on calibrated probabilities, for one view
     and for the mean of the 8 dihedral views (TTA); with `positions`, also the slide context
@@ -98,7 +140,7 @@ def fit_scoring(
         mode = scoring_mode(tta=tta, context=False)
         temperature, bias = fit_calibration(labels, logits)
         calibrated = logits / temperature + bias
-        threshold = choose_threshold(labels, sigmoid(calibrated), min_sensitivity)
+        threshold = choose_threshold(labels, sigmoid(calibrated), rule)
         calibrations[mode] = Calibration(temperature, bias, threshold)
         metrics[mode] = classification_metrics(labels, sigmoid(calibrated), threshold)
         if positions is None:
@@ -109,33 +151,32 @@ def fit_scoring(
             for weight in CONTEXT_WEIGHTS
         }
         if context is None:
-            radius, weight = max(candidates, key=lambda key: best_balanced_accuracy(labels, candidates[key], min_sensitivity))
+            radius, weight = max(candidates, key=lambda key: best_balanced_accuracy(labels, candidates[key], rule))
             context = ContextSettings(radius, weight)
         mixed = candidates[(context.radius, context.weight)]
         context_temperature, context_bias = fit_calibration(labels, mixed)
         probabilities = sigmoid(mixed / context_temperature + context_bias)
         context_mode = scoring_mode(tta=tta, context=True)
         calibrations[context_mode] = Calibration(
-            context_temperature, context_bias, choose_threshold(labels, probabilities, min_sensitivity)
+            context_temperature, context_bias, choose_threshold(labels, probabilities, rule)
         )
         metrics[context_mode] = classification_metrics(labels, probabilities, calibrations[context_mode].threshold)
         if patients is not None:
             leave_one_out[mode] = {
-                "patch": leave_one_patient_out(labels, patients, {"patch": calibrated}, min_sensitivity),
-                "context": leave_one_patient_out(labels, patients, candidates, min_sensitivity),
+                "patch": leave_one_patient_out(labels, patients, {"patch": calibrated}, rule),
+                "context": leave_one_patient_out(labels, patients, candidates, rule),
             }
     scoring = Scoring(context=context, **calibrations)
-    rule = "max balanced accuracy" if min_sensitivity is None else f"max specificity with sensitivity >= {min_sensitivity}"
-    return scoring, Validation(threshold_rule=rule, metrics=metrics, leave_one_patient_out=leave_one_out)
+    return scoring, Validation(threshold_rule=rule.describe(), metrics=metrics, leave_one_patient_out=leave_one_out)
 
 
-def best_balanced_accuracy(labels: np.ndarray, scores: np.ndarray, min_sensitivity: float | None = None) -> float:
+def best_balanced_accuracy(labels: np.ndarray, scores: np.ndarray, rule: ThresholdRule = ThresholdRule()) -> float:
     """Balanced accuracy at the threshold `choose_threshold` picks for these scores."""
-    return classification_metrics(labels, scores, choose_threshold(labels, scores, min_sensitivity))["balanced_accuracy"]
+    return classification_metrics(labels, scores, choose_threshold(labels, scores, rule))["balanced_accuracy"]
 
 
 def leave_one_patient_out(
-    labels: np.ndarray, patients: np.ndarray, candidates: dict, min_sensitivity: float | None = None
+    labels: np.ndarray, patients: np.ndarray, candidates: dict, rule: ThresholdRule = ThresholdRule()
 ) -> dict:
     """How choices made on val patients carry over to a new patient: for each patient, pick
     the candidate scoring and its threshold on all the others, then call that patient's
@@ -146,9 +187,9 @@ def leave_one_patient_out(
     for patient in np.unique(patients):
         held = patients == patient
         rest = ~held
-        best = max(candidates, key=lambda key: best_balanced_accuracy(labels[rest], candidates[key][rest], min_sensitivity))
+        best = max(candidates, key=lambda key: best_balanced_accuracy(labels[rest], candidates[key][rest], rule))
         scores = candidates[best]
-        calls[held] = scores[held] >= choose_threshold(labels[rest], scores[rest], min_sensitivity)
+        calls[held] = scores[held] >= choose_threshold(labels[rest], scores[rest], rule)
     tn, fp, fn, tp = confusion_counts(labels, calls)
     sensitivity, specificity = tp / max(1, tp + fn), tn / max(1, tn + fp)
     return {

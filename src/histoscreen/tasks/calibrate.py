@@ -13,7 +13,8 @@ from histoscreen.data.naming import patient_sort_key
 from histoscreen.data.sources import StoreSource
 from histoscreen.data.splits import SplitSpec
 from histoscreen.data.store import PatchStore
-from histoscreen.errors import InputError, SettingError
+from histoscreen.errors import InputError
+from histoscreen.scoring.calibration import ThresholdRule
 from histoscreen.models.bundle import ModelMetadata, load_model
 from histoscreen.runtime.device import pick_device
 from histoscreen.training import fit_scoring_on
@@ -24,11 +25,9 @@ def calibrate(
     model_path: str | os.PathLike,
     *,
     split_spec: SplitSpec = SplitSpec(),
-    min_sensitivity: float | None = None,
+    rule: ThresholdRule = ThresholdRule(),
     device: str = "auto",
 ) -> tuple[torch.nn.Module, ModelMetadata]:
-    if min_sensitivity is not None and not 0 < min_sensitivity <= 1:
-        raise SettingError("min_sensitivity", f"must be in (0, 1], got {min_sensitivity}")
     model, metadata = load_model(model_path)
     store = PatchStore(store_path)
     split = split_spec.resolve(store.patient_table())
@@ -38,7 +37,7 @@ def calibrate(
     if val.labels.all() or not val.labels.any():
         raise InputError(f"{store.path}: the val patients hold only one class; calibration needs both")
     scoring, validation = fit_scoring_on(
-        model, metadata.normalisation, val, min_sensitivity=min_sensitivity, device=pick_device(device)
+        model, metadata.normalisation, val, rule=rule, device=pick_device(device)
     )
     metadata.scoring = scoring
     metadata.validation = replace(
