@@ -41,8 +41,8 @@ def run(*args: str) -> None:
 
 
 MODES = {  # card label: (evaluate options, folder)
-    "patch alone": ([], "val-plain"),
-    "patch alone, dihedral TTA": (["--tta"], "val-tta"),
+    "patch alone": (["--no-context"], "val-plain"),
+    "patch alone, dihedral TTA": (["--tta", "--no-context"], "val-tta"),
     "slide context": (["--context"], "val-context"),
     "slide context, dihedral TTA": (["--context", "--tta"], "val-context-tta"),
 }

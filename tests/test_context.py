@@ -85,7 +85,7 @@ def test_predict_with_context_applies_the_stored_context(edited_tiny_model, synt
     rows = read_rows(tmp_path / "preds.csv")
     np.testing.assert_allclose([float(r["prob_idc"]) for r in rows], expected, atol=2e-6)
     assert [int(r["pred"]) for r in rows] == (expected >= 0.45).astype(int).tolist()
-    on_own = read_rows_after([synthetic_store], tmp_path / "own.csv", model_dir)
+    on_own = read_rows_after([synthetic_store], tmp_path / "own.csv", model_dir, context=False)
     assert [r["prob_idc"] for r in on_own] != [r["prob_idc"] for r in rows]
 
 
@@ -115,7 +115,8 @@ def test_a_model_without_context_refuses_context_clearly(edited_tiny_model):
 
 def test_evaluate_with_context_reports_its_settings(tiny_model, synthetic_store, tmp_path):
     spec = SplitSpec("kfold", folds=3, fold=1, seed=0)
-    plain = evaluate_to(synthetic_store, tmp_path / "plain", model=tiny_model, split="val", split_spec=spec, bootstrap_rounds=20)
+    plain = evaluate_to(synthetic_store, tmp_path / "plain", model=tiny_model, split="val", split_spec=spec, bootstrap_rounds=20,
+                        context=False)
     context = evaluate_to(synthetic_store, tmp_path / "context", model=tiny_model, split="val", split_spec=spec,
                           bootstrap_rounds=20, context=True)
     _, metadata = load_model(tiny_model)

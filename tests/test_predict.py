@@ -31,7 +31,7 @@ def test_predict_applies_the_stored_temperature_bias_and_threshold(edited_tiny_m
     store = PatchStore(synthetic_store)
     model, loaded = load_model(model_dir)
     for tta, (temperature, bias, threshold) in ((False, (2.5, -0.3, 0.4)), (True, (0.5, 0.2, 0.6))):
-        predict_to_csv([synthetic_store], tmp_path / "preds.csv", model=model_dir, tta=tta, backend="torch")
+        predict_to_csv([synthetic_store], tmp_path / "preds.csv", model=model_dir, tta=tta, context=False, backend="torch")
         rows = read_predictions(tmp_path / "preds.csv")
         expected = sigmoid(batched_logits(model, store.patches[:], loaded.normalisation, tta=tta) / temperature + bias)
         got = np.array([float(r["prob_idc"]) for r in rows])
@@ -49,7 +49,7 @@ def test_predict_on_a_folder_with_a_corrupt_file(tiny_model, tmp_path):
     loose.parent.mkdir()
     shutil.copy(files[0], loose)
 
-    summary = predict_to_csv([tmp_path / "slides", loose], tmp_path / "out" / "preds.csv", model=tiny_model)
+    summary = predict_to_csv([tmp_path / "slides", loose], tmp_path / "out" / "preds.csv", model=tiny_model, context=False)
 
     rows = read_predictions(tmp_path / "out" / "preds.csv")
     assert len(summary.rows) == len(rows) == len(files)  # all but the broken one, plus the loose one
@@ -70,3 +70,23 @@ def test_the_shipped_model_loads_and_predicts_on_synthetic_patches(synthetic_sto
     assert probabilities.shape == (64,) and np.isfinite(probabilities).all()
     assert ((probabilities >= 0) & (probabilities <= 1)).all()
     assert predictor.metadata.training["train_patches"] > 20000  # trained on the real train patients
+
+
+def test_the_default_is_slide_context_and_sparse_or_unplaced_patches_stay_finite(synthetic_archive, tmp_path):
+    from histoscreen.tasks import predict
+
+    patches = sorted(p for p in synthetic_archive.rglob("*.png") if "IDC_regular" not in str(p))
+    loose = tmp_path / "scan.png"  # a name that gives no place
+    shutil.copy(patches[0], loose)
+    sparse = tmp_path / "sparse"
+    for path in patches[::9]:  # every ninth patch: most have no neighbour within the radius
+        target = sparse / path.relative_to(synthetic_archive)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(path, target)
+    for inputs in ([patches[0]], [loose], [sparse]):
+        predictions = predict(inputs)
+        probabilities = predictions.rows["prob_idc"].to_numpy()
+        assert predictions.settings["context"] is True
+        assert len(probabilities) and np.isfinite(probabilities).all() and ((probabilities > 0) & (probabilities < 1)).all()
+    alone = predict([sparse], context=False)
+    assert alone.settings["context"] is False

@@ -191,7 +191,7 @@ def test_screening_uses_slide_context_by_default_and_predict_agrees(screened_bat
 def test_no_context_judges_each_patch_alone(tiny_model, tmp_path):
     synthesize(tmp_path / "input", patients=1, seed=5, first_index=30)
     screen_to(tmp_path / "input", tmp_path / "report", model=tiny_model, context=False)
-    predict_to_csv([tmp_path / "input"], tmp_path / "preds.csv", model=tiny_model)
+    predict_to_csv([tmp_path / "input"], tmp_path / "preds.csv", model=tiny_model, context=False)
     settings = json.loads((tmp_path / "report" / "slides.json").read_text())["settings"]
     assert settings["context"] is False and "context_settings" not in settings
     expected = probabilities_by_position(tmp_path / "preds.csv")

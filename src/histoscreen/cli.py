@@ -32,6 +32,7 @@ from histoscreen.progress import Progress, silent
 EXIT_USAGE_OR_INPUT = 2
 EXIT_INTERRUPTED = 130
 EXIT_INTERNAL = 3
+CONTEXT_DEFAULT = "on when the model has a slide-context calibration, as the shipped model has"
 
 # Library setting names whose flag is not simply --setting-name.
 FLAG_OF_SETTING = {
@@ -198,6 +199,17 @@ def _command_synth(args: argparse.Namespace, progress: Progress) -> list[str]:
     ]
 
 
+def _command_demo_slides(args: argparse.Namespace, progress: Progress) -> list[str]:
+    from histoscreen.data.demo import write_demo_slides
+
+    counts = write_demo_slides(args.out, overwrite=args.overwrite, progress=progress)
+    return [
+        f"REAL slides of official val patients written to {args.out}: "
+        + ", ".join(f"{patient} ({count:,} patches)" for patient, count in counts.items()),
+        "these patients helped choose the shipped model's epoch, threshold and context: they show the product, not its accuracy",
+    ]
+
+
 def _command_splits(args: argparse.Namespace, progress: Progress) -> list[str]:
     import pandas as pd
 
@@ -294,7 +306,7 @@ def _command_evaluate(args: argparse.Namespace, progress: Progress) -> list[str]
     check_output_folder(Path(args.out), overwrite=args.overwrite, inputs=[args.store, *_model_files(args.model)])
     evaluation = evaluate(
         args.store, model=args.model, split=args.split, split_spec=_split_spec(args), tta=args.tta,
-        context=bool(args.context), bootstrap_rounds=args.bootstrap, device=args.device, backend=args.backend,
+        context=args.context, bootstrap_rounds=args.bootstrap, device=args.device, backend=args.backend,
         progress=progress,
     )
     written = write_evaluation(evaluation, args.out, overwrite=args.overwrite)
@@ -315,7 +327,7 @@ def _command_predict(args: argparse.Namespace, progress: Progress) -> list[str]:
 
     check_output_file(Path(args.out), overwrite=args.overwrite, inputs=[*args.inputs, *_model_files(args.model)])
     predictions = predict(
-        args.inputs, model=args.model, tta=args.tta, context=bool(args.context), batch_size=args.batch_size,
+        args.inputs, model=args.model, tta=args.tta, context=args.context, batch_size=args.batch_size,
         workers=args.workers, device=args.device, backend=args.backend, progress=progress,
     )
     written = write_predictions(predictions, args.out, overwrite=args.overwrite)
@@ -390,6 +402,15 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--first-index", type=int, default=0, help="first patient is 900000 + this (default 0)")
     synth.add_argument("--doubled", action="store_true", help="also write every patch under IDC_regular_ps50_idx5/, like the Kaggle archive")
 
+    demo_slides = command(
+        "demo-slides", _command_demo_slides, [overwrite],
+        help="write the three real val slides that ship with the package (for the demo)",
+        description="Write official val patients 8917, 8956 and 16896 of the Kaggle set (CC0), every patch recovered "
+        "for them, as Kaggle-layout PNGs. Stored in the package as lossy WebP mosaics, so pixels differ slightly from "
+        "the originals; these patients helped choose the shipped model, so they show the product, not its accuracy.",
+    )
+    demo_slides.add_argument("out", help="folder to create")
+
     splits = command(
         "splits", _command_splits, [split, overwrite],
         help="show (and optionally save) a patient-level split of a store",
@@ -438,7 +459,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluate = command(
         "evaluate", _command_evaluate,
-        [model, split, _scoring_options("off"), _runtime_options(workers=False, batch_size=False, backend=True), overwrite],
+        [model, split, _scoring_options(CONTEXT_DEFAULT), _runtime_options(workers=False, batch_size=False, backend=True), overwrite],
         help="metrics with patient-bootstrap confidence intervals, per-patient table and plots",
         description="Evaluate a model on the patients of one split of a store, at the model's own threshold.",
     )
@@ -449,18 +470,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     predict = command(
         "predict", _command_predict,
-        [model, _scoring_options("off"), _runtime_options(workers=True, batch_size=True, backend=True), overwrite],
+        [model, _scoring_options(CONTEXT_DEFAULT), _runtime_options(workers=True, batch_size=True, backend=True), overwrite],
         help="IDC probability and call for every patch of stores, folders or files",
         description="Write a CSV with one row per patch: path,patient,x,y,prob_idc,pred. Folders are searched "
         "recursively; a patch present twice (as in the Kaggle archive) is predicted once; files that are not "
-        "valid patches are listed in OUT.rejects.csv. With --context every patch is read before a row is written.",
+        "valid patches are listed in OUT.rejects.csv. With slide context (the default) every patch is read before a row is written.",
     )
     predict.add_argument("inputs", nargs="+", help="packed stores, folders of patch PNGs, or PNG files")
     predict.add_argument("--out", required=True, help="CSV file to write")
 
     screen = command(
         "screen", _command_screen,
-        [model, _scoring_options("on when the model has a slide-context calibration"),
+        [model, _scoring_options(CONTEXT_DEFAULT),
          _runtime_options(workers=True, batch_size=False, backend=True), overwrite],
         help="screen a batch of slides: heatmaps, tumour burden, triage ranking, explanations, HTML report",
         description="Rebuild every slide in INPUT from its patches, predict IDC, and write OUT/index.html "

@@ -37,9 +37,11 @@ def resolve_backend(requested: str, device: torch.device) -> str:
 class Predictor:
     """A loaded model with the calibration and threshold of the chosen mode.
 
-    With `context`, a patch's score is blended with its neighbours' on the slide
-    (scoring/context.py) and the context calibration and threshold apply; that needs every
-    patch of a slide at once, with its position.
+    With `context` (the default when the model has a slide-context calibration), a patch's
+    score is blended with its neighbours' on the slide (scoring/context.py) and the context
+    calibration and threshold apply; that needs every patch of a slide at once, with its
+    position. A patch with no neighbours (a sparse slide, a file whose name gives no place)
+    keeps its own score, put on the context scale.
     """
 
     def __init__(
@@ -47,7 +49,7 @@ class Predictor:
         model_path: str | os.PathLike | None = None,
         *,
         tta: bool = False,
-        context: bool = False,
+        context: bool | None = None,
         device: str = "auto",
         batch_size: int = 256,
         backend: str = "auto",
@@ -58,6 +60,8 @@ class Predictor:
         self.device = pick_device(device)
         self.backend = resolve_backend(backend, self.device)
         model, self.metadata = load_model(self.model_path)
+        if context is None:  # the model's best scoring: with context whenever it has one
+            context = self.metadata.scoring.has_context
         if context and not self.metadata.scoring.has_context:
             raise ModelError(
                 f"{self.model_path}: this model has no slide-context calibration; "

@@ -63,7 +63,7 @@ def evaluate(
     split: str = "test",
     split_spec: SplitSpec = SplitSpec(),
     tta: bool = False,
-    context: bool = False,
+    context: bool | None = None,
     bootstrap_rounds: int = 1000,
     device: str = "auto",
     backend: str = "auto",

@@ -53,7 +53,7 @@ def predict(
     predictor: Predictor | None = None,
     model: str | os.PathLike | None = None,
     tta: bool = False,
-    context: bool = False,
+    context: bool | None = None,
     batch_size: int = 256,
     workers: int | None = None,
     device: str = "auto",

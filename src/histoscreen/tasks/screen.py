@@ -21,7 +21,6 @@ from histoscreen.constants import PATCH_NAME_HINT
 from histoscreen.data.sources import NO_LABEL, PatchBatch, PatchSource, open_sources
 from histoscreen.problems import Problem
 from histoscreen.errors import InputError, SettingError
-from histoscreen.models.bundle import load_metadata, shipped_model_path
 from histoscreen.runtime.predictor import Predictor
 from histoscreen.tasks.explain import grad_cam
 from histoscreen.tasks.slides import UNCERTAIN_MARGIN, SlideGrid, SlideSummary, summarise_slide, uncertain_patches
@@ -112,8 +111,6 @@ class Screening:
     ):
         if um_per_px is not None and not um_per_px > 0:
             raise SettingError("um_per_px", f"must be positive, got {um_per_px}")
-        if context is None:
-            context = load_metadata(model if model is not None else shipped_model_path()).scoring.has_context
         self.predictor = Predictor(model, tta=tta, context=context, device=device, backend=backend)
         self.truth = read_labels_csv(labels_csv) if labels_csv else None
         self.use_name_labels = use_name_labels
