@@ -224,7 +224,7 @@ def draw_worst_slides(table: pd.DataFrame, folds: list[Fold], scores_of_fold: li
             slide = StoreSource(store, [patient]).read_all()
             grid = SlideGrid.of(slide)
             rows = np.flatnonzero(fold.patients == patient)  # same store order as the slide
-            reduction = mosaic_reduction(slide, grid)
+            reduction = mosaic_reduction(grid)
             mosaic = build_mosaic(slide, grid, reduction)
             errors = int(worst[worst.patient == patient].errors.iloc[0])
             scores = 1 / (1 + np.exp(-scores_of_fold[fold_number - 1][rows]))

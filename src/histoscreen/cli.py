@@ -117,6 +117,17 @@ def _runtime_options(*, workers: bool, batch_size: bool, backend: bool) -> argpa
     return group
 
 
+def _slide_options() -> argparse.ArgumentParser:
+    from histoscreen.data.wsi import TissueSettings
+
+    group = argparse.ArgumentParser(add_help=False)
+    group.add_argument("--slide-mpp", type=float,
+                       help="whole-slide images: µm per level-0 pixel, when the file's metadata lacks it or is wrong")
+    group.add_argument("--min-tissue", type=float, default=_default(TissueSettings, "min_tissue"),
+                       help="whole-slide images: share of a tile that must be tissue to screen it (default %(default)s)")
+    return group
+
+
 def _split_options() -> argparse.ArgumentParser:
     from histoscreen.data.splits import SPLIT_SCHEMES, SplitSpec
 
@@ -328,7 +339,7 @@ def _command_predict(args: argparse.Namespace, progress: Progress) -> list[str]:
     check_output_file(Path(args.out), overwrite=args.overwrite, inputs=[*args.inputs, *_model_files(args.model)])
     predictions = predict(
         args.inputs, model=args.model, tta=args.tta, context=args.context, batch_size=args.batch_size,
-        workers=args.workers, device=args.device, backend=args.backend, progress=progress,
+        workers=args.workers, device=args.device, backend=args.backend, slide_mpp=args.slide_mpp, progress=progress,
     )
     written = write_predictions(predictions, args.out, overwrite=args.overwrite)
     return [f"predictions: {written[0]}", *predictions.lines()[:-1],
@@ -336,13 +347,14 @@ def _command_predict(args: argparse.Namespace, progress: Progress) -> list[str]:
 
 
 def _command_screen(args: argparse.Namespace, progress: Progress) -> list[str]:
+    from histoscreen.data.wsi import TissueSettings
     from histoscreen.report import write_screening_report
     from histoscreen.tasks import Screening
 
     screening = Screening(
         args.inputs, model=args.model, tta=args.tta, context=args.context, um_per_px=args.um_per_px,
         labels_csv=args.labels, use_name_labels=not args.ignore_name_labels, device=args.device, backend=args.backend,
-        workers=args.workers,
+        workers=args.workers, slide_mpp=args.slide_mpp, tissue=TissueSettings(min_tissue=args.min_tissue),
     )
     return write_screening_report(screening, args.out, overwrite=args.overwrite, progress=progress).lines()
 
@@ -470,25 +482,27 @@ def build_parser() -> argparse.ArgumentParser:
 
     predict = command(
         "predict", _command_predict,
-        [model, _scoring_options(CONTEXT_DEFAULT), _runtime_options(workers=True, batch_size=True, backend=True), overwrite],
-        help="IDC probability and call for every patch of stores, folders or files",
+        [model, _scoring_options(CONTEXT_DEFAULT), _slide_options(), _runtime_options(workers=True, batch_size=True, backend=True),
+         overwrite],
+        help="IDC probability and call for every patch of stores, folders, files or whole-slide images",
         description="Write a CSV with one row per patch: path,patient,x,y,prob_idc,pred. Folders are searched "
         "recursively; a patch present twice (as in the Kaggle archive) is predicted once; files that are not "
         "valid patches are listed in OUT.rejects.csv. With slide context (the default) every patch is read before a row is written.",
     )
-    predict.add_argument("inputs", nargs="+", help="packed stores, folders of patch PNGs, or PNG files")
+    predict.add_argument("inputs", nargs="+", help="packed stores, folders of patch PNGs, PNG files, whole-slide images (.svs, .tif, .ndpi, .mrxs, ...)")
     predict.add_argument("--out", required=True, help="CSV file to write")
 
     screen = command(
         "screen", _command_screen,
-        [model, _scoring_options(CONTEXT_DEFAULT),
+        [model, _scoring_options(CONTEXT_DEFAULT), _slide_options(),
          _runtime_options(workers=True, batch_size=False, backend=True), overwrite],
         help="screen a batch of slides: heatmaps, tumour burden, triage ranking, explanations, HTML report",
         description="Rebuild every slide in INPUT from its patches, predict IDC, and write OUT/index.html "
         "(open it from disk), slides.csv, slides.json, errors.csv and per-slide heatmaps, GeoJSON regions and "
         "Grad-CAM explanations. A screening aid, not a diagnosis.",
     )
-    screen.add_argument("inputs", nargs="+", help="Kaggle-layout folders (one patient or many), folders of named patches, or stores")
+    screen.add_argument("inputs", nargs="+", help="Kaggle-layout folders (one patient or many), folders of named patches, stores, "
+                        "or whole-slide images (.svs, .tif, .ndpi, .mrxs, ...) and folders of them")
     screen.add_argument("--out", required=True, help="report folder to create")
     screen.add_argument("--um-per-px", type=float, help="pixel size in micrometres, to report region areas in mm²")
     screen.add_argument("--labels", help="ground truth CSV with columns patient,x,y,label (else the labels in names)")

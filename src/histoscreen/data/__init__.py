@@ -10,8 +10,8 @@ from histoscreen.data.sources import (
     Problem,
     SlidePositions,
     StoreSource,
-    open_sources,
 )
+from histoscreen.data.inputs import SlideReading, open_sources
 from histoscreen.data.store import PatchStore
 from histoscreen.data.ingest import PrepareSummary, prepare
 from histoscreen.data.splits import (
@@ -34,6 +34,7 @@ __all__ = [
     "PatientSplit",
     "PrepareSummary",
     "Problem",
+    "SlideReading",
     "SlidePositions",
     "SplitSpec",
     "StoreSource",

@@ -112,6 +112,9 @@ class PatchSource(ABC):
     """
 
     description: str
+    level0_per_grid_px: float = 1.0  # the slide's own pixels per grid pixel (whole-slide images: level 0)
+    grid_um_per_px: float | None = None  # the grid's pixel size, when the source knows it
+    level0_size: tuple[int, int] | None = None  # (width, height) of the slide file, outlines are kept inside
 
     def __init__(self) -> None:
         self.problems: list[Problem] = []
@@ -129,6 +132,19 @@ class PatchSource(ABC):
     @abstractmethod
     def batches(self, batch_size: int = 256, slides: Iterable[str] | None = None) -> Iterator[PatchBatch]:
         """Patches of `slides` (default: all), slide after slide, in batches of at most `batch_size`."""
+
+    @abstractmethod
+    def cells(self, slide_id: str) -> tuple[np.ndarray, np.ndarray]:
+        """1-based x and y of the patches a slide will yield, known before reading them
+        (bad files may make it fewer)."""
+
+    @abstractmethod
+    def read_cells(self, slide_id: str, xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
+        """The pixels of some patches of a slide again, by place (to explain them)."""
+
+    def settings(self) -> dict:
+        """How this source reads, for reports (whole-slide images say their resolution and tissue)."""
+        return {}
 
     def read_slide(self, slide_id: str) -> PatchBatch:
         """Every readable patch of one slide (empty when none could be read)."""
@@ -160,6 +176,20 @@ class StoreSource(PatchSource):
         for rows in groups:
             for start in range(0, len(rows), batch_size):
                 yield self._batch(rows[start : start + batch_size])
+
+    def _rows_of(self, slide_id: str) -> np.ndarray:
+        return self.rows[self._patient_of_row == slide_id]
+
+    def cells(self, slide_id: str) -> tuple[np.ndarray, np.ndarray]:
+        part = self.store.index.iloc[self._rows_of(slide_id)]
+        return part["x"].to_numpy(dtype=np.int64), part["y"].to_numpy(dtype=np.int64)
+
+    def read_cells(self, slide_id: str, xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
+        rows = self._rows_of(slide_id)
+        part = self.store.index.iloc[rows]
+        where = {(int(x), int(y)): row for x, y, row in zip(part["x"], part["y"], rows)}
+        return np.stack([np.asarray(self.store.patches[where[(int(x), int(y))]]) for x, y in zip(xs, ys)]) if len(xs) else \
+            np.empty((0, PATCH_SIZE, PATCH_SIZE, 3), dtype=np.uint8)
 
     def _batch(self, rows: np.ndarray) -> PatchBatch:
         index = self.store.index
@@ -240,7 +270,7 @@ class FileSource(PatchSource):
         files, problems = find_files(folder)
         if not files and not problems:
             raise InputError(f"{folder}: the folder holds no files")
-        return cls(files, description=str(folder), empty_folders=_patient_folders(folder), listing_problems=problems, **options)
+        return cls(files, description=str(folder), empty_folders=patient_folders(folder), listing_problems=problems, **options)
 
     def slide_ids(self) -> list[str]:
         return list(self._slides)
@@ -279,6 +309,23 @@ class FileSource(PatchSource):
         if pending:
             yield self._batch(pending)
 
+    def cells(self, slide_id: str) -> tuple[np.ndarray, np.ndarray]:
+        names = [self._names.get(paths[0]) for paths in self._slides[slide_id].copies] if slide_id in self._slides else []
+        return (np.array([n.x if n else UNKNOWN_COORDINATE for n in names], dtype=np.int64),
+                np.array([n.y if n else UNKNOWN_COORDINATE for n in names], dtype=np.int64))
+
+    def read_cells(self, slide_id: str, xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
+        wanted = {(int(x), int(y)) for x, y in zip(xs, ys)}
+        copies = {(n.x, n.y): paths for paths in self._slides[slide_id].copies if (n := self._names.get(paths[0]))}
+        found: dict[tuple[int, int], np.ndarray] = {}
+        for paths, chunk in decode_files([(p, i) for i, key in enumerate(sorted(wanted)) for p in copies[key]], workers=1):
+            for row, path in enumerate(paths):
+                name = self._names[path]
+                if chunk.reasons[row] is None and (name.x, name.y) not in found:
+                    found[(name.x, name.y)] = chunk.pixels[row]
+        return np.stack([found[(int(x), int(y))] for x, y in zip(xs, ys)]) if len(xs) else \
+            np.empty((0, PATCH_SIZE, PATCH_SIZE, 3), dtype=np.uint8)
+
     def _key(self, path: str) -> tuple[str, int, int] | None:
         name = self._names.get(path)
         return name.key if name is not None else None
@@ -304,7 +351,7 @@ class FileSource(PatchSource):
         )
 
 
-def _patient_folders(source: Path) -> list[Path]:
+def patient_folders(source: Path) -> list[Path]:
     """Patient folders: digit-named folders at the top of the source or of its doubled copy,
     or the source itself when it is one. Label folders (0/ and 1/) are not patients."""
     def is_patient_folder(path: Path) -> bool:
@@ -317,41 +364,3 @@ def _patient_folders(source: Path) -> list[Path]:
         if parent.is_dir():
             folders += sorted(p for p in parent.iterdir() if is_patient_folder(p))
     return folders
-
-
-def open_sources(
-    inputs: Sequence[str | os.PathLike], *, named_only: bool = True, workers: int | None = None
-) -> list[PatchSource]:
-    """The one place that tells a packed store from a folder from a file.
-
-    Each store is a source of its own; all folders and files together make one
-    FileSource, so a patch present in two of them is still read once.
-    """
-    if not inputs:
-        raise InputError("no input given")
-    sources: list[PatchSource] = []
-    files: list[str] = []
-    folders: list[Path] = []
-    empty_folders: list[Path] = []
-    listing_problems: list[Problem] = []
-    for given in inputs:
-        path = Path(given)
-        if not path.exists():
-            raise InputError(f"{path}: no such file or folder")
-        if path.is_dir() and (path / MANIFEST_FILE).is_file():
-            sources.append(StoreSource(PatchStore(path)))
-        elif path.is_dir():
-            found, problems = find_files(path)
-            if not found and not problems:
-                raise InputError(f"{path}: the folder holds no files")
-            files += found
-            listing_problems += problems
-            folders.append(path)
-            empty_folders += _patient_folders(path)
-        else:
-            files.append(os.fspath(path))
-    if files or listing_problems:
-        description = ", ".join(str(f) for f in folders) or f"{len(files)} files"
-        sources.append(FileSource(files, description=description, named_only=named_only, workers=workers,
-                                  empty_folders=empty_folders, listing_problems=listing_problems))
-    return sources

@@ -105,7 +105,9 @@ def write_index(folder: Path, slides: list[SlideSummary], errors: list[Problem],
     (folder / "index.html").write_text(_page("IDC screening report", body))
 
 
-def write_slide_page(folder: Path, summary: SlideSummary, settings: dict, gallery: list[dict], has_truth: bool) -> None:
+def write_slide_page(
+    folder: Path, summary: SlideSummary, settings: dict, gallery: list[dict], has_truth: bool, reading: dict | None = None
+) -> None:
     """The slide's page; `gallery` lists the explained patches (file, caption)."""
     patient = escape(summary.patient)
     facts = [
@@ -132,12 +134,25 @@ def write_slide_page(folder: Path, summary: SlideSummary, settings: dict, galler
         f"<figcaption>{escape(item['caption'])}</figcaption></figure>"
         for item in gallery
     )
+    read_note = ""
+    if reading:
+        tissue = reading["tissue"]
+        read_note = (
+            f"<p>Read from the whole-slide image at {reading['slide_um_per_px']:.3g} µm/px: pyramid level {reading['level']} "
+            f"(downsample {reading['level_downsample']:.3g}), resampled by area averaging to the model's "
+            f"{reading['model_um_per_px']:.3g} µm/px; {reading['tissue_tiles']:,} tiles of 50 px with tissue. Tissue: "
+            f"{escape(tissue['method'])} on a {tissue['mask_um_per_px']:.3g} µm/px image (saturation above "
+            f"{tissue['saturation_threshold']:.0f}), holes of {tissue['hole_px']} px closed, specks of {tissue['speck_px']} px "
+            f"dropped; a tile is kept when at least {tissue['min_tissue']:.0%} of it is tissue.</p>"
+        )
     body = (
-        f'<p><a href="../index.html">← all slides</a></p><h1>Slide {patient}</h1>'
+        f'<p><a href="../index.html">← all slides</a></p><h1>Slide {patient}</h1>{read_note}'
         f"<table>{table}</table>"
         f'<div class="pictures"><div><h3>IDC heatmap</h3><img class="view" src="{patient}/heatmap.png" alt="IDC heatmap"></div>{truth}</div>'
         f'<p>The rebuilt slide: <a href="{patient}/mosaic.jpg">mosaic.jpg</a>. '
-        f'IDC regions for QuPath (GeoJSON, slide pixel coordinates): <a href="{patient}/regions.geojson">regions.geojson</a>. '
+        f'For QuPath (File > Import objects; GeoJSON in the slide\'s pixel coordinates): IDC regions as annotations, '
+        f'<a href="{patient}/regions.geojson">regions.geojson</a>; every scored tile as a detection with its probability, '
+        f'<a href="{patient}/tiles.geojson">tiles.geojson</a>. '
         f'Every patch with its probability and call: <a href="{patient}/patches.csv">patches.csv</a>.</p>'
         f"<h2>Explained patches</h2><p>The most suspicious patches and the uncertain ones (within 0.1 of the threshold"
         f"{' or whose dihedral views disagree' if settings['tta'] else ''}): each patch, then its Grad-CAM "

@@ -27,7 +27,7 @@ from histoscreen.report.html import write_index, write_slide_page
 from histoscreen.report.pictures import THUMBNAIL_PX, explanation_figure, heatmap_image, save_png, shrink
 from histoscreen.tables import write_csv
 from histoscreen.tasks.screen import Screening, SlideResult
-from histoscreen.tasks.slides import SlideSummary, build_mosaic, mosaic_reduction, rank_slides, regions_geojson
+from histoscreen.tasks.slides import SlideSummary, rank_slides, regions_geojson, tiles_geojson
 
 SLIDE_COLUMNS = [
     "rank", "patient", "patches", "idc_patches", "idc_fraction", "largest_region_patches", "largest_region_mm2",
@@ -66,6 +66,7 @@ def write_screening_report(
     started = time.perf_counter()
     out_dir = Path(out_dir)
     summaries: list[SlideSummary] = []
+    readings: dict[str, dict] = {}
     patches = 0
     inputs = [*screening.settings["inputs"], *model_paths(screening.settings["model"])]
     with atomic_folder(out_dir, overwrite=overwrite, inputs=inputs, kind="screening report") as partial:
@@ -80,11 +81,14 @@ def write_screening_report(
             else:
                 summaries.append(result.summary)
                 patches += len(result.slide)
+                if result.reading:
+                    readings[result.patient] = result.reading
             progress("screening slides", number, len(screening))
         ranked = rank_slides(summaries)
         rows = [summary.as_row() for summary in ranked]
         write_csv(partial / "slides.csv", SLIDE_COLUMNS, ([row[c] for c in SLIDE_COLUMNS] for row in rows))
-        (partial / "slides.json").write_text(json.dumps({"settings": screening.settings, "slides": rows}, indent=2) + "\n")
+        payload = {"settings": screening.settings, "slides": rows, "whole_slide_reading": readings}
+        (partial / "slides.json").write_text(json.dumps(payload, indent=2) + "\n")
         problems = screening.problems
         write_csv(partial / "errors.csv", ["where", "problem"], ((p.where, p.reason) for p in problems))
         write_index(partial, ranked, problems, screening.settings)
@@ -96,8 +100,7 @@ def write_slide(result: SlideResult, report_folder: Path, settings: dict) -> Non
     folder = child_path(report_folder, "slides", result.patient)
     folder.mkdir(parents=True)
     slide, grid, threshold = result.slide, result.grid, result.threshold
-    reduction = mosaic_reduction(slide, grid)
-    mosaic = build_mosaic(slide, grid, reduction)
+    mosaic, reduction = result.mosaic, result.reduction
     Image.fromarray(mosaic).save(folder / "mosaic.jpg", quality=90)
     save_png(shrink(mosaic, THUMBNAIL_PX), folder / "thumbnail.png")
     heatmap_image(mosaic, grid, result.probabilities, threshold, folder / "heatmap.png", reduction=reduction,
@@ -112,8 +115,12 @@ def write_slide(result: SlideResult, report_folder: Path, settings: dict) -> Non
             for x, y, p, call, doubt, label in zip(slide.xs, slide.ys, result.probabilities, result.calls, result.uncertain, slide.labels)
         ),
     )
-    geojson = regions_geojson(grid, result.calls, result.probabilities, result.patient)
+    scale = result.level0_per_grid_px
+    bounds = result.level0_size
+    geojson = regions_geojson(grid, result.calls, result.probabilities, result.patient, scale=scale, bounds=bounds)
     (folder / "regions.geojson").write_text(json.dumps(geojson) + "\n")
+    tiles = tiles_geojson(slide, result.probabilities, result.calls, result.uncertain, scale=scale, bounds=bounds)
+    (folder / "tiles.geojson").write_text(json.dumps(tiles) + "\n")
 
     (folder / "explained").mkdir()
     gallery = []
@@ -123,6 +130,6 @@ def write_slide(result: SlideResult, report_folder: Path, settings: dict) -> Non
         caption = f"{explanation.kind}: x={slide.xs[row]}, y={slide.ys[row]}, p(IDC) {result.probabilities[row]:.2f}"
         if slide.labels[row] != NO_LABEL:
             caption += f", true {'IDC' if slide.labels[row] == 1 else 'non-IDC'}"
-        explanation_figure(slide.pixels[row], explanation.cam, folder / "explained" / name)
+        explanation_figure(explanation.pixels, explanation.cam, folder / "explained" / name)
         gallery.append({"file": f"explained/{name}", "kind": explanation.kind, "caption": caption})
-    write_slide_page(report_folder, result.summary, settings, gallery, has_truth=slide.has_labels)
+    write_slide_page(report_folder, result.summary, settings, gallery, has_truth=slide.has_labels, reading=result.reading)

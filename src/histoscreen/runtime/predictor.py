@@ -133,14 +133,19 @@ class Predictor:
         """Calibrated IDC probabilities for N x 50 x 50 x 3 uint8 patches."""
         return self.finish(self.patch_logits(patches), positions)
 
-    def probabilities_with_disagreement(
-        self, patches: np.ndarray, positions: SlidePositions | None = None
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """Calibrated probabilities, and which patches' dihedral views fall on both sides of
+    def patch_logits_with_disagreement(self, patches: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Calibrated patch logits, and which patches' dihedral views fall on both sides of
         the patch threshold (always False without TTA)."""
         views = self.patch_calibration.calibrated(self.view_logits(patches))
         calls = sigmoid(views) >= self.patch_calibration.threshold
-        return self.finish(views.mean(0), positions), calls.any(0) & ~calls.all(0)
+        return views.mean(0), calls.any(0) & ~calls.all(0)
+
+    def probabilities_with_disagreement(
+        self, patches: np.ndarray, positions: SlidePositions | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Calibrated probabilities, and which patches' views disagree (see above)."""
+        logits, disagree = self.patch_logits_with_disagreement(patches)
+        return self.finish(logits, positions), disagree
 
 
 def _check_patches(patches: np.ndarray) -> None:

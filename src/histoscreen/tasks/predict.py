@@ -14,7 +14,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from histoscreen.data.sources import NO_SLIDE, UNKNOWN_COORDINATE, PatchBatch, open_sources
+from histoscreen.data.inputs import SlideReading, open_sources
+from histoscreen.data.sources import NO_SLIDE, UNKNOWN_COORDINATE, PatchBatch
+from histoscreen.errors import SettingError
 from histoscreen.problems import Problem
 from histoscreen.progress import Progress, silent
 from histoscreen.runtime.predictor import Predictor
@@ -58,6 +60,7 @@ def predict(
     workers: int | None = None,
     device: str = "auto",
     backend: str = "auto",
+    slide_mpp: float | None = None,
     progress: Progress = silent,
 ) -> Predictions:
     """Predict every patch of `inputs` (packed stores, folders searched recursively, PNG
@@ -70,7 +73,10 @@ def predict(
     started = time.perf_counter()
     if predictor is None:
         predictor = Predictor(model, tta=tta, context=context, device=device, batch_size=batch_size, backend=backend)
-    sources = open_sources(inputs, named_only=False, workers=workers)
+    if slide_mpp is not None and not slide_mpp > 0:
+        raise SettingError("slide_mpp", f"must be positive, got {slide_mpp}")
+    reading = SlideReading(predictor.metadata.spacing_um_px, slide_mpp)
+    sources = open_sources(inputs, named_only=False, workers=workers, slides=reading)
     total = sum(len(source) for source in sources)
     scored: list[PatchBatch] = []
     logits: list[np.ndarray] = []

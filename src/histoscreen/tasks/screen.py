@@ -12,18 +12,28 @@ from __future__ import annotations
 import csv
 import os
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from histoscreen.constants import PATCH_NAME_HINT
-from histoscreen.data.sources import NO_LABEL, PatchBatch, PatchSource, open_sources
+from histoscreen.constants import GRID_STEP, PATCH_NAME_HINT
+from histoscreen.data.inputs import SlideReading, open_sources
+from histoscreen.data.naming import grid_index
+from histoscreen.data.sources import NO_LABEL, PatchBatch, PatchSource
+from histoscreen.data.wsi import TissueSettings
 from histoscreen.problems import Problem
 from histoscreen.errors import InputError, SettingError
 from histoscreen.runtime.predictor import Predictor
 from histoscreen.tasks.explain import grad_cam
-from histoscreen.tasks.slides import UNCERTAIN_MARGIN, SlideGrid, SlideSummary, summarise_slide, uncertain_patches
+from histoscreen.tasks.slides import (
+    UNCERTAIN_MARGIN,
+    MosaicCanvas,
+    SlideGrid,
+    SlideSummary,
+    summarise_slide,
+    uncertain_patches,
+)
 
 EXPLAINED_PER_KIND = 4
 
@@ -34,22 +44,29 @@ class Explanation:
 
     row: int  # index of the patch in its slide
     kind: str  # "most suspicious" or "uncertain"
+    pixels: np.ndarray  # 50 x 50 x 3
     cam: np.ndarray  # 50 x 50 in [0, 1]
 
 
 @dataclass
 class SlideResult:
-    """One screened slide: its patches (pixels, places, labels), the calibrated probability
-    and call of each, and what a pathologist reads off them."""
+    """One screened slide: where its patches are (their pixels were dropped once scored),
+    the calibrated probability and call of each, its picture, and what a pathologist reads
+    off them."""
 
-    slide: PatchBatch
+    slide: PatchBatch  # places, sizes and labels of every patch scored; no pixels
     grid: SlideGrid
+    mosaic: np.ndarray  # the slide's picture over the grid, shrunk `reduction` times
+    reduction: int
     probabilities: np.ndarray
     uncertain: np.ndarray  # bool per patch: near the threshold, or dihedral views disagree
     views_disagree: np.ndarray  # bool per patch (always False without TTA)
     threshold: float
     summary: SlideSummary
     explanations: list[Explanation]
+    level0_per_grid_px: float = 1.0  # slide pixels per grid pixel (whole-slide images: level 0)
+    level0_size: tuple[int, int] | None = None  # the slide file's (width, height)
+    reading: dict = field(default_factory=dict)  # how the source read it (whole-slide images)
 
     @property
     def patient(self) -> str:
@@ -86,8 +103,8 @@ def read_labels_csv(path: str | os.PathLike) -> dict[tuple[str, int, int], int]:
 
 
 class Screening:
-    """The slides of `inputs` (Kaggle-layout folders, folders of named patches, stores),
-    screened with one model when iterated over.
+    """The slides of `inputs` (Kaggle-layout folders, folders of named patches, stores,
+    whole-slide image files or folders of them), screened with one model when iterated over.
 
     `context` (blend each patch with its neighbours on the slide) defaults to on when the
     model has a slide-context calibration. Ground truth comes from `labels_csv`, else from
@@ -107,6 +124,8 @@ class Screening:
         device: str = "auto",
         backend: str = "auto",
         workers: int | None = None,
+        slide_mpp: float | None = None,
+        tissue: TissueSettings = TissueSettings(),
         explained_per_kind: int = EXPLAINED_PER_KIND,
     ):
         if um_per_px is not None and not um_per_px > 0:
@@ -116,7 +135,10 @@ class Screening:
         self.use_name_labels = use_name_labels
         self.um_per_px = um_per_px
         self.explained_per_kind = explained_per_kind
-        self.sources: list[PatchSource] = open_sources(inputs, named_only=True, workers=workers)
+        if slide_mpp is not None and not slide_mpp > 0:
+            raise SettingError("slide_mpp", f"must be positive, got {slide_mpp}")
+        reading = SlideReading(self.predictor.metadata.spacing_um_px, slide_mpp, tissue)
+        self.sources: list[PatchSource] = open_sources(inputs, named_only=True, workers=workers, slides=reading)
         self.slides = [(source, slide) for source in self.sources for slide in source.slide_ids()]
         if not self.slides:
             raise InputError(f"{', '.join(str(i) for i in inputs)}: no patch files named {PATCH_NAME_HINT}")
@@ -125,6 +147,7 @@ class Screening:
             **self.predictor.settings(),
             "uncertain_margin": UNCERTAIN_MARGIN,
             "um_per_px": um_per_px,
+            "slide_mpp": slide_mpp,
             "inputs": [str(Path(i).resolve()) for i in inputs],
         }
 
@@ -140,34 +163,54 @@ class Screening:
     def __iter__(self) -> Iterator[SlideResult]:
         for source, slide_id in self.slides:
             try:
-                slide = source.read_slide(slide_id)
-                if len(slide) == 0:
-                    self.failures.append(Problem(slide_id, "slide has no readable patches"))
-                    continue
-                result = self.screen_slide(slide)
+                result = self.screen_slide(source, slide_id)
             except Exception as error:  # one broken slide must not stop the batch
                 self.failures.append(Problem(slide_id, f"screening failed: {type(error).__name__}: {error}"))
                 continue
+            if result is None:
+                self.failures.append(Problem(slide_id, "slide has no readable patches"))
+                continue
             yield result
 
-    def screen_slide(self, slide: PatchBatch) -> SlideResult:
-        """Score one slide (all its patches, with their places) and summarise it."""
+    def screen_slide(self, source: PatchSource, slide_id: str) -> SlideResult | None:
+        """Score one slide batch by batch (the pixels of a batch are dropped once it is scored
+        and painted into the slide's picture), then judge every patch with its neighbours and
+        summarise the slide. Memory follows the batch, not the slide."""
+        predictor = self.predictor
+        xs, ys = source.cells(slide_id)
+        if not len(xs):
+            return None
+        canvas = MosaicCanvas(SlideGrid.from_cells(grid_index(ys), grid_index(xs)))
+        parts, logits, disagree = [], [], []
+        for batch in source.batches(batch_size=predictor.batch_size, slides=[slide_id]):
+            batch_logits, batch_disagree = predictor.patch_logits_with_disagreement(batch.pixels)
+            logits.append(batch_logits)
+            disagree.append(batch_disagree)
+            canvas.paint(batch)
+            parts.append(batch.without_pixels())
+        slide = PatchBatch.concatenate(parts)
+        if not len(slide):
+            return None
         if self.truth is not None:
             slide.labels = np.array([self.truth.get((p, int(x), int(y)), NO_LABEL) for p, x, y in zip(slide.patients, slide.xs, slide.ys)])
         elif not self.use_name_labels:
             slide.labels = np.full(len(slide), NO_LABEL)
-        predictor = self.predictor
-        probabilities, disagree = predictor.probabilities_with_disagreement(slide.pixels, slide.positions)
-        grid = SlideGrid.of(slide)
+        disagree = np.concatenate(disagree)
+        probabilities = predictor.finish(np.concatenate(logits), slide.positions)
+        grid = SlideGrid.of(slide, origin=(canvas.origin[0] // GRID_STEP, canvas.origin[1] // GRID_STEP))
         threshold = predictor.threshold
         summary = summarise_slide(
-            str(slide.patients[0]), grid, probabilities, threshold, views_disagree=disagree,
-            labels=slide.labels if slide.has_labels else None, um_per_px=self.um_per_px,
+            slide_id, grid, probabilities, threshold, views_disagree=disagree,
+            labels=slide.labels if slide.has_labels else None,
+            um_per_px=self.um_per_px if self.um_per_px is not None else source.grid_um_per_px,
         )
         uncertain = uncertain_patches(probabilities, threshold, disagree)
         suspicious = np.argsort(-probabilities)[: self.explained_per_kind]
         doubtful = [i for i in np.argsort(np.abs(probabilities - threshold)) if uncertain[i] and i not in suspicious]
         chosen = [(int(i), "most suspicious") for i in suspicious] + [(int(i), "uncertain") for i in doubtful[: self.explained_per_kind]]
-        cams = grad_cam(predictor.model, slide.pixels[[i for i, _ in chosen]], predictor.metadata.normalisation)
-        explanations = [Explanation(row, kind, cam) for (row, kind), cam in zip(chosen, cams)]
-        return SlideResult(slide, grid, probabilities, uncertain, disagree, threshold, summary, explanations)
+        rows = [row for row, _ in chosen]
+        pixels = source.read_cells(slide_id, slide.xs[rows], slide.ys[rows])
+        cams = grad_cam(predictor.model, pixels, predictor.metadata.normalisation)
+        explanations = [Explanation(row, kind, patch, cam) for (row, kind), patch, cam in zip(chosen, pixels, cams)]
+        return SlideResult(slide, grid, canvas.image(), canvas.reduction, probabilities, uncertain, disagree, threshold, summary,
+                           explanations, source.level0_per_grid_px, source.level0_size, source.settings())

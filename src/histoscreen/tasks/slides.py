@@ -39,16 +39,18 @@ class SlideGrid:
     cells: CellIndex = field(compare=False, repr=False)
 
     @classmethod
-    def from_cells(cls, rows: np.ndarray, columns: np.ndarray) -> SlideGrid:
+    def from_cells(cls, rows: np.ndarray, columns: np.ndarray, origin: tuple[int, int] | None = None) -> SlideGrid:
+        """The grid of these cells; `origin` (column, row), when given, must not lie right of
+        or below any of them (a picture drawn from a larger set of cells fixes it)."""
         rows, columns = np.asarray(rows, dtype=np.int64), np.asarray(columns, dtype=np.int64)
-        first_column, first_row = int(columns.min()), int(rows.min())
+        first_column, first_row = origin if origin is not None else (int(columns.min()), int(rows.min()))
         columns, rows = columns - first_column, rows - first_row
         extent = (int(rows.max()) + 1, int(columns.max()) + 1)
         return cls(columns, rows, (first_column, first_row), extent, CellIndex(rows, columns, margin=1))
 
     @classmethod
-    def of(cls, slide: PatchBatch) -> SlideGrid:
-        return cls.from_cells(slide.rows, slide.columns)
+    def of(cls, slide: PatchBatch, origin: tuple[int, int] | None = None) -> SlideGrid:
+        return cls.from_cells(slide.rows, slide.columns, origin)
 
     @property
     def pixel_origin(self) -> tuple[int, int]:
@@ -60,29 +62,45 @@ class SlideGrid:
         return self.cells.item_of_cell
 
 
-def mosaic_reduction(slide: PatchBatch, grid: SlideGrid) -> int:
-    """By how much the rebuilt slide is shrunk when drawn (1: full resolution)."""
+def mosaic_reduction(grid: SlideGrid) -> int:
+    """By how much a slide's picture is shrunk when drawn (1: full resolution)."""
     height, width = grid.extent[0] * GRID_STEP, grid.extent[1] * GRID_STEP
     return next((r for r in MOSAIC_REDUCTIONS if (height // r) * (width // r) <= MOSAIC_MAX_PIXELS), MOSAIC_REDUCTIONS[-1])
+
+
+class MosaicCanvas:
+    """The picture of a slide, painted patch by patch as batches stream past (each patch
+    averaged down to 50/`reduction` px), so the patches themselves need not be kept."""
+
+    def __init__(self, grid: SlideGrid, reduction: int | None = None):
+        self.reduction = reduction or mosaic_reduction(grid)
+        self.origin = grid.pixel_origin
+        size = PATCH_SIZE // self.reduction
+        self._pixels = np.empty((grid.extent[0] * size, grid.extent[1] * size, 3), dtype=np.uint8)
+        self._pixels[:] = BACKGROUND_RGB
+        self._bottom = self._right = 0
+
+    def paint(self, batch: PatchBatch) -> None:
+        reduction, size = self.reduction, PATCH_SIZE // self.reduction
+        for pixels, x, y, w, h in zip(batch.pixels, batch.xs, batch.ys, batch.widths, batch.heights):
+            top, left = (y - COORD_ORIGIN - self.origin[1]) // reduction, (x - COORD_ORIGIN - self.origin[0]) // reduction
+            if reduction > 1:
+                pixels = pixels.reshape(size, reduction, size, reduction, 3).mean(axis=(1, 3)).round().astype(np.uint8)
+            h, w = -(-h // reduction), -(-w // reduction)
+            self._pixels[top : top + h, left : left + w] = pixels[:h, :w]
+            self._bottom, self._right = max(self._bottom, top + h), max(self._right, left + w)
+
+    def image(self) -> np.ndarray:
+        """The picture, cropped to the patches painted (edge patches may end short of their cell)."""
+        return self._pixels[: self._bottom, : self._right]
 
 
 def build_mosaic(slide: PatchBatch, grid: SlideGrid | None = None, reduction: int = 1) -> np.ndarray:
     """The slide as one RGB image over its grid: every patch at its place, background where
     none was cut; with `reduction` r, each patch is averaged down to 50/r px."""
-    grid = grid or SlideGrid.of(slide)
-    left, top = grid.pixel_origin
-    height = int((slide.ys - COORD_ORIGIN - top + slide.heights).max())
-    width = int((slide.xs - COORD_ORIGIN - left + slide.widths).max())
-    mosaic = np.empty((-(-height // reduction), -(-width // reduction), 3), dtype=np.uint8)
-    mosaic[:] = BACKGROUND_RGB
-    size = PATCH_SIZE // reduction
-    for pixels, x, y, w, h in zip(slide.pixels, slide.xs, slide.ys, slide.widths, slide.heights):
-        y0, x0 = (y - COORD_ORIGIN - top) // reduction, (x - COORD_ORIGIN - left) // reduction
-        if reduction > 1:
-            pixels = pixels.reshape(size, reduction, size, reduction, 3).mean(axis=(1, 3)).round().astype(np.uint8)
-        h, w = -(-h // reduction), -(-w // reduction)
-        mosaic[y0 : y0 + h, x0 : x0 + w] = pixels[:h, :w]
-    return mosaic
+    canvas = MosaicCanvas(grid or SlideGrid.of(slide), reduction)
+    canvas.paint(slide)
+    return canvas.image()
 
 
 def uncertain_patches(probabilities: np.ndarray, threshold: float, views_disagree: np.ndarray | None = None) -> np.ndarray:
@@ -281,9 +299,20 @@ def _signed_area(ring: list[tuple[int, int]]) -> float:
     return 0.5 * sum(x0 * y1 - x1 * y0 for (x0, y0), (x1, y1) in zip(ring, ring[1:]))
 
 
-def regions_geojson(grid: SlideGrid, mask: np.ndarray, probabilities: np.ndarray, patient: str) -> dict:
-    """IDC regions as a GeoJSON FeatureCollection of polygons in slide pixel coordinates
-    (x to the right, y down, origin at the slide's top-left), as QuPath imports them."""
+def _scaled(point: tuple[int, int], scale: float, bounds: tuple[int, int] | None) -> list:
+    """A grid point in the slide's pixels, kept inside the slide: clamping the corners of
+    axis-aligned outlines clips them to the slide's edge (edge tiles reach beyond it)."""
+    x, y = (point[0], point[1]) if scale == 1 else (round(point[0] * scale, 2), round(point[1] * scale, 2))
+    return [x, y] if bounds is None else [min(x, bounds[0]), min(y, bounds[1])]
+
+
+def regions_geojson(
+    grid: SlideGrid, mask: np.ndarray, probabilities: np.ndarray, patient: str, *, scale: float = 1.0,
+    bounds: tuple[int, int] | None = None,
+) -> dict:
+    """IDC regions as QuPath annotations: a GeoJSON FeatureCollection of polygons in the
+    slide's pixel coordinates (x to the right, y down, origin at the slide's top-left;
+    `scale` slide pixels per grid pixel: level 0 of a whole-slide image)."""
     labels, _ = connected_regions(grid, mask)
     items = grid.cells.item_of_cell
     features = []
@@ -292,14 +321,36 @@ def regions_geojson(grid: SlideGrid, mask: np.ndarray, probabilities: np.ndarray
         features.append(
             {
                 "type": "Feature",
-                "geometry": {"type": "Polygon", "coordinates": [[list(p) for p in ring] for ring in rings]},
+                "geometry": {"type": "Polygon", "coordinates": [[_scaled(p, scale, bounds) for p in ring] for ring in rings]},
                 "properties": {
                     "objectType": "annotation",
-                    "classification": {"name": "IDC (predicted)", "color": [220, 40, 40]},
+                    "classification": {"name": "IDC", "color": [220, 40, 40]},
                     "name": f"{patient} IDC region {number}",
                     "patches": int(len(members)),
                     "mean_prob": float(np.mean(probabilities[members])),
                 },
             }
         )
+    return {"type": "FeatureCollection", "features": features}
+
+
+def tiles_geojson(
+    slide: PatchBatch, probabilities: np.ndarray, calls: np.ndarray, uncertain: np.ndarray, *, scale: float = 1.0,
+    bounds: tuple[int, int] | None = None,
+) -> dict:
+    """Every scored patch as a QuPath detection (a square over its cell, in the slide's pixel
+    coordinates) classified IDC or non-IDC, with its probability in `measurements`."""
+    features = []
+    for x, y, probability, call, doubt in zip(slide.xs, slide.ys, probabilities, calls, uncertain):
+        left, top = int(x) - COORD_ORIGIN, int(y) - COORD_ORIGIN
+        corners = [(left, top), (left + GRID_STEP, top), (left + GRID_STEP, top + GRID_STEP), (left, top + GRID_STEP), (left, top)]
+        features.append({
+            "type": "Feature",
+            "geometry": {"type": "Polygon", "coordinates": [[_scaled(c, scale, bounds) for c in corners]]},
+            "properties": {
+                "objectType": "detection",
+                "classification": {"name": "IDC", "color": [220, 40, 40]} if call else {"name": "non-IDC", "color": [60, 140, 220]},
+                "measurements": {"IDC probability": round(float(probability), 6), "uncertain": int(doubt)},
+            },
+        })
     return {"type": "FeatureCollection", "features": features}

@@ -1,0 +1,259 @@
+"""Whole-slide images as patch sources: a slide file is cut into 50-px tiles at the model's
+resolution, on tissue only, and read in bands by worker processes, never held whole.
+
+Reading goes through OpenSlide (the `[wsi]` extra: openslide-python and openslide-bin, which
+ships the library), so Aperio .svs, generic and pyramidal TIFF, Hamamatsu .ndpi, MIRAX
+.mrxs, Leica .scn, Ventana .bif and Philips TIFF all work.
+
+- Resolution: the slide's µm/px comes from its metadata (openslide.mpp-x, else the TIFF
+  resolution tags) or from `slide_mpp`. Tiles are read from the pyramid level nearest the
+  model's spacing that is not coarser, and resampled to it with area averaging.
+- Grid: laid from the slide's origin at model resolution, 50 px a cell, so tile (column c,
+  row r) is named like a Kaggle patch at x = 50c + 1, y = 50r + 1, and slide context,
+  burden and regions work exactly as for patches. `level0_per_grid_px` maps back to the
+  slide's own level-0 pixels (for QuPath).
+- Tissue: saturation of a low-resolution image of the slide (about TISSUE_MPP µm/px),
+  thresholded by Otsu's method, small holes closed and tiny specks opened away; a tile is
+  kept when at least `min_tissue` of it is tissue.
+"""
+
+from __future__ import annotations
+
+import math
+import multiprocessing
+import os
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageFilter
+
+from histoscreen.constants import BACKGROUND_RGB, COORD_ORIGIN, GRID_STEP, PATCH_SIZE
+from histoscreen.data.naming import check_slide_id
+from histoscreen.data.sources import NO_LABEL, PatchBatch, PatchSource
+from histoscreen.errors import InputError, SettingError
+
+SLIDE_SUFFIXES = (".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif", ".svslide")
+TISSUE_MPP = 8.0  # µm per pixel of the image tissue is found on
+
+
+@dataclass(frozen=True)
+class TissueSettings:
+    """How tissue is told from glass; written into the report."""
+
+    min_tissue: float = 0.25  # share of a tile that must be tissue to keep it
+    hole_px: int = 5  # closing (holes filled) and opening (specks dropped), in px at TISSUE_MPP
+    speck_px: int = 5
+    min_saturation: int = 12  # Otsu's threshold never goes below this (0-255): blank glass stays out
+
+    def __post_init__(self) -> None:
+        if not 0 < self.min_tissue <= 1:
+            raise SettingError("min_tissue", f"must be in (0, 1], got {self.min_tissue}")
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "mask_um_per_px": TISSUE_MPP, "method": "Otsu on HSV saturation, closing then opening"}
+
+
+def is_slide_file(path: str | os.PathLike) -> bool:
+    return os.fspath(path).lower().endswith(SLIDE_SUFFIXES)
+
+
+def _openslide():
+    try:
+        import openslide
+    except ImportError:
+        raise InputError("reading whole-slide images needs the [wsi] extra: pip install 'histoscreen[wsi]'") from None
+    return openslide
+
+
+def slide_mpp(properties: dict, path: Path) -> float | None:
+    """µm per level-0 pixel from a slide's metadata, or None."""
+    for key in ("openslide.mpp-x",):
+        if properties.get(key):
+            return float(properties[key])
+    resolution, unit = properties.get("tiff.XResolution"), properties.get("tiff.ResolutionUnit")
+    if resolution and unit in ("centimeter", "inch") and float(resolution) > 0:
+        return (1e4 if unit == "centimeter" else 25400.0) / float(resolution)
+    return None
+
+
+def otsu_threshold(values: np.ndarray) -> float:
+    """Otsu's threshold of uint8 values: the cut that maximises the between-class variance."""
+    histogram = np.bincount(values.ravel(), minlength=256).astype(np.float64)
+    total = histogram.sum()
+    if total == 0:
+        return 255.0
+    levels = np.arange(256)
+    weight = np.cumsum(histogram)
+    mean = np.cumsum(histogram * levels)
+    between = (mean[-1] * weight - mean * total) ** 2 / np.maximum(weight * (total - weight), 1e-9)
+    return float(np.argmax(between))
+
+
+class WholeSlideSource(PatchSource):
+    """One whole-slide image file: one slide, whose id is the file's stem."""
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        *,
+        spacing_um_px: float,
+        slide_mpp_override: float | None = None,
+        tissue: TissueSettings = TissueSettings(),
+        workers: int | None = None,
+        band_tiles: int = 512,
+    ):
+        super().__init__()
+        openslide = _openslide()
+        self.path = Path(path)
+        self.description = str(self.path)
+        reason = check_slide_id(self.path.stem)
+        if reason:
+            raise InputError(f"{self.path}: the file name {self.path.stem!r} {reason}")
+        self.slide_id = self.path.stem
+        try:
+            slide = openslide.OpenSlide(str(self.path))
+        except (openslide.OpenSlideError, OSError) as error:
+            raise InputError(f"{self.path}: not a slide OpenSlide can read ({error})") from None
+        with slide:
+            mpp = slide_mpp_override or slide_mpp(dict(slide.properties), self.path)
+            if mpp is None:
+                raise InputError(f"{self.path}: the slide gives no pixel size (no openslide.mpp-x, no TIFF resolution); pass slide_mpp")
+            self.mpp = float(mpp)
+            self.spacing = self.grid_um_per_px = float(spacing_um_px)
+            self.level0_per_grid_px = self.spacing / self.mpp
+            # the finest level that is not finer than needed: nearest the target, not coarser
+            downsamples = slide.level_downsamples
+            usable = [i for i, d in enumerate(downsamples) if d <= self.level0_per_grid_px * (1 + 1e-6)]
+            self.level = max(usable, key=lambda i: downsamples[i]) if usable else 0
+            self.level_downsample = float(downsamples[self.level])
+            width0, height0 = slide.dimensions
+            self.dimensions = self.level0_size = (width0, height0)
+            self.columns = int(math.ceil(width0 / self.level0_per_grid_px / GRID_STEP))
+            self.rows = int(math.ceil(height0 / self.level0_per_grid_px / GRID_STEP))
+            self.tissue = tissue
+            self.tile_rows, self.tile_columns = self._tissue_tiles(slide)
+        self.workers = workers
+        self.band_tiles = band_tiles
+
+    def _tissue_tiles(self, slide) -> tuple[np.ndarray, np.ndarray]:
+        """Row and column of every tile with enough tissue, in reading order."""
+        cell = max(1, round(GRID_STEP * self.spacing / TISSUE_MPP))  # mask px per tile side
+        size = (self.columns * cell, self.rows * cell)
+        thumbnail = slide.get_thumbnail((self.dimensions[0] * self.mpp / TISSUE_MPP, self.dimensions[1] * self.mpp / TISSUE_MPP))
+        canvas = Image.new("RGB", size, BACKGROUND_RGB)
+        scale = (self.dimensions[0] / self.level0_per_grid_px / GRID_STEP * cell) / thumbnail.width
+        canvas.paste(thumbnail.resize((round(thumbnail.width * scale), round(thumbnail.height * scale)), Image.Resampling.BOX))
+        saturation = np.asarray(canvas.convert("HSV"))[..., 1]
+        threshold = max(otsu_threshold(saturation), self.tissue.min_saturation)
+        mask = Image.fromarray(((saturation > threshold) * 255).astype(np.uint8))
+        mask = mask.filter(ImageFilter.MaxFilter(self.tissue.hole_px)).filter(ImageFilter.MinFilter(self.tissue.hole_px))
+        mask = mask.filter(ImageFilter.MinFilter(self.tissue.speck_px)).filter(ImageFilter.MaxFilter(self.tissue.speck_px))
+        cells = (np.asarray(mask) > 0).reshape(self.rows, cell, self.columns, cell).mean(axis=(1, 3))
+        self.tissue_threshold = threshold
+        rows, columns = np.nonzero(cells >= self.tissue.min_tissue)
+        return rows.astype(np.int64), columns.astype(np.int64)
+
+    def slide_ids(self) -> list[str]:
+        return [self.slide_id]
+
+    def __len__(self) -> int:
+        return len(self.tile_rows)
+
+    def cells(self, slide_id: str) -> tuple[np.ndarray, np.ndarray]:
+        return self.tile_columns * GRID_STEP + COORD_ORIGIN, self.tile_rows * GRID_STEP + COORD_ORIGIN
+
+    def batches(self, batch_size: int = 256, slides: Iterable[str] | None = None) -> Iterator[PatchBatch]:
+        if slides is not None and self.slide_id not in slides:
+            return
+        bands = self._bands()
+        jobs = [(str(self.path), self.level, self.level_downsample, self.level0_per_grid_px, rows, columns) for rows, columns in bands]
+        workers = self.workers or os.cpu_count() or 1
+        if workers == 1 or len(jobs) < 2:
+            results = map(_read_band, jobs)
+            pool = None
+        else:
+            # imap keeps a few bands in flight, in order: memory follows the band, not the slide
+            pool = multiprocessing.get_context("fork").Pool(min(workers, len(jobs)), initializer=_open_slides.clear)
+            results = pool.imap(_read_band, jobs)
+        try:
+            for (rows, columns), pixels in zip(bands, results):
+                for start in range(0, len(rows), batch_size):
+                    yield self._batch(rows[start : start + batch_size], columns[start : start + batch_size], pixels[start : start + batch_size])
+        finally:
+            if pool is not None:
+                pool.terminate()
+
+    def _bands(self) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Tiles grouped into bands of whole grid rows, about `band_tiles` tiles each."""
+        bands, start = [], 0
+        while start < len(self.tile_rows):
+            end = min(start + self.band_tiles, len(self.tile_rows))
+            while end < len(self.tile_rows) and self.tile_rows[end] == self.tile_rows[end - 1]:
+                end += 1  # finish the grid row: a band is read as one region
+            bands.append((self.tile_rows[start:end], self.tile_columns[start:end]))
+            start = end
+        return bands
+
+    def _batch(self, rows: np.ndarray, columns: np.ndarray, pixels: np.ndarray) -> PatchBatch:
+        xs, ys = columns * GRID_STEP + COORD_ORIGIN, rows * GRID_STEP + COORD_ORIGIN
+        count = len(rows)
+        return PatchBatch(
+            pixels,
+            np.array([f"{self.path}#x{x}_y{y}" for x, y in zip(xs, ys)], dtype=object),
+            np.full(count, self.slide_id, dtype=object),
+            xs.astype(np.int64), ys.astype(np.int64),
+            np.full(count, PATCH_SIZE, dtype=np.int64), np.full(count, PATCH_SIZE, dtype=np.int64),
+            np.full(count, NO_LABEL, dtype=np.int64),
+        )
+
+    def read_cells(self, slide_id: str, xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
+        columns, rows = (np.asarray(xs) - COORD_ORIGIN) // GRID_STEP, (np.asarray(ys) - COORD_ORIGIN) // GRID_STEP
+        tiles = [_read_band((str(self.path), self.level, self.level_downsample, self.level0_per_grid_px, np.array([r]), np.array([c])))
+                 for r, c in zip(rows, columns)]
+        return np.concatenate(tiles) if tiles else np.empty((0, PATCH_SIZE, PATCH_SIZE, 3), dtype=np.uint8)
+
+    def settings(self) -> dict:
+        return {
+            "slide_um_per_px": self.mpp,
+            "model_um_per_px": self.spacing,
+            "level": self.level,
+            "level_downsample": self.level_downsample,
+            "level0_px_per_model_px": self.level0_per_grid_px,
+            "grid": [self.rows, self.columns],
+            "tissue_tiles": len(self),
+            "tissue": {**self.tissue.as_dict(), "saturation_threshold": self.tissue_threshold},
+        }
+
+
+_open_slides: dict[str, object] = {}
+
+
+def _read_band(job) -> np.ndarray:
+    """The tiles of one band of grid rows at model resolution: read the band's region from
+    the chosen level once, resample it with area averaging, cut it into tiles."""
+    path, level, downsample, level0_per_grid_px, rows, columns = job
+    openslide = _openslide()
+    slide = _open_slides.get(path)
+    if slide is None:  # one handle per worker process, kept for the next bands
+        slide = _open_slides[path] = openslide.OpenSlide(path)
+    first_row, last_row = int(rows.min()), int(rows.max())
+    first_column, last_column = int(columns.min()), int(columns.max())
+    width = (last_column - first_column + 1) * GRID_STEP
+    height = (last_row - first_row + 1) * GRID_STEP
+    level_per_grid_px = level0_per_grid_px / downsample
+    # the band's box in level pixels (floats), and the whole pixels that cover it
+    left, top = first_column * GRID_STEP * level_per_grid_px, first_row * GRID_STEP * level_per_grid_px
+    box_width, box_height = width * level_per_grid_px, height * level_per_grid_px
+    x0, y0 = math.floor(left), math.floor(top)
+    read_width, read_height = math.ceil(left + box_width) - x0, math.ceil(top + box_height) - y0
+    region = slide.read_region((round(x0 * downsample), round(y0 * downsample)), level, (read_width, read_height))
+    background = Image.new("RGB", region.size, BACKGROUND_RGB)
+    background.paste(region, mask=region.getchannel("A"))  # no data beyond the slide: glass
+    band = background.resize((width, height), Image.Resampling.BOX, box=(left - x0, top - y0, left - x0 + box_width, top - y0 + box_height))
+    pixels = np.asarray(band)
+    tiles = np.empty((len(rows), PATCH_SIZE, PATCH_SIZE, 3), dtype=np.uint8)
+    for index, (row, column) in enumerate(zip(rows - first_row, columns - first_column)):
+        tiles[index] = pixels[row * GRID_STEP : (row + 1) * GRID_STEP, column * GRID_STEP : (column + 1) * GRID_STEP]
+    return tiles

@@ -1,0 +1,54 @@
+"""Whole-slide image files for the tests and benchmarks: pyramidal tiled TIFFs with
+resolution tags, as scanners write them (tifffile writes; OpenSlide reads them back as
+generic TIFF). Not part of the package."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from histoscreen.constants import BACKGROUND_RGB, COORD_ORIGIN
+from histoscreen.data import PatchBatch
+
+
+def stitch(batch: PatchBatch) -> np.ndarray:
+    """A slide's patches placed on its 50-px grid from the slide's origin (x = 1 is column 0),
+    white where no patch was cut: the slide at the Kaggle set's 4 µm/px."""
+    height = int((batch.ys - COORD_ORIGIN + batch.heights).max())
+    width = int((batch.xs - COORD_ORIGIN + batch.widths).max())
+    image = np.empty((height, width, 3), dtype=np.uint8)
+    image[:] = BACKGROUND_RGB
+    for pixels, x, y, w, h in zip(batch.pixels, batch.xs, batch.ys, batch.widths, batch.heights):
+        image[y - COORD_ORIGIN : y - COORD_ORIGIN + h, x - COORD_ORIGIN : x - COORD_ORIGIN + w] = pixels[:h, :w]
+    return image
+
+
+def write_pyramid_tiff(
+    path: Path, level0: np.ndarray, mpp: float, *, levels: int = 4, compression: str = "jpeg", quality: int = 90,
+    tile: int = 256, with_resolution: bool = True,
+) -> Path:
+    """`level0` (H x W x 3 uint8) as a tiled pyramid, each level half the one before (area
+    averaged), with resolution tags giving `mpp` µm/px at level 0."""
+    import tifffile
+
+    options = {"compressionargs": {"level": quality}} if compression == "jpeg" else {}
+    with tifffile.TiffWriter(path, bigtiff=True) as writer:
+        image = level0
+        for level in range(levels):
+            resolution = {}
+            if with_resolution:
+                per_cm = 1e4 / (mpp * 2**level)
+                resolution = {"resolution": (per_cm, per_cm), "resolutionunit": "CENTIMETER"}
+            writer.write(image, tile=(tile, tile), compression=compression, photometric="rgb",
+                         subfiletype=0 if level == 0 else 1, **resolution, **options)
+            if min(image.shape[:2]) < 2 * tile:
+                break
+            image = np.asarray(Image.fromarray(image).reduce(2))
+    return path
+
+
+def upscale(image: np.ndarray, factor: int) -> np.ndarray:
+    """Each pixel repeated factor x factor times: the same slide at a finer pixel size."""
+    return np.repeat(np.repeat(image, factor, axis=0), factor, axis=1)

@@ -1,0 +1,165 @@
+"""Whole-slide images: pyramidal TIFFs read with OpenSlide, tiled at the model's resolution
+on tissue, and screened through the same scoring as patches; QuPath-ready GeoJSON."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import re
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+pytest.importorskip("openslide", reason="the [wsi] extra (openslide-python, openslide-bin) is not installed")
+pytest.importorskip("tifffile", reason="tifffile writes the test slides")
+
+from histoscreen.data import PatchBatch, open_sources, synthesize  # noqa: E402
+from histoscreen.tasks import Screening  # noqa: E402
+from conftest import screen_to, shared_data_folder  # noqa: E402
+from slide_files import stitch, upscale, write_pyramid_tiff  # noqa: E402
+from test_screen import point_in_polygon  # noqa: E402
+
+# A training patient whose recovered patches make a nearly complete slide (83% of its
+# bounding box), with IDC (17% of patches).
+COMPLETE_TRAIN_PATIENT = "9037"
+
+
+def screened(inputs, **options):
+    screening = Screening([str(i) for i in inputs], **options)
+    return {r.patient: r for r in screening}, screening.problems
+
+
+def calls_by_place(result) -> dict[tuple[int, int], bool]:
+    return {(int(x), int(y)): bool(c) for x, y, c in zip(result.slide.xs, result.slide.ys, result.calls)}
+
+
+def patient_from_train_zip(shared: Path, patient: str) -> PatchBatch:
+    pattern = re.compile(rf"(?:^|/){patient}_idx5_x(\d+)_y(\d+)_class([01])\.")
+    rows = []
+    with zipfile.ZipFile(shared / "train.zip") as archive:
+        for member in archive.namelist():
+            match = pattern.search(member)
+            if match:
+                image = np.asarray(Image.open(io.BytesIO(archive.read(member))).convert("RGB"))
+                padded = np.full((50, 50, 3), 255, dtype=np.uint8)
+                padded[: image.shape[0], : image.shape[1]] = image
+                rows.append((int(match[1]), int(match[2]), int(match[3]), padded, image.shape[1], image.shape[0]))
+    xs, ys, labels, pixels, widths, heights = zip(*rows)
+    count = len(rows)
+    return PatchBatch(np.stack(pixels), np.full(count, "", dtype=object), np.full(count, patient, dtype=object),
+                      np.array(xs), np.array(ys), np.array(widths), np.array(heights), np.array(labels))
+
+
+def write_patch_folder(batch: PatchBatch, folder: Path) -> Path:
+    for x, y, label, pixels, w, h in zip(batch.xs, batch.ys, batch.labels, batch.pixels, batch.widths, batch.heights):
+        target = folder / batch.patients[0] / str(label)
+        target.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(pixels[:h, :w]).save(target / f"{batch.patients[0]}_idx5_x{x}_y{y}_class{label}.png")
+    return folder
+
+
+@pytest.mark.real_data
+def test_a_real_slide_as_a_pyramidal_tiff_screens_like_its_patches(tmp_path):
+    """The patches of one training patient stitched on the 50-px grid, scaled 2x (2 µm/px)
+    and written as a pyramidal TIFF: the same tissue found, the same calls, the same burden."""
+    shared = shared_data_folder()
+    if shared is None:
+        pytest.skip("real IDC patches not available: ../shared/data/idc is absent (users don't have it)")
+    patches = patient_from_train_zip(shared, COMPLETE_TRAIN_PATIENT)
+    # lossless, as the patches are: this checks the reader, not a compressor (see README)
+    slide = write_pyramid_tiff(tmp_path / f"{COMPLETE_TRAIN_PATIENT}.tif", upscale(stitch(patches), 2), 2.0, compression="zlib")
+    from_slide, problems = screened([slide])
+    from_patches, _ = screened([write_patch_folder(patches, tmp_path / "patches")])
+    assert problems == []
+    wsi, patch = from_slide[COMPLETE_TRAIN_PATIENT], from_patches[COMPLETE_TRAIN_PATIENT]
+    tiles, cut = calls_by_place(wsi), calls_by_place(patch)
+    assert len(tiles.keys() & cut.keys()) / len(tiles.keys() | cut.keys()) >= 0.9  # tissue IoU
+    common = tiles.keys() & cut.keys()
+    assert np.mean([tiles[k] == cut[k] for k in common]) >= 0.97
+    assert abs(wsi.summary.idc_fraction - patch.summary.idc_fraction) <= 0.03
+    assert wsi.reading["level"] == 1 and wsi.reading["slide_um_per_px"] == pytest.approx(2.0)
+
+
+@pytest.fixture(scope="module")
+def synthetic_slide_image(tmp_path_factory) -> np.ndarray:
+    root = tmp_path_factory.mktemp("wsi")
+    synthesize(root / "slides", patients=1, seed=5, first_index=40, idc_fractions=[0.4])
+    [source] = open_sources([root / "slides"])
+    return stitch(source.read_all())
+
+
+def test_the_same_slide_at_two_pixel_sizes_gives_the_same_calls(synthetic_slide_image, tiny_model, tmp_path):
+    files = [write_pyramid_tiff(tmp_path / f"at-{mpp}.tif", upscale(synthetic_slide_image, factor), mpp, compression="zlib")
+             for mpp, factor in ((2.0, 2), (1.0, 4))]
+    results, problems = screened(files, model=tiny_model)
+    assert problems == []
+    fine, coarse = results["at-1.0"], results["at-2.0"]
+    assert coarse.reading["level"] == 1 and fine.reading["level"] == 2
+    assert calls_by_place(fine) == calls_by_place(coarse) and len(calls_by_place(fine)) > 100
+    np.testing.assert_allclose(fine.probabilities, coarse.probabilities, atol=1e-6)
+
+
+def test_pixel_size_from_the_flag_or_a_clear_error_and_broken_files_do_not_stop_the_batch(synthetic_slide_image, tiny_model, tmp_path):
+    folder = tmp_path / "slides"
+    folder.mkdir()
+    image = upscale(synthetic_slide_image, 2)
+    write_pyramid_tiff(folder / "good.tif", image, 2.0, compression="zlib")
+    write_pyramid_tiff(folder / "no-mpp.tif", image, 2.0, compression="zlib", with_resolution=False)
+    whole = (folder / "good.tif").read_bytes()
+    (folder / "truncated.svs").write_bytes(whole[: len(whole) // 3])
+    (folder / "not-a-slide.ndpi").write_text("hello")
+    report = screen_to(folder, tmp_path / "report", model=tiny_model)
+    assert [s.patient for s in report.slides] == ["good"]
+    with open(tmp_path / "report" / "errors.csv", newline="") as handle:
+        problems = {Path(r["where"]).name: r["problem"] for r in csv.DictReader(handle)}
+    assert "gives no pixel size" in problems["no-mpp.tif"] and "slide_mpp" in problems["no-mpp.tif"]
+    assert "not a slide OpenSlide can read" in problems["not-a-slide.ndpi"]
+    assert "truncated.svs" in problems  # refused at opening, or while reading its tiles
+    overridden, problems = screened([folder / "no-mpp.tif"], model=tiny_model, slide_mpp=2.0)
+    assert problems == [] and overridden["no-mpp"].reading["slide_um_per_px"] == 2.0
+
+
+def test_geojson_for_qupath_is_in_level_0_pixels_and_covers_the_idc_tiles(synthetic_slide_image, tiny_model, tmp_path):
+    image = upscale(synthetic_slide_image, 4)
+    write_pyramid_tiff(tmp_path / "slide.tif", image, 1.0, compression="zlib")
+    report = screen_to(tmp_path / "slide.tif", tmp_path / "report", model=tiny_model)
+    folder = tmp_path / "report" / "slides" / "slide"
+    regions = json.loads((folder / "regions.geojson").read_text())
+    tiles = json.loads((folder / "tiles.geojson").read_text())
+    height, width = image.shape[:2]
+    detections = tiles["features"]
+    assert len(detections) == report.slides[0].patches
+    for feature in regions["features"] + detections:
+        for ring in feature["geometry"]["coordinates"]:
+            points = np.array(ring)
+            assert ring[0] == ring[-1] and (points >= 0).all()
+            assert (points[:, 0] <= width).all() and (points[:, 1] <= height).all()
+    assert {f["properties"]["objectType"] for f in regions["features"]} <= {"annotation"}
+    assert all(f["properties"]["classification"]["name"] == "IDC" for f in regions["features"])
+    assert {f["properties"]["objectType"] for f in detections} == {"detection"}
+    polygons = [f["geometry"]["coordinates"] for f in regions["features"]]
+    idc_tiles = 0
+    for tile in detections:
+        ring = np.array(tile["geometry"]["coordinates"][0])
+        centre = ring[:4].mean(axis=0)
+        called = tile["properties"]["classification"]["name"] == "IDC"
+        idc_tiles += called
+        assert 0 <= tile["properties"]["measurements"]["IDC probability"] <= 1
+        assert sum(point_in_polygon(*centre, rings) for rings in polygons) == int(called)
+        assert ring[1][0] - ring[0][0] == pytest.approx(min(200, width - ring[0][0]))  # 50 model px at 4 µm = 200 level-0 px at 1 µm
+    assert idc_tiles == report.slides[0].idc_patches > 0
+
+
+def test_predict_reads_slide_files_too(synthetic_slide_image, tiny_model, tmp_path):
+    from conftest import predict_to_csv
+
+    write_pyramid_tiff(tmp_path / "slide.tif", upscale(synthetic_slide_image, 2), 2.0, compression="zlib")
+    predictions = predict_to_csv([tmp_path / "slide.tif"], tmp_path / "preds.csv", model=tiny_model)
+    rows = predictions.rows
+    assert len(rows) > 100 and set(rows["patient"]) == {"slide"} and predictions.settings["context"] is True
+    assert rows["path"].str.startswith(str(tmp_path / "slide.tif") + "#x").all()
+    assert ((rows["x"] - 1) % 50 == 0).all() and predictions.problems == []
