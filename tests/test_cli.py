@@ -20,7 +20,7 @@ def histoscreen(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(command + list(args), capture_output=True, text=True, timeout=300)
 
 
-@pytest.mark.parametrize("command", [[], ["prepare"], ["synth"], ["demo-slides"], ["splits"], ["train"], ["calibrate"], ["evaluate"], ["predict"], ["screen"], ["export"]])
+@pytest.mark.parametrize("command", [[], ["prepare"], ["synth"], ["demo-slides"], ["serve"], ["splits"], ["train"], ["calibrate"], ["evaluate"], ["predict"], ["screen"], ["export"]])
 def test_help_on_every_command(command):
     result = histoscreen(*command, "--help")
     assert result.returncode == 0
@@ -105,7 +105,7 @@ def test_a_pickle_handed_as_a_model_is_refused(tmp_path, synthetic_store):
     assert not (tmp_path / "p.csv").exists()
 
 
-COMMANDS = ["prepare", "synth", "demo-slides", "splits", "train", "calibrate", "evaluate", "predict", "screen", "export"]
+COMMANDS = ["prepare", "synth", "demo-slides", "splits", "train", "calibrate", "evaluate", "predict", "screen", "serve", "export"]
 SOURCE = Path(__file__).resolve().parents[1] / "src" / "histoscreen"
 # Settings the Python API checks that no command exposes (so their errors are never phrased as flags).
 API_ONLY_SETTINGS = {"idc_fraction", "idc_fractions"}

@@ -359,6 +359,30 @@ def _command_screen(args: argparse.Namespace, progress: Progress) -> list[str]:
     return write_screening_report(screening, args.out, overwrite=args.overwrite, progress=progress).lines()
 
 
+def _command_serve(args: argparse.Namespace, progress: Progress) -> list[str]:
+    try:
+        import uvicorn
+
+        from histoscreen.serving.app import ServeSettings, create_app
+        from histoscreen.serving.jobs import default_data_folder
+    except ImportError:
+        raise HistoscreenError("the web app needs the [serve] extra: pip install 'histoscreen[serve]'") from None
+    for name in ("workers", "max_upload_mb", "max_unzipped_mb"):
+        if getattr(args, name) < 1:
+            raise SettingError(name, f"must be at least 1, got {getattr(args, name)}")
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not args.token:
+        print(f"histoscreen serve: warning: listening on {args.host} without --token: anyone who can reach this machine "
+              "can upload slides and read every report", file=sys.stderr)
+    settings = ServeSettings(
+        data=Path(args.data) if args.data else default_data_folder(), token=args.token, model=args.model,
+        max_upload_bytes=args.max_upload_mb << 20, max_unzipped_bytes=args.max_unzipped_mb << 20, workers=args.workers,
+    )
+    if not args.quiet:
+        print(f"histoscreen: http://{args.host}:{args.port}/ (API docs at /docs); data in {settings.data}", file=sys.stderr)
+    uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level="warning")
+    return []
+
+
 def _command_export(args: argparse.Namespace, progress: Progress) -> list[str]:
     from histoscreen.models import shipped_model_path
     from histoscreen.runtime import export_model
@@ -507,6 +531,20 @@ def build_parser() -> argparse.ArgumentParser:
     screen.add_argument("--um-per-px", type=float, help="pixel size in micrometres, to report region areas in mm²")
     screen.add_argument("--labels", help="ground truth CSV with columns patient,x,y,label (else the labels in names)")
     screen.add_argument("--ignore-name-labels", action="store_true", help="the class in file names is not ground truth")
+
+    serve = command(
+        "serve", _command_serve, [model],
+        help="the web app and REST API: upload, watch, rank, view and review screening jobs",
+        description="Serve the web app and REST API on this machine (localhost by default). Jobs, reviews, uploads "
+        "and reports live under --data; screening runs in worker processes. A screening aid, not a diagnosis.",
+    )
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--data", help="folder for jobs, reviews, uploads and reports (default: ~/.local/share/histoscreen)")
+    serve.add_argument("--token", help="require 'Authorization: Bearer TOKEN' on every API call")
+    serve.add_argument("--workers", type=int, default=1, help="screening worker processes, i.e. jobs run at once (default 1)")
+    serve.add_argument("--max-upload-mb", type=int, default=4096, help="largest upload accepted (default 4096 MiB)")
+    serve.add_argument("--max-unzipped-mb", type=int, default=8192, help="largest total a zip may expand to (default 8192 MiB)")
 
     export = command(
         "export", _command_export, [model, overwrite],

@@ -87,13 +87,31 @@ def heatmap_image(
     canvas.save(path)
 
 
-def explanation_figure(patch: np.ndarray, cam: np.ndarray, path: Path, scale: int = 4) -> None:
-    """The patch beside its Grad-CAM overlay (inferno, half opacity), both enlarged `scale`
-    times without smoothing so the nuclei stay crisp; the page carries the caption."""
+def cam_overlay(patch: np.ndarray, cam: np.ndarray) -> np.ndarray:
+    """A patch with its Grad-CAM map over it (inferno, half opacity)."""
     from matplotlib import colormaps
 
     heat = colormaps["inferno"](cam)[..., :3] * 255
-    overlay = (0.5 * patch + 0.5 * heat).astype(np.uint8)
+    return (0.5 * patch + 0.5 * heat).astype(np.uint8)
+
+
+def probability_overlay(grid: SlideGrid, probabilities: np.ndarray, path: Path) -> None:
+    """One RGBA pixel per grid cell: the probability in inferno, more opaque where higher,
+    transparent where no patch was screened (for the web viewer's heatmap layer)."""
+    from matplotlib import colormaps
+
+    rows, columns = np.mgrid[0 : grid.extent[0], 0 : grid.extent[1]]
+    items = grid.cells.find(rows.ravel(), columns.ravel()).reshape(grid.extent)
+    values = np.where(items >= 0, np.asarray(probabilities, dtype=np.float64)[np.maximum(items, 0)], 0.0)
+    rgba = (colormaps["inferno"](values) * 255).astype(np.uint8)
+    rgba[..., 3] = np.where(items >= 0, (0.35 + 0.6 * values) * 255, 0).astype(np.uint8)
+    Image.fromarray(rgba, "RGBA").save(path)
+
+
+def explanation_figure(patch: np.ndarray, cam: np.ndarray, path: Path, scale: int = 4) -> None:
+    """The patch beside its Grad-CAM overlay, both enlarged `scale` times without smoothing
+    so the nuclei stay crisp; the page carries the caption."""
+    overlay = cam_overlay(patch, cam)
     gap = np.full((patch.shape[0], 3, 3), 255, dtype=np.uint8)
     pair = np.concatenate([patch, gap, overlay], axis=1)
     Image.fromarray(pair).resize((pair.shape[1] * scale, pair.shape[0] * scale), Image.Resampling.NEAREST).save(path)

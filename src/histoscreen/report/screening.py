@@ -24,7 +24,14 @@ from histoscreen.data.sources import NO_LABEL
 from histoscreen.problems import Problem
 from histoscreen.progress import Progress, silent
 from histoscreen.report.html import write_index, write_slide_page
-from histoscreen.report.pictures import THUMBNAIL_PX, explanation_figure, heatmap_image, save_png, shrink
+from histoscreen.report.pictures import (
+    THUMBNAIL_PX,
+    explanation_figure,
+    heatmap_image,
+    probability_overlay,
+    save_png,
+    shrink,
+)
 from histoscreen.tables import write_csv
 from histoscreen.tasks.screen import Screening, SlideResult
 from histoscreen.tasks.slides import SlideSummary, rank_slides, regions_geojson, tiles_geojson
@@ -121,6 +128,11 @@ def write_slide(result: SlideResult, report_folder: Path, settings: dict) -> Non
     (folder / "regions.geojson").write_text(json.dumps(geojson) + "\n")
     tiles = tiles_geojson(slide, result.probabilities, result.calls, result.uncertain, scale=scale, bounds=bounds)
     (folder / "tiles.geojson").write_text(json.dumps(tiles) + "\n")
+    # for the web viewer: the heatmap as one pixel per cell, and how cells map onto mosaic.jpg
+    probability_overlay(grid, result.probabilities, folder / "overlay.png")
+    view = {"mosaic": [mosaic.shape[1], mosaic.shape[0]], "cell_px": 50 / reduction, "grid": list(grid.extent),
+            "origin": list(grid.pixel_origin), "threshold": threshold}
+    (folder / "view.json").write_text(json.dumps(view) + "\n")
 
     (folder / "explained").mkdir()
     gallery = []

@@ -1,0 +1,1 @@
+"""Serving stage: the web app and REST API (`histoscreen serve`), a thin layer over the tasks."""

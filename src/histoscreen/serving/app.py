@@ -1,0 +1,383 @@
+"""`histoscreen serve`: a small, local-first web service over the same screening task.
+
+FastAPI for the API and the pages, SQLite for jobs and reviews, files for uploads and
+reports, and screening worker processes that take queued jobs one at a time. Errors are
+RFC 9457 problem details (application/problem+json). With a token, every /api call needs
+`Authorization: Bearer TOKEN`, compared in constant time.
+"""
+
+from __future__ import annotations
+
+import csv
+import hmac
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+import zipfile
+from collections.abc import Iterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from fastapi import APIRouter, Depends, FastAPI, File, Form, Request, UploadFile
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from fastapi.staticfiles import StaticFiles
+from pydantic import BaseModel, Field
+from starlette.exceptions import HTTPException
+
+from histoscreen import __version__
+from histoscreen.atomic import child_path
+from histoscreen.errors import HistoscreenError
+from histoscreen.serving import pages
+from histoscreen.serving.jobs import VERDICTS, JobStore
+from histoscreen.serving.uploads import UploadError, extract_patches, slide_file_name, slug, upload_kind
+from histoscreen.serving.viewer import DeepZoom, LeastRecentlyUsed, png_bytes
+
+PROBLEM_JSON = "application/problem+json"
+STATIC = Path(__file__).resolve().parent / "static"
+GIB = 1 << 30
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    data: Path
+    token: str | None = None
+    model: str | None = None
+    max_upload_bytes: int = 4 * GIB
+    max_unzipped_bytes: int = 8 * GIB
+    max_queued: int = 100
+    workers: int = 1
+    start_workers: bool = True
+
+
+class Review(BaseModel):
+    verdict: str = Field(description=f"one of: {', '.join(VERDICTS)}")
+    note: str = Field(default="", max_length=4000)
+
+
+def problem(status: int, detail: str, title: str | None = None, headers: dict | None = None) -> JSONResponse:
+    from http import HTTPStatus
+
+    body = {"type": "about:blank", "title": title or HTTPStatus(status).phrase, "status": status, "detail": detail}
+    return JSONResponse(body, status_code=status, media_type=PROBLEM_JSON, headers=headers)
+
+
+class BodyTooLarge(Exception):
+    pass
+
+
+class LimitUploads:
+    """Refuses a request body over the limit: at once by its Content-Length, or as soon as
+    the bytes received pass the limit (a chunked upload declares no length)."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["method"] != "POST":
+            return await self.app(scope, receive, send)
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.limit:
+            response = problem(413, f"the request is {int(declared):,} bytes; at most {self.limit:,} are accepted")
+            return await response(scope, receive, send)
+        received = 0
+
+        async def counted():
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.limit:
+                raise BodyTooLarge()
+            return message
+
+        try:
+            await self.app(scope, counted, send)
+        except BodyTooLarge:
+            response = problem(413, f"the request passed {self.limit:,} bytes; refused")
+            await response(scope, receive, send)
+
+
+def create_app(settings: ServeSettings) -> FastAPI:
+    store = JobStore(settings.data)
+    pyramids = LeastRecentlyUsed(4)
+    sources = LeastRecentlyUsed(2)
+    predictors = LeastRecentlyUsed(1)
+    workers: list[subprocess.Popen] = []
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        store.recover()
+        if settings.start_workers:
+            command = [sys.executable, "-m", "histoscreen.serving.worker", str(settings.data), "--parent", str(os.getpid())]
+            if settings.model:
+                command += ["--model", settings.model]
+            workers.extend(subprocess.Popen(command) for _ in range(settings.workers))
+        yield
+        for worker in workers:
+            worker.terminate()
+        for worker in workers:
+            try:
+                worker.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                worker.kill()
+
+    app = FastAPI(title="histoscreen", version=__version__, lifespan=lifespan,
+                  description="Batch screening of breast histopathology for invasive ductal carcinoma. A screening aid, not a diagnosis.")
+    app.add_middleware(LimitUploads, limit=settings.max_upload_bytes)
+
+    @app.exception_handler(HTTPException)
+    async def http_problem(request: Request, error: HTTPException):
+        return problem(error.status_code, str(error.detail), headers=getattr(error, "headers", None))
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_problem(request: Request, error: RequestValidationError):
+        first = error.errors()[0] if error.errors() else {}
+        where = ".".join(str(p) for p in first.get("loc", ()))
+        return problem(422, f"{where}: {first.get('msg', 'invalid request')}")
+
+    @app.exception_handler(UploadError)
+    async def upload_problem(request: Request, error: UploadError):
+        return problem(error.status, str(error))
+
+    @app.exception_handler(BodyTooLarge)
+    async def too_large(request: Request, error: BodyTooLarge):
+        return problem(413, f"the request passed {settings.max_upload_bytes:,} bytes; refused")
+
+    def authorised(request: Request) -> None:
+        if settings.token is None:
+            return
+        given = request.headers.get("authorization", "")
+        expected = f"Bearer {settings.token}"
+        if not hmac.compare_digest(given.encode(), expected.encode()):
+            raise HTTPException(401, "a valid 'Authorization: Bearer TOKEN' header is needed", headers={"WWW-Authenticate": "Bearer"})
+
+    api = APIRouter(prefix="/api", dependencies=[Depends(authorised)])
+
+    def job_or_404(job_id: str):
+        job = store.get(job_id)
+        if job is None:
+            raise HTTPException(404, f"no job {job_id!r}")
+        return job
+
+    def finished_report(job_id: str) -> Path:
+        job = job_or_404(job_id)
+        if job.status != "done":
+            raise HTTPException(409, f"job {job_id} is {job.status}; its results come when it is done")
+        return store.folder(job_id) / "report"
+
+    def slide_rows(job_id: str) -> list[dict]:
+        return json.loads((finished_report(job_id) / "slides.json").read_text())["slides"]
+
+    def slide_folder(job_id: str, slide: str) -> Path:
+        report = finished_report(job_id)
+        if slide not in {row["patient"] for row in slide_rows(job_id)}:
+            raise HTTPException(404, f"job {job_id} has no slide {slide!r}")
+        return child_path(report, "slides", slide)
+
+    @api.get("/health")
+    def health() -> dict:
+        return {"status": "ok", "version": __version__, "queued": store.count("queued"), "running": store.count("running"),
+                "workers": sum(w.poll() is None for w in workers)}
+
+    @api.post("/jobs", status_code=201)
+    def submit(file: UploadFile = File(...), name: str = Form("")) -> dict:
+        if store.count("queued") >= settings.max_queued:
+            raise HTTPException(503, f"the queue holds {settings.max_queued} jobs already; try again later", headers={"Retry-After": "60"})
+        job_id = store.new_id()
+        folder = store.folder(job_id)
+        (folder / "input").mkdir(parents=True)
+        try:
+            upload = folder / "upload.part"
+            with open(upload, "wb") as sink:
+                shutil.copyfileobj(file.file, sink, 1 << 20)
+            with open(upload, "rb") as handle:
+                kind = upload_kind(handle.read(8), file.filename or "")
+            if kind == "patches":
+                extract_patches(upload, folder / "input", max_uncompressed=settings.max_unzipped_bytes)
+                upload.unlink()
+            else:
+                os.replace(upload, folder / "input" / slide_file_name(file.filename or "", name))
+            store.add(job_id, name.strip()[:200] or slug(Path((file.filename or "upload").replace("\\", "/")).stem, "upload"), kind)
+        except BaseException:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise
+        return {"id": job_id, "status": "queued"}
+
+    @api.get("/jobs")
+    def list_jobs() -> list[dict]:
+        return [job.public() for job in store.all()]
+
+    @api.get("/jobs/{job_id}")
+    def get_job(job_id: str) -> dict:
+        return job_or_404(job_id).public()
+
+    @api.get("/jobs/{job_id}/slides")
+    def slides(job_id: str) -> list[dict]:
+        reviews = store.reviews(job_id)
+        return [{**row, **{f"review_{k}": v for k, v in reviews.get(row["patient"], {}).items()}} for row in slide_rows(job_id)]
+
+    @api.get("/jobs/{job_id}/errors")
+    def errors(job_id: str) -> list[dict]:
+        with open(finished_report(job_id) / "errors.csv", newline="", encoding="utf-8") as handle:
+            return list(csv.DictReader(handle))
+
+    @api.get("/jobs/{job_id}/slides.csv")
+    def slides_csv(job_id: str) -> Response:
+        rows = slides(job_id)
+        buffer = io.StringIO()
+        from histoscreen.report.screening import SLIDE_COLUMNS
+        from histoscreen.tables import spreadsheet_safe
+
+        header = SLIDE_COLUMNS + ["review_verdict", "review_note", "review_reviewed"]
+        writer = csv.writer(buffer)
+        writer.writerow(header)
+        for row in rows:
+            writer.writerow([spreadsheet_safe(row.get(column)) if row.get(column) is not None else "" for column in header])
+        return Response(buffer.getvalue(), media_type="text/csv",
+                        headers={"Content-Disposition": f'attachment; filename="slides-{job_id}.csv"'})
+
+    @api.get("/jobs/{job_id}/report.zip")
+    def report_zip(job_id: str) -> StreamingResponse:
+        report = finished_report(job_id)
+
+        def chunks() -> Iterator[bytes]:
+            buffer = io.BytesIO()
+            with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
+                for path in sorted(report.rglob("*")):
+                    if path.is_file():
+                        archive.write(path, f"report/{path.relative_to(report)}")
+                        yield buffer.getvalue()
+                        buffer.seek(0)
+                        buffer.truncate()
+            yield buffer.getvalue()
+
+        return StreamingResponse(chunks(), media_type="application/zip",
+                                 headers={"Content-Disposition": f'attachment; filename="report-{job_id}.zip"'})
+
+    @api.get("/jobs/{job_id}/slides/{slide}/patches")
+    def patches(job_id: str, slide: str) -> list[dict]:
+        with open(slide_folder(job_id, slide) / "patches.csv", newline="") as handle:
+            return [{"x": int(r["x"]), "y": int(r["y"]), "prob_idc": float(r["prob_idc"]), "pred": int(r["pred"]),
+                     "uncertain": int(r["uncertain"]), "label": int(r["label"]) if r["label"] else None}
+                    for r in csv.DictReader(handle)]
+
+    @api.get("/jobs/{job_id}/slides/{slide}/{kind}.geojson")
+    def geojson(job_id: str, slide: str, kind: str) -> Response:
+        if kind not in ("regions", "tiles"):
+            raise HTTPException(404, f"no {kind}.geojson; there are regions.geojson and tiles.geojson")
+        return Response((slide_folder(job_id, slide) / f"{kind}.geojson").read_bytes(), media_type="application/geo+json")
+
+    @api.post("/jobs/{job_id}/slides/{slide}/review", status_code=201)
+    def review(job_id: str, slide: str, body: Review) -> dict:
+        slide_folder(job_id, slide)
+        if body.verdict not in VERDICTS:
+            raise HTTPException(422, f"verdict must be one of: {', '.join(VERDICTS)}")
+        return store.review(job_id, slide, body.verdict, body.note)
+
+    @api.get("/jobs/{job_id}/slides/{slide}/view")
+    def view(job_id: str, slide: str) -> dict:
+        folder = slide_folder(job_id, slide)
+        row = next(r for r in slides(job_id) if r["patient"] == slide)
+        gallery = sorted(p.name for p in (folder / "explained").glob("*.png"))
+        return {**json.loads((folder / "view.json").read_text()), "slide": row, "explained": gallery}
+
+    def pyramid(job_id: str, slide: str) -> DeepZoom:
+        return pyramids.get_or_make((job_id, slide), lambda: DeepZoom(slide_folder(job_id, slide) / "mosaic.jpg"))
+
+    @api.get("/jobs/{job_id}/slides/{slide}/mosaic.dzi")
+    def dzi(job_id: str, slide: str) -> Response:
+        return Response(pyramid(job_id, slide).descriptor(), media_type="application/xml")
+
+    @api.get("/jobs/{job_id}/slides/{slide}/mosaic_files/{level}/{tile}.jpeg")
+    def dzi_tile(job_id: str, slide: str, level: int, tile: str) -> Response:
+        try:
+            column, row = (int(part) for part in tile.split("_"))
+        except ValueError:
+            raise HTTPException(404, f"no tile {tile!r}") from None
+        data = pyramid(job_id, slide).tile(level, column, row)
+        if data is None:
+            raise HTTPException(404, f"no tile {level}/{tile}")
+        return Response(data, media_type="image/jpeg", headers={"Cache-Control": "private, max-age=3600"})
+
+    @api.get("/jobs/{job_id}/slides/{slide}/explained/{name}")
+    def explained(job_id: str, slide: str, name: str) -> Response:
+        path = slide_folder(job_id, slide) / "explained" / name
+        if "/" in name or not name.endswith(".png") or not path.is_file():
+            raise HTTPException(404, f"no explained patch {name!r}")
+        return Response(path.read_bytes(), media_type="image/png")
+
+    def patch_row(job_id: str, slide: str, x: int, y: int) -> dict:
+        row = next((p for p in patches(job_id, slide) if p["x"] == x and p["y"] == y), None)
+        if row is None:
+            raise HTTPException(404, f"slide {slide!r} has no screened patch at x={x}, y={y}")
+        return row
+
+    def patch_pixels(job_id: str, slide: str, x: int, y: int) -> np.ndarray:
+        from histoscreen.data.inputs import SlideReading, open_sources
+        from histoscreen.models import load_metadata, shipped_model_path
+
+        def opened():
+            spacing = load_metadata(settings.model or shipped_model_path()).spacing_um_px
+            return open_sources([store.folder(job_id) / "input"], slides=SlideReading(spacing), workers=1)
+
+        for source in sources.get_or_make(job_id, opened):
+            if slide in source.slide_ids():
+                return source.read_cells(slide, np.array([x]), np.array([y]))[0]
+        raise HTTPException(404, f"slide {slide!r} is no longer readable from the job's input")
+
+    @api.get("/jobs/{job_id}/slides/{slide}/patch")
+    def patch(job_id: str, slide: str, x: int, y: int) -> dict:
+        return patch_row(job_id, slide, x, y)
+
+    @api.get("/jobs/{job_id}/slides/{slide}/patch.png")
+    def patch_png(job_id: str, slide: str, x: int, y: int) -> Response:
+        patch_row(job_id, slide, x, y)
+        return Response(png_bytes(patch_pixels(job_id, slide, x, y)), media_type="image/png")
+
+    @api.get("/jobs/{job_id}/slides/{slide}/gradcam.png")
+    def gradcam_png(job_id: str, slide: str, x: int, y: int) -> Response:
+        from histoscreen.report.pictures import cam_overlay
+        from histoscreen.runtime import Predictor
+        from histoscreen.tasks.explain import grad_cam
+
+        patch_row(job_id, slide, x, y)
+        pixels = patch_pixels(job_id, slide, x, y)
+        predictor = predictors.get_or_make("model", lambda: Predictor(settings.model, backend="torch"))
+        cam = grad_cam(predictor.model, pixels[None], predictor.metadata.normalisation)[0]
+        return Response(png_bytes(cam_overlay(pixels, cam)), media_type="image/png")
+
+    # after patch.png and gradcam.png, which this pattern would otherwise catch
+    @api.get("/jobs/{job_id}/slides/{slide}/{picture}.png")
+    def picture(job_id: str, slide: str, picture: str) -> Response:
+        if picture not in ("overlay", "heatmap", "truth", "thumbnail"):
+            raise HTTPException(404, f"no picture {picture!r}")
+        path = slide_folder(job_id, slide) / f"{picture}.png"
+        if not path.is_file():
+            raise HTTPException(404, f"slide {slide!r} has no {picture}.png")
+        return Response(path.read_bytes(), media_type="image/png")
+
+    app.include_router(api)
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    def home() -> str:
+        return pages.home()
+
+    @app.get("/jobs/{job_id}", response_class=HTMLResponse, include_in_schema=False)
+    def job_page(job_id: str) -> str:
+        return pages.job(job_id)
+
+    @app.get("/jobs/{job_id}/slides/{slide}", response_class=HTMLResponse, include_in_schema=False)
+    def slide_page(job_id: str, slide: str) -> str:
+        return pages.slide(job_id, slide)
+
+    @app.exception_handler(HistoscreenError)
+    async def histoscreen_problem(request: Request, error: HistoscreenError):
+        return problem(422, str(error))
+
+    return app

@@ -1,0 +1,172 @@
+"""Jobs and reviews, kept in SQLite under the service's data folder, with each job's files
+(upload, report) in a folder of its own.
+
+SQLite in WAL mode lets the web server read while a screening worker writes; every change
+is one short transaction, so a killed process never leaves a half-written job.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import sqlite3
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+JOB_STATES = ("queued", "running", "done", "failed")
+VERDICTS = ("agree", "disagree", "needs second look")
+
+SCHEMA = """
+create table if not exists jobs (
+    id text primary key,
+    name text not null,
+    kind text not null,          -- 'patches' (a zip of PNGs) or 'slide' (a whole-slide image)
+    status text not null,
+    progress real not null default 0,
+    error text,
+    created text not null,
+    started text,
+    finished text,
+    worker integer,
+    attempts integer not null default 0
+);
+create table if not exists reviews (
+    job text not null,
+    slide text not null,
+    verdict text not null,
+    note text not null,
+    created text not null
+);
+create index if not exists reviews_by_slide on reviews (job, slide);
+"""
+
+
+def now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+@dataclass
+class Job:
+    id: str
+    name: str
+    kind: str
+    status: str
+    progress: float
+    error: str | None
+    created: str
+    finished: str | None
+
+    def public(self) -> dict:
+        return asdict(self)
+
+
+class JobStore:
+    def __init__(self, data: Path):
+        self.data = Path(data)
+        self.data.mkdir(parents=True, exist_ok=True)
+        (self.data / "jobs").mkdir(exist_ok=True)
+        self.path = self.data / "histoscreen.sqlite"
+        with self._connect() as db:
+            db.execute("pragma journal_mode = wal")
+            db.executescript(SCHEMA)
+
+    @contextmanager
+    def _connect(self):
+        db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+        db.row_factory = sqlite3.Row
+        try:
+            yield db
+        finally:
+            db.close()
+
+    def folder(self, job_id: str) -> Path:
+        return self.data / "jobs" / job_id
+
+    def new_id(self) -> str:
+        # time-ordered and unguessable: newest-first listing, no enumeration of others' jobs
+        return f"{int(time.time() * 1000):013x}-{secrets.token_hex(6)}"
+
+    def add(self, job_id: str, name: str, kind: str) -> Job:
+        with self._connect() as db:
+            db.execute("insert into jobs (id, name, kind, status, created) values (?, ?, ?, 'queued', ?)", (job_id, name, kind, now()))
+        return self.get(job_id)
+
+    def get(self, job_id: str) -> Job | None:
+        with self._connect() as db:
+            row = db.execute("select * from jobs where id = ?", (job_id,)).fetchone()
+        return _job(row) if row else None
+
+    def all(self) -> list[Job]:
+        with self._connect() as db:
+            return [_job(r) for r in db.execute("select * from jobs order by created desc, id desc")]
+
+    def count(self, status: str) -> int:
+        with self._connect() as db:
+            return db.execute("select count(*) from jobs where status = ?", (status,)).fetchone()[0]
+
+    def claim(self, worker: int) -> Job | None:
+        """The oldest queued job, now running for `worker`; None when the queue is empty."""
+        with self._connect() as db:
+            db.execute("begin immediate")
+            row = db.execute("select id from jobs where status = 'queued' order by created, id limit 1").fetchone()
+            if row is None:
+                db.execute("commit")
+                return None
+            db.execute(
+                "update jobs set status = 'running', started = ?, progress = 0, worker = ?, attempts = attempts + 1 where id = ?",
+                (now(), worker, row["id"]),
+            )
+            db.execute("commit")
+        return self.get(row["id"])
+
+    def progress(self, job_id: str, fraction: float) -> None:
+        with self._connect() as db:
+            db.execute("update jobs set progress = ? where id = ? and status = 'running'", (min(max(fraction, 0.0), 1.0), job_id))
+
+    def finish(self, job_id: str, error: str | None = None) -> None:
+        status = "failed" if error else "done"
+        with self._connect() as db:
+            db.execute("update jobs set status = ?, error = ?, finished = ?, progress = ? where id = ?",
+                       (status, error, now(), 0.0 if error else 1.0, job_id))
+
+    def recover(self, max_attempts: int = 2) -> list[str]:
+        """After a restart: a job left running by a worker that died is queued again, or
+        failed once it has been tried `max_attempts` times (a job that kills its worker must
+        not kill every worker after it)."""
+        recovered = []
+        with self._connect() as db:
+            db.execute("begin immediate")
+            for row in db.execute("select id, attempts from jobs where status = 'running'").fetchall():
+                if row["attempts"] >= max_attempts:
+                    db.execute("update jobs set status = 'failed', error = ?, finished = ? where id = ?",
+                               (f"interrupted {row['attempts']} times (the service stopped while it ran); not retried", now(), row["id"]))
+                else:
+                    db.execute("update jobs set status = 'queued', progress = 0, worker = null, error = ? where id = ?",
+                               ("interrupted by a restart of the service; queued again", row["id"]))
+                recovered.append(row["id"])
+            db.execute("commit")
+        return recovered
+
+    def review(self, job_id: str, slide: str, verdict: str, note: str) -> dict:
+        created = now()
+        with self._connect() as db:
+            db.execute("insert into reviews (job, slide, verdict, note, created) values (?, ?, ?, ?, ?)", (job_id, slide, verdict, note, created))
+        return {"slide": slide, "verdict": verdict, "note": note, "reviewed": created}
+
+    def reviews(self, job_id: str) -> dict[str, dict]:
+        """The latest review of each slide of a job."""
+        with self._connect() as db:
+            rows = db.execute("select * from reviews where job = ? order by rowid", (job_id,)).fetchall()
+        return {r["slide"]: {"verdict": r["verdict"], "note": r["note"], "reviewed": r["created"]} for r in rows}
+
+
+def _job(row: sqlite3.Row) -> Job:
+    return Job(row["id"], row["name"], row["kind"], row["status"], row["progress"], row["error"], row["created"], row["finished"])
+
+
+def default_data_folder() -> Path:
+    base = os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share"
+    return Path(base) / "histoscreen"

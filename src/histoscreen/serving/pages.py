@@ -1,0 +1,83 @@
+"""The pages: small server-rendered shells; static/app.js fills them from the API. Every
+asset ships in the package, so the app works offline and no request leaves the machine."""
+
+from __future__ import annotations
+
+from html import escape
+
+from histoscreen import __version__
+
+DISCLAIMER = (
+    "Screening aid, not a diagnosis: the maps show where a model trained on public data estimates invasive "
+    "ductal carcinoma (IDC) is likely. Every finding needs review by a pathologist."
+)
+
+
+def _page(title: str, body: str, page: str, **data: str) -> str:
+    attributes = " ".join(f'data-{key}="{escape(value)}"' for key, value in data.items())
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
+<title>{escape(title)} · histoscreen</title><link rel="stylesheet" href="/static/app.css"></head>
+<body data-page="{page}" {attributes}>
+<header><a class="brand" href="/">histoscreen</a><span class="version">{__version__}</span>
+<form id="token-form" hidden><label>Access token <input id="token" type="password" autocomplete="off"></label><button>Use</button></form>
+</header>
+<p class="disclaimer">{escape(DISCLAIMER)}</p>
+<main>{body}</main>
+<script src="/static/openseadragon/openseadragon.min.js"></script>
+<script src="/static/app.js"></script>
+</body></html>
+"""
+
+
+def home() -> str:
+    return _page("Screening jobs", """
+<section class="upload">
+  <h1>Screen slides</h1>
+  <div id="drop" tabindex="0">Drop a <b>.zip of patch PNGs</b> (Kaggle layout) or a <b>whole-slide image</b> (.svs, .tif, .ndpi, ...) here,
+  or <label class="button">choose a file<input id="file" type="file" hidden></label></div>
+  <label>Name (optional) <input id="name" maxlength="200"></label>
+  <progress id="upload-progress" max="1" value="0" hidden></progress> <span id="upload-status" role="status"></span>
+</section>
+<section><h2>Jobs</h2>
+<table id="jobs"><thead><tr><th>name</th><th>submitted</th><th>status</th><th>progress</th><th>finished</th></tr></thead><tbody></tbody></table>
+</section>""", "home")
+
+
+def job(job_id: str) -> str:
+    return _page(f"Job {job_id}", """
+<p><a href="/">← all jobs</a></p>
+<h1 id="title">Job</h1><p id="state"></p>
+<p id="downloads" hidden>Download: <a id="report-zip" download>the whole report (zip)</a> · <a id="slides-csv" download>slides.csv with reviews</a></p>
+<table id="slides" class="sortable" hidden><thead><tr>
+<th data-key="rank" data-type="number">rank</th><th data-key="patient">slide</th><th data-key="patches" data-type="number">patches</th>
+<th data-key="idc_patches" data-type="number">IDC patches</th><th data-key="idc_fraction" data-type="number">burden</th>
+<th data-key="largest_region_patches" data-type="number">largest region</th><th data-key="mean_prob" data-type="number">mean p</th>
+<th data-key="max_prob" data-type="number">max p</th><th data-key="uncertain" data-type="number">flags</th><th data-key="review_verdict">review</th>
+</tr></thead><tbody></tbody></table>
+<section id="problems" hidden><h2>Problems</h2><ul></ul></section>""", "job", job=job_id)
+
+
+def slide(job_id: str, slide_id: str) -> str:
+    return _page(f"Slide {slide_id}", """
+<p><a id="back">← all slides</a></p>
+<div class="viewer-layout">
+  <div id="viewer" aria-label="slide viewer"></div>
+  <aside>
+    <h1 id="title">Slide</h1>
+    <table id="facts"></table>
+    <fieldset><legend>IDC heatmap</legend>
+      <label><input id="overlay-on" type="checkbox" checked> show</label>
+      <label>opacity <input id="overlay-opacity" type="range" min="0" max="1" step="0.05" value="0.7"></label>
+    </fieldset>
+    <section id="picked"><h2>Patch</h2><p id="picked-hint">Click the slide to see a patch, its probability and its Grad-CAM.</p>
+      <div class="pair" id="picked-pair" hidden><figure><img id="picked-patch" alt="patch"><figcaption>patch</figcaption></figure>
+      <figure><img id="picked-cam" alt="Grad-CAM"><figcaption>Grad-CAM (bright: evidence for IDC)</figcaption></figure></div><p id="picked-facts"></p></section>
+    <section id="review"><h2>Review</h2>
+      <div class="verdicts"><button data-verdict="agree">agree</button><button data-verdict="disagree">disagree</button>
+      <button data-verdict="needs second look">needs second look</button></div>
+      <textarea id="note" rows="2" maxlength="4000" placeholder="note"></textarea>
+      <p id="review-saved" role="status"></p>
+    </section>
+  </aside>
+</div>""", "slide", job=job_id, slide=slide_id)

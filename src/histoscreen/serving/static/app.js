@@ -1,0 +1,261 @@
+// histoscreen's pages: plain JavaScript over the REST API; nothing is loaded from outside.
+"use strict";
+
+const page = document.body.dataset.page;
+const tokenKey = "histoscreen-token";
+
+function authHeaders() {
+  const token = sessionStorage.getItem(tokenKey);
+  return token ? { Authorization: `Bearer ${token}` } : {};
+}
+
+function askForToken() {
+  const form = document.getElementById("token-form");
+  form.hidden = false;
+  form.onsubmit = (event) => {
+    event.preventDefault();
+    sessionStorage.setItem(tokenKey, document.getElementById("token").value);
+    location.reload();
+  };
+}
+
+async function api(path, options = {}) {
+  const response = await fetch(`/api${path}`, { ...options, headers: { ...authHeaders(), ...(options.headers || {}) } });
+  if (response.status === 401) {
+    askForToken();
+    throw new Error("an access token is needed");
+  }
+  if (!response.ok) {
+    let detail = response.statusText;
+    try { detail = (await response.json()).detail || detail; } catch (_) { /* not JSON */ }
+    throw new Error(detail);
+  }
+  return response;
+}
+
+const json = async (path, options) => (await api(path, options)).json();
+
+async function imageInto(element, path) {
+  const blob = await (await api(path)).blob();
+  if (element.dataset.url) URL.revokeObjectURL(element.dataset.url);
+  element.dataset.url = URL.createObjectURL(blob);
+  element.src = element.dataset.url;
+  return element.dataset.url;
+}
+
+async function download(link, path, name) {
+  link.href = "#";
+  link.onclick = async (event) => {
+    event.preventDefault();
+    const blob = await (await api(path)).blob();
+    const anchor = document.createElement("a");
+    anchor.href = URL.createObjectURL(blob);
+    anchor.download = name;
+    anchor.click();
+  };
+}
+
+const percent = (value) => (value === null || value === undefined ? "" : `${(100 * value).toFixed(1)}%`);
+const cell = (text, left = false) => `<td${left ? ' class="left"' : ""}>${text}</td>`;
+const escapeHtml = (text) => String(text).replace(/[&<>"']/g, (c) => ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;" }[c]));
+
+// ---- home: upload and the job list -------------------------------------------------------
+
+function upload(file) {
+  const status = document.getElementById("upload-status");
+  const bar = document.getElementById("upload-progress");
+  const form = new FormData();
+  form.append("file", file);
+  form.append("name", document.getElementById("name").value);
+  const request = new XMLHttpRequest();
+  request.open("POST", "/api/jobs");
+  for (const [key, value] of Object.entries(authHeaders())) request.setRequestHeader(key, value);
+  bar.hidden = false;
+  request.upload.onprogress = (event) => { if (event.lengthComputable) bar.value = event.loaded / event.total; };
+  request.onload = () => {
+    if (request.status === 201) {
+      status.textContent = `uploaded ${file.name}: queued`;
+      refreshJobs();
+    } else if (request.status === 401) {
+      askForToken();
+    } else {
+      let detail = request.statusText;
+      try { detail = JSON.parse(request.responseText).detail; } catch (_) { /* not JSON */ }
+      status.textContent = `refused: ${detail}`;
+    }
+  };
+  request.onerror = () => { status.textContent = "the upload failed (connection lost)"; };
+  status.textContent = `uploading ${file.name} ...`;
+  request.send(form);
+}
+
+async function refreshJobs() {
+  const jobs = await json("/jobs");
+  const body = document.querySelector("#jobs tbody");
+  body.innerHTML = jobs.map((job) => `<tr class="job" data-id="${job.id}" data-status="${job.status}">`
+    + cell(`<a href="/jobs/${job.id}">${escapeHtml(job.name)}</a>`, true) + cell(job.created.replace("T", " ").slice(0, 19))
+    + cell(job.status + (job.error ? `: ${escapeHtml(job.error)}` : ""), true)
+    + cell(`<progress max="1" value="${job.progress}"></progress> ${Math.round(job.progress * 100)}%`)
+    + cell(job.finished ? job.finished.replace("T", " ").slice(0, 19) : "") + "</tr>").join("");
+}
+
+function startHome() {
+  const drop = document.getElementById("drop");
+  const input = document.getElementById("file");
+  drop.addEventListener("dragover", (event) => { event.preventDefault(); drop.classList.add("over"); });
+  drop.addEventListener("dragleave", () => drop.classList.remove("over"));
+  drop.addEventListener("drop", (event) => {
+    event.preventDefault();
+    drop.classList.remove("over");
+    if (event.dataTransfer.files.length) upload(event.dataTransfer.files[0]);
+  });
+  input.addEventListener("change", () => { if (input.files.length) upload(input.files[0]); });
+  refreshJobs();
+  setInterval(() => refreshJobs().catch(() => {}), 1000);
+}
+
+// ---- a job: its ranked slides --------------------------------------------------------------
+
+function flags(row) {
+  const found = [];
+  if (row.confident_region_patches) found.push('<span class="flag idc">IDC region</span>');
+  if (row.uncertain) found.push(`<span class="flag">${row.uncertain} to review</span>`);
+  return found.join(" ");
+}
+
+function sortable(table, rows, render) {
+  let key = "rank";
+  let ascending = true;
+  table.querySelectorAll("th").forEach((header) => header.addEventListener("click", () => {
+    ascending = header.dataset.key === key ? !ascending : true;
+    key = header.dataset.key;
+    const numeric = header.dataset.type === "number";
+    rows.sort((a, b) => {
+      const [x, y] = [a[key] ?? "", b[key] ?? ""];
+      const order = numeric ? Number(x) - Number(y) : String(x).localeCompare(String(y));
+      return ascending ? order : -order;
+    });
+    render();
+  }));
+}
+
+async function startJob() {
+  const id = document.body.dataset.job;
+  const job = await json(`/jobs/${id}`);
+  document.getElementById("title").textContent = `Job: ${job.name}`;
+  const state = document.getElementById("state");
+  if (job.status !== "done") {
+    state.textContent = `${job.status}${job.error ? `: ${job.error}` : ""} (${Math.round(job.progress * 100)}%)`;
+    if (job.status === "queued" || job.status === "running") setTimeout(startJob, 1000);
+    return;
+  }
+  state.textContent = `done ${job.finished.replace("T", " ").slice(0, 19)}: slides ranked most suspicious first (largest confident IDC region, then burden).`;
+  const rows = await json(`/jobs/${id}/slides`);
+  const table = document.getElementById("slides");
+  const render = () => {
+    table.querySelector("tbody").innerHTML = rows.map((row) => `<tr class="slide">` + cell(row.rank)
+      + cell(`<a href="/jobs/${id}/slides/${encodeURIComponent(row.patient)}">${escapeHtml(row.patient)}</a>`, true)
+      + cell(row.patches) + cell(row.idc_patches) + cell(percent(row.idc_fraction)) + cell(row.largest_region_patches)
+      + cell(row.mean_prob.toFixed(2)) + cell(row.max_prob.toFixed(2)) + cell(flags(row), true)
+      + cell(escapeHtml(row.review_verdict || ""), true) + "</tr>").join("");
+  };
+  render();
+  sortable(table, rows, render);
+  table.hidden = false;
+  document.getElementById("downloads").hidden = false;
+  download(document.getElementById("report-zip"), `/jobs/${id}/report.zip`, `report-${id}.zip`);
+  download(document.getElementById("slides-csv"), `/jobs/${id}/slides.csv`, `slides-${id}.csv`);
+  const problems = await json(`/jobs/${id}/errors`);
+  if (problems.length) {
+    const section = document.getElementById("problems");
+    section.hidden = false;
+    section.querySelector("ul").innerHTML = problems.slice(0, 200)
+      .map((p) => `<li><code>${escapeHtml(p.where)}</code>: ${escapeHtml(p.problem)}</li>`).join("");
+  }
+}
+
+// ---- a slide: viewer, heatmap, patches, review ---------------------------------------------
+
+async function startSlide() {
+  const { job: id, slide } = document.body.dataset;
+  const base = `/jobs/${id}/slides/${encodeURIComponent(slide)}`;
+  document.getElementById("back").href = `/jobs/${id}`;
+  const view = await json(`${base}/view`);
+  const row = view.slide;
+  document.getElementById("title").textContent = `Slide ${slide}`;
+  const facts = [["rank", row.rank], ["patches screened", row.patches], ["IDC patches", row.idc_patches],
+    ["tumour burden", percent(row.idc_fraction)], ["largest IDC region", `${row.largest_region_patches} patches`],
+    ["uncertain (to review)", row.uncertain], ["threshold", view.threshold.toFixed(3)]];
+  if (row.true_idc_fraction !== null) facts.push(["true burden", percent(row.true_idc_fraction)], ["agreement", percent(row.agreement)]);
+  document.getElementById("facts").innerHTML = facts.map(([k, v]) => `<tr><th class="left">${k}</th><td>${v}</td></tr>`).join("");
+
+  const overlayUrl = await imageInto(new Image(), `${base}/overlay.png`);
+  const descriptor = new DOMParser().parseFromString(await (await api(`${base}/mosaic.dzi`)).text(), "application/xml");
+  const size = descriptor.querySelector("Size");
+  const viewer = OpenSeadragon({
+    id: "viewer", prefixUrl: "/static/openseadragon/images/", showNavigator: true, imageSmoothingEnabled: false,
+    loadTilesWithAjax: true, ajaxHeaders: authHeaders(), crossOriginPolicy: false, maxZoomPixelRatio: 4,
+    tileSources: { Image: { xmlns: "http://schemas.microsoft.com/deepzoom/2008", Url: `/api${base}/mosaic_files/`,
+      Format: "jpeg", Overlap: "0", TileSize: descriptor.documentElement.getAttribute("TileSize"),
+      Size: { Width: size.getAttribute("Width"), Height: size.getAttribute("Height") } } },
+  });
+  window.histoscreenViewer = viewer;
+  const opacity = document.getElementById("overlay-opacity");
+  const shown = document.getElementById("overlay-on");
+  viewer.addOnceHandler("open", () => {
+    viewer.addTiledImage({
+      tileSource: { type: "image", url: overlayUrl }, x: 0, y: 0,
+      width: (view.grid[1] * view.cell_px) / view.mosaic[0], opacity: shown.checked ? Number(opacity.value) : 0,
+      success: (event) => {
+        const overlay = event.item;
+        const apply = () => overlay.setOpacity(shown.checked ? Number(opacity.value) : 0);
+        opacity.addEventListener("input", apply);
+        shown.addEventListener("change", apply);
+        document.body.dataset.overlay = "ready";
+      },
+    });
+  });
+  viewer.addHandler("canvas-click", (event) => {
+    if (!event.quick) return;
+    const point = viewer.world.getItemAt(0).viewerElementToImageCoordinates(event.position);
+    const column = Math.floor(point.x / view.cell_px);
+    const rowIndex = Math.floor(point.y / view.cell_px);
+    if (column < 0 || rowIndex < 0) return;
+    pick(base, view.origin[0] + column * 50 + 1, view.origin[1] + rowIndex * 50 + 1);
+  });
+
+  const saved = document.getElementById("review-saved");
+  const showReview = (verdict, note, when) => {
+    document.querySelectorAll(".verdicts button").forEach((b) => b.classList.toggle("chosen", b.dataset.verdict === verdict));
+    saved.textContent = verdict ? `Saved: ${verdict}${note ? ` (${note})` : ""}, ${when.replace("T", " ").slice(0, 19)}` : "";
+  };
+  if (row.review_verdict) {
+    document.getElementById("note").value = row.review_note;
+    showReview(row.review_verdict, row.review_note, row.review_reviewed);
+  }
+  document.querySelectorAll(".verdicts button").forEach((button) => button.addEventListener("click", async () => {
+    const note = document.getElementById("note").value;
+    const stored = await json(`${base}/review`, { method: "POST", headers: { "Content-Type": "application/json" },
+      body: JSON.stringify({ verdict: button.dataset.verdict, note }) });
+    showReview(stored.verdict, stored.note, stored.reviewed);
+  }));
+}
+
+async function pick(base, x, y) {
+  const facts = document.getElementById("picked-facts");
+  try {
+    const patch = await json(`${base}/patch?x=${x}&y=${y}`);
+    document.getElementById("picked-hint").textContent = `x=${x}, y=${y}`;
+    facts.textContent = `p(IDC) ${patch.prob_idc.toFixed(3)}: ${patch.pred ? "IDC" : "non-IDC"}`
+      + `${patch.uncertain ? ", uncertain" : ""}${patch.label === null ? "" : `; true ${patch.label ? "IDC" : "non-IDC"}`}`;
+    await Promise.all([imageInto(document.getElementById("picked-patch"), `${base}/patch.png?x=${x}&y=${y}`),
+      imageInto(document.getElementById("picked-cam"), `${base}/gradcam.png?x=${x}&y=${y}`)]);
+    document.getElementById("picked-pair").hidden = false;
+    document.body.dataset.picked = `${x},${y}`;
+  } catch (error) {
+    facts.textContent = error.message;
+  }
+}
+
+const start = { home: startHome, job: startJob, slide: startSlide }[page];
+if (start) Promise.resolve(start()).catch((error) => { console.error(error); });

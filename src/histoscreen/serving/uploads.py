@@ -1,0 +1,111 @@
+"""Taking an upload apart safely: what a hostile file can do is refused before anything is
+written outside the job's own folder.
+
+- A zip is read only through its central directory, checked member by member before a
+  single byte is extracted: absolute paths, drive letters, `..`, backslashes and symbolic
+  links are refused (zip-slip); the declared uncompressed total is capped (a zip bomb is
+  refused before it is expanded), and the bytes actually written are counted too, since a
+  declared size can lie. Only .png members are extracted; anything else is left in the zip.
+- A whole-slide image is stored under a name made from a safe slug, never from the upload's
+  file name; only its suffix (from a fixed list) is kept.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import stat
+import zipfile
+from pathlib import Path, PurePosixPath
+
+from histoscreen.data.wsi import SLIDE_SUFFIXES
+from histoscreen.errors import HistoscreenError
+
+ZIP_MAGIC = b"PK\x03\x04"
+MAX_MEMBERS = 2_000_000
+_DRIVE = re.compile(r"^[A-Za-z]:")
+_SLUG_OUT = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+class UploadError(HistoscreenError):
+    """An upload refused; `status` is the HTTP status that says why."""
+
+    def __init__(self, status: int, message: str):
+        self.status = status
+        super().__init__(message)
+
+
+def slug(text: str, fallback: str = "slide") -> str:
+    """A safe slide id from any text: letters, digits, '.', '_', '-'; never empty, never dots only."""
+    cleaned = _SLUG_OUT.sub("-", text).strip(".-_")[:100]
+    return cleaned if cleaned and cleaned[0].isalnum() else fallback
+
+
+def upload_kind(first_bytes: bytes, file_name: str) -> str:
+    if first_bytes.startswith(ZIP_MAGIC):
+        return "patches"
+    if file_name.lower().endswith(SLIDE_SUFFIXES):
+        return "slide"
+    raise UploadError(415, "the upload is neither a zip of patch PNGs nor a whole-slide image (.svs, .tif, .ndpi, .mrxs, ...)")
+
+
+def member_problem(info: zipfile.ZipInfo) -> str | None:
+    """Why a zip member may not be extracted, or None."""
+    name = info.filename
+    if "\\" in name or "\x00" in name:
+        return "a name with a backslash or NUL"
+    if name.startswith("/") or _DRIVE.match(name):
+        return "an absolute path"
+    if ".." in PurePosixPath(name).parts:
+        return "a '..' in its path"
+    if stat.S_ISLNK(info.external_attr >> 16):
+        return "a symbolic link"
+    return None
+
+
+def extract_patches(zip_path: Path, destination: Path, *, max_uncompressed: int) -> int:
+    """Extract the .png members of `zip_path` under `destination`; returns how many.
+
+    Every member is checked first; one bad member refuses the whole upload, and nothing is
+    written outside `destination` (each path is resolved and checked as well)."""
+    try:
+        archive = zipfile.ZipFile(zip_path)
+    except (zipfile.BadZipFile, OSError) as error:
+        raise UploadError(400, f"not a readable zip file ({error})") from None
+    with archive:
+        members = archive.infolist()
+        if len(members) > MAX_MEMBERS:
+            raise UploadError(413, f"the zip holds {len(members):,} members; at most {MAX_MEMBERS:,} are accepted")
+        for info in members:
+            problem = member_problem(info)
+            if problem:
+                raise UploadError(400, f"zip member {info.filename!r} has {problem}; refused")
+        declared = sum(info.file_size for info in members)
+        if declared > max_uncompressed:
+            raise UploadError(413, f"the zip expands to {declared:,} bytes; at most {max_uncompressed:,} are accepted")
+        patches = [info for info in members if not info.is_dir() and info.filename.lower().endswith(".png")]
+        if not patches:
+            raise UploadError(422, "the zip holds no .png patches")
+        root = destination.resolve()
+        written = 0
+        for info in patches:
+            target = (destination / PurePosixPath(info.filename)).resolve()
+            if not target.is_relative_to(root):
+                raise UploadError(400, f"zip member {info.filename!r} would be written outside the job")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with archive.open(info) as source, open(target, "wb") as sink:
+                while chunk := source.read(1 << 20):
+                    written += len(chunk)
+                    if written > max_uncompressed:  # the sizes in the directory lied
+                        sink.close()
+                        shutil.rmtree(destination, ignore_errors=True)
+                        raise UploadError(413, f"the zip expands beyond {max_uncompressed:,} bytes; refused")
+                    sink.write(chunk)
+    return len(patches)
+
+
+def slide_file_name(upload_name: str, name: str) -> str:
+    """The stored name of an uploaded slide: a slug of the job's name (the slide's id in the
+    report) and the upload's suffix, taken from the fixed list only."""
+    suffix = next(s for s in SLIDE_SUFFIXES if upload_name.lower().endswith(s))
+    return slug(name or PurePosixPath(upload_name.replace("\\", "/")).stem) + suffix

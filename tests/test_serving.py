@@ -1,0 +1,280 @@
+"""`histoscreen serve`: the REST API on a real app with real worker processes, hostile
+uploads, a restart while a job runs, and the pages in a real headless browser."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import time
+import zipfile
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("fastapi", reason="the [serve] extra (fastapi, uvicorn, python-multipart) is not installed")
+from fastapi.testclient import TestClient  # noqa: E402
+
+from histoscreen.data import synthesize  # noqa: E402
+from histoscreen.serving.app import ServeSettings, create_app  # noqa: E402
+from conftest import screen_to  # noqa: E402
+
+CHROMIUM = Path("/usr/bin/chromium")
+
+
+def zip_of(folder: Path) -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
+        for path in sorted(folder.rglob("*.png")):
+            archive.write(path, path.relative_to(folder))
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def slides(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("serve") / "slides"
+    synthesize(folder, patients=3, seed=17, first_index=60, idc_fractions=[0.3, 0.0, 0.1])
+    return folder
+
+
+def wait_done(client, job_id: str, timeout: float = 120) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job = client.get(f"/api/jobs/{job_id}").json()
+        if job["status"] in ("done", "failed"):
+            return job
+        time.sleep(0.2)
+    raise AssertionError(f"job {job_id} did not finish: {job}")
+
+
+def test_the_whole_flow_gives_what_the_command_line_gives(slides, tiny_model, tmp_path):
+    settings = ServeSettings(data=tmp_path / "data", model=str(tiny_model))
+    with TestClient(create_app(settings)) as client:
+        submitted = client.post("/api/jobs", files={"file": ("batch.zip", zip_of(slides), "application/zip")}, data={"name": "batch 1"})
+        assert submitted.status_code == 201 and submitted.json()["status"] == "queued"
+        job_id = submitted.json()["id"]
+        job = wait_done(client, job_id)
+        assert job["status"] == "done" and job["progress"] == 1.0 and job["error"] is None and job["name"] == "batch 1"
+        assert set(job) == {"id", "name", "kind", "status", "progress", "error", "created", "finished"}
+        assert [j["id"] for j in client.get("/api/jobs").json()] == [job_id]
+        served = client.get(f"/api/jobs/{job_id}/slides").json()
+
+        screen_to(slides, tmp_path / "cli-report", model=tiny_model)
+        with open(tmp_path / "cli-report" / "slides.csv", newline="") as handle:
+            expected = list(csv.DictReader(handle))
+        assert [r["patient"] for r in served] == [r["patient"] for r in expected]
+        for got, want in zip(served, expected):
+            for column, value in want.items():
+                assert ("" if got[column] is None else str(got[column])) == value, column
+
+        slide = served[0]["patient"]
+        patches = client.get(f"/api/jobs/{job_id}/slides/{slide}/patches").json()
+        assert len(patches) == served[0]["patches"] and set(patches[0]) == {"x", "y", "prob_idc", "pred", "uncertain", "label"}
+        regions = client.get(f"/api/jobs/{job_id}/slides/{slide}/regions.geojson")
+        assert regions.headers["content-type"] == "application/geo+json" and regions.json()["type"] == "FeatureCollection"
+        report = zipfile.ZipFile(io.BytesIO(client.get(f"/api/jobs/{job_id}/report.zip").content))
+        assert "report/index.html" in report.namelist() and f"report/slides/{slide}/heatmap.png" in report.namelist()
+
+        saved = client.post(f"/api/jobs/{job_id}/slides/{slide}/review", json={"verdict": "needs second look", "note": "=cmd nests"})
+        assert saved.status_code == 201 and saved.json()["verdict"] == "needs second look"
+        assert client.post(f"/api/jobs/{job_id}/slides/{slide}/review", json={"verdict": "maybe"}).status_code == 422
+        rows = list(csv.DictReader(io.StringIO(client.get(f"/api/jobs/{job_id}/slides.csv").text)))
+        mine = next(r for r in rows if r["patient"] == slide)
+        assert mine["review_verdict"] == "needs second look" and mine["review_note"] == "'=cmd nests" and mine["review_reviewed"]
+
+        missing = client.get(f"/api/jobs/{job_id}/slides/../../etc/patches")
+        assert missing.status_code == 404
+        unknown = client.get(f"/api/jobs/{job_id}/slides/nope/patches")
+        assert unknown.status_code == 404 and unknown.headers["content-type"] == "application/problem+json"
+        assert unknown.json()["detail"] == f"job {job_id} has no slide 'nope'"
+        assert client.get("/docs").status_code == 200 and "/api/jobs" in client.get("/openapi.json").json()["paths"]
+
+
+def test_every_api_call_needs_the_token_when_one_is_set(tmp_path):
+    settings = ServeSettings(data=tmp_path / "data", token="s3cret", start_workers=False)
+    with TestClient(create_app(settings)) as client:
+        for method, path in (("get", "/api/health"), ("get", "/api/jobs"), ("post", "/api/jobs"), ("get", "/api/jobs/x/slides")):
+            refused = getattr(client, method)(path)
+            assert refused.status_code == 401 and refused.headers["content-type"] == "application/problem+json", path
+            assert refused.headers["www-authenticate"] == "Bearer"
+            wrong = getattr(client, method)(path, headers={"Authorization": "Bearer s3cre"})
+            assert wrong.status_code == 401
+        assert client.get("/api/health", headers={"Authorization": "Bearer s3cret"}).json()["status"] == "ok"
+        assert client.get("/").status_code == 200  # the page shell holds no data; its API calls need the token
+
+
+def symlink_zip() -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        link = zipfile.ZipInfo("900000/0/900000_idx5_x1_y1_class0.png")
+        link.external_attr = (stat.S_IFLNK | 0o777) << 16
+        archive.writestr(link, "/etc/passwd")
+    return buffer.getvalue()
+
+
+def zip_with(name: str, data: bytes = b"x", compression=zipfile.ZIP_STORED) -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", compression) as archive:
+        member = zipfile.ZipInfo(name)
+        member.compress_type = compression
+        archive.writestr(member, data)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize(
+    "name, payload, status, words",
+    [
+        ("slip.zip", zip_with("../../escaped.png"), 400, "'..'"),
+        ("absolute.zip", zip_with("/tmp/escaped.png"), 400, "absolute path"),
+        ("drive.zip", zip_with("C:/escaped.png"), 400, "absolute path"),
+        ("backslash.zip", zip_with("..\\escaped.png"), 400, "backslash"),
+        ("link.zip", symlink_zip(), 400, "symbolic link"),
+        ("bomb.zip", zip_with("900000/0/900000_idx5_x1_y1_class0.png", bytes(30 << 20), zipfile.ZIP_DEFLATED), 413, "expands to"),
+        ("big.zip", b"PK\x03\x04" + bytes(3 << 20), 413, "bytes; at most"),
+        ("notes.zip", b"just text, not a zip", 415, "neither a zip"),
+        ("broken.zip", b"PK\x03\x04 truncated", 400, "not a readable zip"),
+        ("texts.zip", zip_with("readme.txt", b"hello"), 422, "no .png patches"),
+    ],
+)
+def test_hostile_uploads_are_refused_and_write_nothing(tmp_path, name, payload, status, words):
+    data = tmp_path / "data"
+    settings = ServeSettings(data=data, start_workers=False, max_upload_bytes=2 << 20, max_unzipped_bytes=10 << 20)
+    with TestClient(create_app(settings)) as client:
+        before = sorted(p.relative_to(data) for p in data.rglob("*"))
+        refused = client.post("/api/jobs", files={"file": (name, payload, "application/octet-stream")})
+        assert refused.status_code == status, refused.text
+        assert refused.headers["content-type"] == "application/problem+json" and words in refused.json()["detail"]
+        assert client.get("/api/jobs").json() == []
+        assert sorted(p.relative_to(data) for p in data.rglob("*") if "sqlite" not in p.name) == [p for p in before if "sqlite" not in p.name]
+    assert not list(tmp_path.glob("escaped*")) and not Path("/tmp/escaped.png").exists()
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def start_server(data: Path, port: int, model: Path) -> subprocess.Popen:
+    command = [sys.executable, "-m", "histoscreen.cli", "serve", "--data", str(data), "--port", str(port), "--model", str(model), "-q"]
+    server = subprocess.Popen(command, start_new_session=True)
+    import httpx
+
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/api/health", timeout=1).status_code == 200:
+                return server
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    server.kill()
+    raise AssertionError("the server did not start")
+
+
+def test_a_restart_loses_nothing_and_the_running_job_ends_well(slides, tiny_model, tmp_path):
+    import httpx
+
+    data, port = tmp_path / "data", free_port()
+    url = f"http://127.0.0.1:{port}"
+    server = start_server(data, port, tiny_model)
+    try:
+        first = httpx.post(f"{url}/api/jobs", files={"file": ("a.zip", zip_of(slides))}).json()["id"]
+        deadline = time.monotonic() + 120
+        while httpx.get(f"{url}/api/jobs/{first}").json()["status"] != "done" and time.monotonic() < deadline:
+            time.sleep(0.2)
+        finished_slides = httpx.get(f"{url}/api/jobs/{first}/slides").json()
+        second = httpx.post(f"{url}/api/jobs", files={"file": ("b.zip", zip_of(slides))}).json()["id"]
+        while httpx.get(f"{url}/api/jobs/{second}").json()["status"] != "running" and time.monotonic() < deadline:
+            time.sleep(0.02)
+        os.killpg(server.pid, signal.SIGKILL)  # the server and its worker, mid-job
+        server.wait()
+    finally:
+        if server.poll() is None:
+            os.killpg(server.pid, signal.SIGKILL)
+    server = start_server(data, port, tiny_model)
+    try:
+        assert httpx.get(f"{url}/api/jobs/{first}").json()["status"] == "done"
+        assert httpx.get(f"{url}/api/jobs/{first}/slides").json() == finished_slides
+        deadline = time.monotonic() + 120
+        while (job := httpx.get(f"{url}/api/jobs/{second}").json())["status"] not in ("done", "failed") and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert job["status"] == "done", job  # queued again after the restart, then screened
+        assert [s["patient"] for s in httpx.get(f"{url}/api/jobs/{second}/slides").json()] == [s["patient"] for s in finished_slides]
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
+
+
+@pytest.mark.skipif(not CHROMIUM.exists(), reason="Debian's chromium is not installed (.ci/run installs it with apt-get)")
+def test_the_pages_in_a_headless_browser(slides, tiny_model, tmp_path):
+    from playwright.sync_api import sync_playwright
+
+    data, port = tmp_path / "data", free_port()
+    url = f"http://127.0.0.1:{port}"
+    (tmp_path / "batch.zip").write_bytes(zip_of(slides))
+    server = start_server(data, port, tiny_model)
+    outside, tiles = [], []
+    try:
+        with sync_playwright() as playwright:
+            browser = playwright.chromium.launch(
+                executable_path=str(CHROMIUM),
+                args=["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                      "--no-first-run", "--disable-sync"],
+            )
+            page = browser.new_page(viewport={"width": 1366, "height": 768})
+            page.on("request", lambda r: outside.append(r.url) if not r.url.startswith((url, "data:", "blob:")) else None)
+            page.on("response", lambda r: tiles.append(r.status) if "/mosaic_files/" in r.url else None)
+            page.goto(url)
+            assert "not a diagnosis" in page.content()
+            page.set_input_files("#file", str(tmp_path / "batch.zip"))
+            page.wait_for_selector("#jobs tr.job[data-status='done']", timeout=120_000)
+            page.click("#jobs tr.job a")
+            page.wait_for_selector("#slides tr.slide")
+            ranked = page.locator("#slides tr.slide td:nth-child(2)").all_inner_texts()
+            assert len(ranked) == 3
+            page.click("#slides th[data-key='patient']")  # sortable
+            assert page.locator("#slides tr.slide td:nth-child(2)").all_inner_texts() == sorted(ranked)
+            page.click("#slides th[data-key='rank']")
+            page.click("#slides tr.slide:first-child td:nth-child(2) a")
+            page.wait_for_selector("body[data-overlay='ready']", timeout=30_000)
+            page.wait_for_timeout(1500)  # tiles drawn
+            viewer = page.locator("#viewer")
+            with_heatmap = viewer.screenshot()
+            page.uncheck("#overlay-on")
+            page.wait_for_timeout(800)
+            without = viewer.screenshot()
+            assert with_heatmap != without
+            box = viewer.bounding_box()
+            # where a screened patch lies on screen: its cell's centre, through the viewer's own mapping
+            point = page.evaluate("""async () => {
+                const { job, slide } = document.body.dataset;
+                const base = `/api/jobs/${job}/slides/${slide}`;
+                const view = await (await fetch(`${base}/view`)).json();
+                const patch = (await (await fetch(`${base}/patches`)).json())[0];
+                const column = (patch.x - 1 - view.origin[0]) / 50, row = (patch.y - 1 - view.origin[1]) / 50;
+                const image = new OpenSeadragon.Point((column + 0.5) * view.cell_px, (row + 0.5) * view.cell_px);
+                const on = window.histoscreenViewer.world.getItemAt(0).imageToViewerElementCoordinates(image);
+                return [on.x, on.y];
+            }""")
+            page.mouse.click(box["x"] + point[0], box["y"] + point[1])
+            page.wait_for_selector("body[data-picked]", timeout=30_000)
+            assert "p(IDC)" in page.inner_text("#picked-facts")
+            assert page.eval_on_selector("#picked-cam", "img => img.complete && img.naturalWidth") == 200
+            page.fill("#note", "nests look in situ")
+            page.click(".verdicts button[data-verdict='disagree']")
+            page.wait_for_function("document.getElementById('review-saved').textContent.startsWith('Saved')")
+            page.reload()
+            page.wait_for_function("document.getElementById('review-saved').textContent.includes('disagree')")
+            assert "nests look in situ" in page.inner_text("#review-saved")
+            assert page.evaluate("document.documentElement.scrollWidth") <= 1366  # fits a laptop screen
+            browser.close()
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
+    assert outside == [] and tiles and all(status == 200 for status in tiles)
