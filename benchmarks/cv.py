@@ -286,9 +286,8 @@ def main() -> None:
                     kept = (scores_of_fold, calls_of_fold)
         table = pd.concat(tables)
         table.sort_values("errors", ascending=False).to_csv(args.work / f"per_patient-{name}.csv", index=False)
-        if name == args.candidates[-1]:
-            draw_worst_slides(table, folds, *kept, store, args.work / "worst-slides" / name)
-    results_path.write_text(json.dumps(results, indent=1) + "\n")
+        results_path.write_text(json.dumps(results, indent=1) + "\n")
+        draw_worst_slides(table, folds, *kept, store, args.work / "worst-slides" / name)
 
 
 if __name__ == "__main__":

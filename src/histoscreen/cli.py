@@ -584,6 +584,8 @@ def phrase(error: HistoscreenError, flags: set[str]) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 alone speaks
+        args.quiet = True
     bar = None if args.quiet else ProgressBar()
     try:
         _apply_threads(args)

@@ -28,10 +28,10 @@ from histoscreen.data.grid import SlidePositions
 from histoscreen.data.sources import PatchBatch, StoreSource
 from histoscreen.data.splits import PatientSplit, SplitSpec
 from histoscreen.data.store import PatchStore
-from histoscreen.data.transforms import Normalisation, augment
+from histoscreen.data.transforms import AugmentationDraw, Normalisation, augment
 from histoscreen.errors import InputError, ResumeMismatchError, RunExistsError, SettingError, UnsafeOutputError
 from histoscreen.models import count_flops, create_model
-from histoscreen.models.bundle import ModelMetadata, Scoring, Validation, read_safetensors, save_model
+from histoscreen.models.bundle import ModelMetadata, Scoring, Validation, load_model, read_safetensors, save_model
 from histoscreen.progress import Progress, silent
 from histoscreen.runtime.device import machine_description, pick_device
 from histoscreen.runtime.forward import batched_logits
@@ -121,6 +121,41 @@ class TrainingData:
         }
 
 
+@dataclass(frozen=True)
+class Ranks:
+    """Where this process stands in a torchrun job: rank `rank` of `world` (1 without torchrun).
+
+    Every rank trains on its share of each global batch; rank 0 alone validates and writes
+    checkpoints, metrics.jsonl and the model."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            torch.distributed.barrier()
+
+
+def join_torchrun(requested_device: str) -> tuple[Ranks, torch.device]:
+    """Join the process group torchrun set up (gloo on the CPU, NCCL on CUDA), or run alone."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return Ranks(), pick_device(requested_device)
+    ranks = Ranks(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
+    device = pick_device(requested_device)
+    if device.type == "cuda":
+        device = torch.device("cuda", ranks.local_rank)
+        torch.cuda.set_device(device)
+    if not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return ranks, device
+
+
 def learning_rate_at(step: int, total_steps: int, warmup_steps: int, peak: float) -> float:
     """Linear warm-up, then cosine decay to zero."""
     if step < warmup_steps:
@@ -142,11 +177,15 @@ def train_one_epoch(
     total_steps: int,
     device: torch.device,
     progress: Progress,
+    ranks: Ranks = Ranks(),
 ) -> tuple[float, int]:
     """One pass over the training patches; returns the mean loss and the next global step.
 
     The epoch's order and augmentations come from a generator seeded by the epoch, so a
-    resumed run draws the same ones without any saved state."""
+    resumed run draws the same ones without any saved state, and every rank of a torchrun
+    job draws the same global batches. Each rank takes its contiguous share of a global
+    batch; its loss is scaled so that DistributedDataParallel's mean over ranks is the mean
+    over the global batch: the batch size and learning rate stay what the user set."""
     generator = torch.Generator().manual_seed(config.seed * 100_003 + epoch)
     positives = float(labels.sum())
     if config.balance == "sampler":
@@ -155,27 +194,38 @@ def train_one_epoch(
     else:
         order = torch.randperm(len(labels), generator=generator)
     pos_weight = (len(labels) - positives) / positives if config.balance == "weighted" else 1.0
-    loss_function = torch.nn.BCEWithLogitsLoss(pos_weight=torch.tensor(pos_weight, device=device))
+    loss_function = torch.nn.BCEWithLogitsLoss(pos_weight=torch.tensor(pos_weight, device=device), reduction="sum")
     warmup_steps = int(config.warmup_epochs * math.ceil(len(labels) / config.batch_size))
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
 
     model.train()
-    step, total_loss, batches = first_step, 0.0, range(0, len(order), config.batch_size)
+    step, total_loss, batches = first_step, torch.zeros((), dtype=torch.float64), range(0, len(order), config.batch_size)
     for number, start in enumerate(batches, start=1):
         rows = order[start : start + config.batch_size]
-        images = augment(patches[rows], normalisation, generator, stain=config.stain_jitter).to(device, non_blocking=True)
-        batch_targets = targets[rows].to(device, non_blocking=True)
+        draw = AugmentationDraw.sample(len(rows), generator, stain=config.stain_jitter)
+        share = _share(len(rows), ranks)
+        images = augment(patches[rows[share]], normalisation, draw.take(share)).to(device, non_blocking=True)
+        batch_targets = targets[rows[share]].to(device, non_blocking=True)
         for group in optimizer.param_groups:
             group["lr"] = learning_rate_at(step, total_steps, warmup_steps, config.learning_rate)
         with autocast:
-            loss = loss_function(model(images).float(), batch_targets)
+            loss = loss_function(model(images).float(), batch_targets) * (ranks.world / len(rows))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        total_loss += loss.item() * len(rows)
+        total_loss += loss.detach().double().cpu() * len(rows) / ranks.world
         step += 1
         progress(f"epoch {epoch}/{config.epochs}", number, len(batches))
-    return total_loss / len(order), step
+    if ranks.world > 1:
+        torch.distributed.all_reduce(total_loss)
+    return float(total_loss) / len(order), step
+
+
+def _share(count: int, ranks: Ranks) -> slice:
+    """This rank's contiguous part of a batch of `count` (the whole batch when alone)."""
+    base, extra = divmod(count, ranks.world)
+    start = ranks.rank * base + min(ranks.rank, extra)
+    return slice(start, start + base + (ranks.rank < extra))
 
 
 def evaluate_logits(labels: np.ndarray, logits: np.ndarray) -> dict:
@@ -250,26 +300,37 @@ def train(
     """
     out_dir = Path(out_dir)
     checkpoints = out_dir / CHECKPOINTS
-    _check_run_folder(out_dir, store_path)
-    device = pick_device(config.device)
+    ranks, device = join_torchrun(config.device)
+    if ranks.is_main:
+        _check_run_folder(out_dir, store_path)
+    ranks.barrier()
     data = load_training_data(store_path, config)
     described = data.describe()
-    log(
-        f"train: {len(described['train_patients'])} patients, {described['train_patches']:,} patches "
-        f"({described['train_idc_patches']:,} IDC); val: {len(described['val_patients'])} patients, "
-        f"{described['val_patches']:,} patches ({described['val_idc_patches']:,} IDC); device {device}"
-    )
+    if ranks.is_main:
+        log(
+            f"train: {len(described['train_patients'])} patients, {described['train_patches']:,} patches "
+            f"({described['train_idc_patches']:,} IDC); val: {len(described['val_patients'])} patients, "
+            f"{described['val_patches']:,} patches ({described['val_idc_patches']:,} IDC); device {device}"
+            + (f", {ranks.world} ranks" if ranks.world > 1 else "")
+        )
     model, optimizer = build_model(config, device)
+    trained = model
+    if ranks.world > 1:
+        if device.type == "cuda":
+            trained = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        trained = torch.nn.parallel.DistributedDataParallel(trained, device_ids=[device.index] if device.type == "cuda" else None)
 
-    state = _load_state(checkpoints, config, model, optimizer) if resume else None
+    state = _load_state(checkpoints, config, model, optimizer, ranks) if resume else None
     if state is None:
         if (checkpoints / STATE_JSON).exists():
             raise RunExistsError(out_dir)
-        checkpoints.mkdir(parents=True, exist_ok=True)
+        ranks.barrier()  # every rank has looked before rank 0 writes the first checkpoint
         state = {
             "epoch": 0, "history": [], "best_epoch": None, "best_score": -1.0, "seconds": 0.0,
             "normalisation": asdict(Normalisation.of(data.train_patches.numpy(), seed=config.seed)),
         }
+        if ranks.is_main:
+            checkpoints.mkdir(parents=True, exist_ok=True)
     elif state["epoch"] >= config.epochs:
         log(f"resuming: all {config.epochs} epochs were done; finishing")
     else:
@@ -280,26 +341,45 @@ def train(
     for epoch in range(state["epoch"] + 1, config.epochs + 1):
         started = time.perf_counter()
         train_loss, _ = train_one_epoch(
-            model, optimizer, data.train_patches, data.train_labels, data.train_targets, normalisation, config, epoch,
-            (epoch - 1) * steps_per_epoch, steps_per_epoch * config.epochs, device, progress,
+            trained, optimizer, data.train_patches, data.train_labels, data.train_targets, normalisation, config, epoch,
+            (epoch - 1) * steps_per_epoch, steps_per_epoch * config.epochs, device, progress if ranks.is_main else silent, ranks,
         )
-        record = {"epoch": epoch, "train_loss": train_loss, "learning_rate": optimizer.param_groups[0]["lr"]}
-        record.update(evaluate_logits(data.val.labels, batched_logits(model, data.val.pixels, normalisation, device=device)))
-        record["seconds"] = time.perf_counter() - started
-        state["history"].append(record)
-        state["seconds"] += record["seconds"]
-        state["epoch"] = epoch
-        if record["val_best_balanced_accuracy"] > state["best_score"]:
-            state["best_score"], state["best_epoch"] = record["val_best_balanced_accuracy"], epoch
-            atomic_write_bytes(checkpoints / BEST_WEIGHTS, safetensors_bytes(_cpu_tensors(model.state_dict())))
-        _save_state(checkpoints, config, model, optimizer, state)
-        atomic_write_text(out_dir / METRICS_LOG, "".join(json.dumps(r) + "\n" for r in state["history"]))
-        log(
-            f"epoch {epoch}/{config.epochs}: loss {train_loss:.4f}, val balanced accuracy {record['val_balanced_accuracy']:.4f} "
-            f"(best threshold {record['val_best_balanced_accuracy']:.4f}), AUC {record['val_auc']:.4f}, {record['seconds']:.0f} s"
-        )
+        rng_states = _gather_rng_states(ranks)
+        if ranks.is_main:
+            record = {"epoch": epoch, "train_loss": train_loss, "learning_rate": optimizer.param_groups[0]["lr"]}
+            record.update(evaluate_logits(data.val.labels, batched_logits(model, data.val.pixels, normalisation, device=device)))
+            record["seconds"] = time.perf_counter() - started
+            state["history"].append(record)
+            state["seconds"] += record["seconds"]
+            state["epoch"] = epoch
+            if record["val_best_balanced_accuracy"] > state["best_score"]:
+                state["best_score"], state["best_epoch"] = record["val_best_balanced_accuracy"], epoch
+                atomic_write_bytes(checkpoints / BEST_WEIGHTS, safetensors_bytes(_cpu_tensors(model.state_dict())))
+            _save_state(checkpoints, config, model, optimizer, state, rng_states)
+            atomic_write_text(out_dir / METRICS_LOG, "".join(json.dumps(r) + "\n" for r in state["history"]))
+            log(
+                f"epoch {epoch}/{config.epochs}: loss {train_loss:.4f}, val balanced accuracy {record['val_balanced_accuracy']:.4f} "
+                f"(best threshold {record['val_best_balanced_accuracy']:.4f}), AUC {record['val_auc']:.4f}, {record['seconds']:.0f} s"
+            )
+        ranks.barrier()
 
-    return finalise(model, normalisation, data, config, state, out_dir, device, command, log)
+    if ranks.is_main:
+        result = finalise(model, normalisation, data, config, state, out_dir, device, command, log)
+    ranks.barrier()
+    if not ranks.is_main:  # the others read back what rank 0 wrote
+        loaded, metadata = load_model(out_dir)
+        result = TrainResult(out_dir / "model.safetensors", metadata, metadata.training["history"])
+    return result
+
+
+def _gather_rng_states(ranks: Ranks) -> list[torch.Tensor]:
+    """Every rank's torch generator state (dropout draws differ between ranks), for rank 0 to save."""
+    state = torch.get_rng_state()
+    if ranks.world == 1:
+        return [state]
+    gathered: list = [None] * ranks.world
+    torch.distributed.all_gather_object(gathered, state)
+    return gathered
 
 
 def _check_run_folder(out_dir: Path, store_path: str | os.PathLike) -> None:
@@ -376,7 +456,7 @@ def _cpu_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {name: tensor.detach().cpu().contiguous() for name, tensor in tensors.items()}
 
 
-def _save_state(checkpoints: Path, config: TrainConfig, model, optimizer, state: dict) -> None:
+def _save_state(checkpoints: Path, config: TrainConfig, model, optimizer, state: dict, rng_states: list[torch.Tensor]) -> None:
     """Model and optimizer tensors as safetensors, everything else as JSON.
 
     The tensors go to a file named for the epoch and the JSON, written last, names it:
@@ -389,7 +469,8 @@ def _save_state(checkpoints: Path, config: TrainConfig, model, optimizer, state:
             tensors[f"optimizer.{index}.{name}"] = torch.as_tensor(value)
     # Dropout draws from torch's global generator: without its state a resumed run would
     # not be the run that was killed.
-    tensors["rng.torch"] = torch.get_rng_state()
+    for rank, rng_state in enumerate(rng_states):
+        tensors[f"rng.torch.{rank}"] = rng_state
     if torch.cuda.is_available():
         tensors["rng.cuda"] = torch.cuda.get_rng_state()
     tensor_file = f"epoch-{state['epoch']:03d}.safetensors"
@@ -407,7 +488,7 @@ def _numpy_rng_state() -> list:
     return [name, keys.tolist(), position, has_gauss, cached]
 
 
-def _load_state(checkpoints: Path, config: TrainConfig, model, optimizer) -> dict | None:
+def _load_state(checkpoints: Path, config: TrainConfig, model, optimizer, ranks: Ranks) -> dict | None:
     if not (checkpoints / STATE_JSON).is_file():
         return None
     state = json.loads((checkpoints / STATE_JSON).read_text())
@@ -427,7 +508,9 @@ def _load_state(checkpoints: Path, config: TrainConfig, model, optimizer) -> dic
     random.setstate((version, tuple(internal), gauss))
     name, keys, position, has_gauss, cached = state.pop("rng_numpy")
     np.random.set_state((name, np.array(keys, dtype=np.uint32), position, has_gauss, cached))
-    torch.set_rng_state(tensors["rng.torch"])
+    if f"rng.torch.{ranks.rank}" not in tensors:
+        raise ResumeMismatchError(f"{checkpoints}: the killed run had fewer ranks than {ranks.world}; resume it with as many")
+    torch.set_rng_state(tensors[f"rng.torch.{ranks.rank}"])
     if "rng.cuda" in tensors and torch.cuda.is_available():
         torch.cuda.set_rng_state(tensors["rng.cuda"])
     return state
