@@ -16,7 +16,7 @@ $(VENV)/.installed: pyproject.toml requirements/constraints.txt | $(BIN)/python
 	touch $@
 
 $(VENV)/.installed-test: pyproject.toml requirements/constraints.txt | $(BIN)/python
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c requirements/constraints.txt -e '.[test,wsi,serve]'
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c requirements/constraints.txt -e '.[test,wsi,serve,distributed]'
 	touch $@ $(VENV)/.installed
 
 install: $(VENV)/.installed

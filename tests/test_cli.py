@@ -108,7 +108,7 @@ def test_a_pickle_handed_as_a_model_is_refused(tmp_path, synthetic_store):
 COMMANDS = ["prepare", "synth", "demo-slides", "splits", "train", "calibrate", "evaluate", "predict", "screen", "serve", "export"]
 SOURCE = Path(__file__).resolve().parents[1] / "src" / "histoscreen"
 # Settings the Python API checks that no command exposes (so their errors are never phrased as flags).
-API_ONLY_SETTINGS = {"idc_fraction", "idc_fractions"}
+API_ONLY_SETTINGS = {"idc_fraction", "idc_fractions", "gpus_per_worker", "patches_per_shard"}
 
 
 def strings_in(node: ast.AST) -> list[str]:

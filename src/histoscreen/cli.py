@@ -128,6 +128,27 @@ def _slide_options() -> argparse.ArgumentParser:
     return group
 
 
+def _engine_options() -> argparse.ArgumentParser:
+    group = argparse.ArgumentParser(add_help=False)
+    group.add_argument("--engine", choices=("local", "ray"), default="local",
+                       help="local (default): this process; ray: shards scored by a pool of Ray actors (the [distributed] extra)")
+    group.add_argument("--ray-address", help="ray: join this running cluster (e.g. 10.0.0.1:6379, or 'auto'); "
+                       "default: start a local Ray instance for the run")
+    group.add_argument("--ray-workers", type=int, help="ray: actors (default: one per CPU of the cluster)")
+    group.add_argument("--ray-cpus-per-worker", type=int, default=1, help="ray: CPUs (torch threads) per actor (default %(default)s)")
+    return group
+
+
+def _engine(args: argparse.Namespace):
+    from histoscreen.tasks import RayEngine
+
+    if args.engine == "local":
+        if args.ray_address or args.ray_workers:
+            raise HistoscreenError("--ray-address and --ray-workers only mean something with --engine ray")
+        return None
+    return RayEngine(address=args.ray_address, workers=args.ray_workers, cpus_per_worker=args.ray_cpus_per_worker)
+
+
 def _split_options() -> argparse.ArgumentParser:
     from histoscreen.data.splits import SPLIT_SCHEMES, SplitSpec
 
@@ -339,7 +360,8 @@ def _command_predict(args: argparse.Namespace, progress: Progress) -> list[str]:
     check_output_file(Path(args.out), overwrite=args.overwrite, inputs=[*args.inputs, *_model_files(args.model)])
     predictions = predict(
         args.inputs, model=args.model, tta=args.tta, context=args.context, batch_size=args.batch_size,
-        workers=args.workers, device=args.device, backend=args.backend, slide_mpp=args.slide_mpp, progress=progress,
+        workers=args.workers, device=args.device, backend=args.backend, slide_mpp=args.slide_mpp, engine=_engine(args),
+        progress=progress,
     )
     written = write_predictions(predictions, args.out, overwrite=args.overwrite)
     return [f"predictions: {written[0]}", *predictions.lines()[:-1],
@@ -355,6 +377,7 @@ def _command_screen(args: argparse.Namespace, progress: Progress) -> list[str]:
         args.inputs, model=args.model, tta=args.tta, context=args.context, um_per_px=args.um_per_px,
         labels_csv=args.labels, use_name_labels=not args.ignore_name_labels, device=args.device, backend=args.backend,
         workers=args.workers, slide_mpp=args.slide_mpp, tissue=TissueSettings(min_tissue=args.min_tissue),
+        engine=_engine(args),
     )
     return write_screening_report(screening, args.out, overwrite=args.overwrite, progress=progress).lines()
 
@@ -507,7 +530,7 @@ def build_parser() -> argparse.ArgumentParser:
     predict = command(
         "predict", _command_predict,
         [model, _scoring_options(CONTEXT_DEFAULT), _slide_options(), _runtime_options(workers=True, batch_size=True, backend=True),
-         overwrite],
+         _engine_options(), overwrite],
         help="IDC probability and call for every patch of stores, folders, files or whole-slide images",
         description="Write a CSV with one row per patch: path,patient,x,y,prob_idc,pred. Folders are searched "
         "recursively; a patch present twice (as in the Kaggle archive) is predicted once; files that are not "
@@ -519,7 +542,7 @@ def build_parser() -> argparse.ArgumentParser:
     screen = command(
         "screen", _command_screen,
         [model, _scoring_options(CONTEXT_DEFAULT), _slide_options(),
-         _runtime_options(workers=True, batch_size=False, backend=True), overwrite],
+         _runtime_options(workers=True, batch_size=False, backend=True), _engine_options(), overwrite],
         help="screen a batch of slides: heatmaps, tumour burden, triage ranking, explanations, HTML report",
         description="Rebuild every slide in INPUT from its patches, predict IDC, and write OUT/index.html "
         "(open it from disk), slides.csv, slides.json, errors.csv and per-slide heatmaps, GeoJSON regions and "

@@ -12,6 +12,7 @@ file name gives no place (a loose `scan.png` handed to `predict`) belong to no s
 
 from __future__ import annotations
 
+import functools
 import os
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator, Sequence
@@ -146,6 +147,24 @@ class PatchSource(ABC):
         """How this source reads, for reports (whole-slide images say their resolution and tissue)."""
         return {}
 
+    @abstractmethod
+    def shard(self, slides: Sequence[str]) -> Shard:
+        """The patches of `slides` as a shard another process can open: it yields what
+        `batches(slides=slides)` yields here, in the same order."""
+
+    def shards(self, patches_per_shard: int) -> list[Shard]:
+        """The whole source cut into shards of whole slides, about `patches_per_shard` each,
+        which yield in turn what `batches()` yields."""
+        groups: list[list[str]] = [[]]
+        size = 0
+        for slide in self.slide_ids():
+            if size >= patches_per_shard:
+                groups.append([])
+                size = 0
+            groups[-1].append(slide)
+            size += len(self.cells(slide)[0])
+        return [self.shard(group) for group in groups if group]
+
     def read_slide(self, slide_id: str) -> PatchBatch:
         """Every readable patch of one slide (empty when none could be read)."""
         return PatchBatch.concatenate(list(self.batches(batch_size=1 << 30, slides=[slide_id])))
@@ -157,11 +176,13 @@ class PatchSource(ABC):
 class StoreSource(PatchSource):
     """The patches of a packed store, optionally only some patients', in store order."""
 
-    def __init__(self, store: PatchStore, patients: Iterable[str] | None = None):
+    def __init__(self, store: PatchStore, patients: Iterable[str] | None = None, rows: np.ndarray | None = None):
         super().__init__()
         self.store = store
         self.description = str(store.path)
-        self.rows = store.rows_of(patients) if patients is not None else np.arange(len(store))
+        if rows is None:
+            rows = store.rows_of(patients) if patients is not None else np.arange(len(store))
+        self.rows = np.asarray(rows, dtype=np.int64)
         patient_column = store.index["patient"].to_numpy(dtype=object)
         self._patient_of_row = patient_column[self.rows]
 
@@ -179,6 +200,14 @@ class StoreSource(PatchSource):
 
     def _rows_of(self, slide_id: str) -> np.ndarray:
         return self.rows[self._patient_of_row == slide_id]
+
+    def shard(self, slides: Sequence[str]) -> Shard:
+        return StoreShard(str(self.store.path), np.concatenate([self._rows_of(s) for s in slides]) if slides else self.rows[:0])
+
+    def shards(self, patches_per_shard: int) -> list[Shard]:
+        # store order, as batches() reads it: a shard is a run of rows, slides may straddle two
+        return [StoreShard(str(self.store.path), self.rows[start : start + patches_per_shard])
+                for start in range(0, len(self.rows), patches_per_shard)]
 
     def cells(self, slide_id: str) -> tuple[np.ndarray, np.ndarray]:
         part = self.store.index.iloc[self._rows_of(slide_id)]
@@ -241,6 +270,7 @@ class FileSource(PatchSource):
         self.problems += listing_problems
         self.description = description
         self.workers = workers
+        self.named_only = named_only
         self.files_seen = len(files)
         names: dict[str, PatchName] = {}
         unnamed: list[str] = []
@@ -326,6 +356,22 @@ class FileSource(PatchSource):
         return np.stack([found[(int(x), int(y))] for x, y in zip(xs, ys)]) if len(xs) else \
             np.empty((0, PATCH_SIZE, PATCH_SIZE, 3), dtype=np.uint8)
 
+    def shard(self, slides: Sequence[str]) -> Shard:
+        files = [path for slide in slides for copies in self._slides[slide].copies for path in copies]
+        return FileShard(tuple(files), self.named_only, self.description)
+
+    def shards(self, patches_per_shard: int) -> list[Shard]:
+        found = super().shards(patches_per_shard)
+        if NO_SLIDE not in self._slides:
+            return found
+        # patches of no slide have no neighbours to keep together: cut them like rows
+        loose = [copies[0] for copies in self._slides[NO_SLIDE].copies]
+        placed = self.shard([s for s in self.slide_ids() if s != NO_SLIDE])
+        return ([placed] if placed.files else []) + [
+            FileShard(tuple(loose[start : start + patches_per_shard]), self.named_only, self.description)
+            for start in range(0, len(loose), patches_per_shard)
+        ]
+
     def _key(self, path: str) -> tuple[str, int, int] | None:
         name = self._names.get(path)
         return name.key if name is not None else None
@@ -349,6 +395,54 @@ class FileSource(PatchSource):
             np.array([h for *_, h in decoded], dtype=np.int64),
             np.array([n.label if n else NO_LABEL for n in names], dtype=np.int64),
         )
+
+
+class Shard(ABC):
+    """A part of a source that a worker process, here or on another machine, opens by
+    itself: paths and row numbers, never pixels, so it is cheap to send. Its files must be
+    at the same path where it is opened (a shared file system on a cluster)."""
+
+    @property
+    @abstractmethod
+    def patches(self) -> int:
+        """How many patches it will yield at most."""
+
+    @abstractmethod
+    def open(self, workers: int | None = None) -> PatchSource:
+        """The shard as a source; `workers` decoding processes where the source uses them."""
+
+
+@functools.lru_cache(maxsize=8)
+def _open_store(path: str) -> PatchStore:
+    # a worker is sent many shards of one store: open (and validate) it once
+    return PatchStore(path)
+
+
+@dataclass(frozen=True, eq=False)
+class StoreShard(Shard):
+    store: str
+    rows: np.ndarray
+
+    @property
+    def patches(self) -> int:
+        return len(self.rows)
+
+    def open(self, workers: int | None = None) -> PatchSource:
+        return StoreSource(_open_store(self.store), rows=self.rows)
+
+
+@dataclass(frozen=True)
+class FileShard(Shard):
+    files: tuple[str, ...]
+    named_only: bool
+    description: str
+
+    @property
+    def patches(self) -> int:
+        return len(self.files)
+
+    def open(self, workers: int | None = None) -> PatchSource:
+        return FileSource(self.files, description=self.description, named_only=self.named_only, workers=workers)
 
 
 def patient_folders(source: Path) -> list[Path]:

@@ -19,10 +19,11 @@ ships the library), so Aperio .svs, generic and pyramidal TIFF, Hamamatsu .ndpi,
 
 from __future__ import annotations
 
+import functools
 import math
 import multiprocessing
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -31,7 +32,7 @@ from PIL import Image, ImageFilter
 
 from histoscreen.constants import BACKGROUND_RGB, COORD_ORIGIN, GRID_STEP, PATCH_SIZE
 from histoscreen.data.naming import check_slide_id
-from histoscreen.data.sources import NO_LABEL, PatchBatch, PatchSource
+from histoscreen.data.sources import NO_LABEL, PatchBatch, PatchSource, Shard
 from histoscreen.errors import InputError, SettingError
 
 SLIDE_SUFFIXES = (".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif", ".svslide")
@@ -132,13 +133,31 @@ class WholeSlideSource(PatchSource):
             self.dimensions = self.level0_size = (width0, height0)
             self.columns = int(math.ceil(width0 / self.level0_per_grid_px / GRID_STEP))
             self.rows = int(math.ceil(height0 / self.level0_per_grid_px / GRID_STEP))
-            self.tissue = tissue
-            self.tile_rows, self.tile_columns = self._tissue_tiles(slide)
+        self.tissue = tissue
         self.workers = workers
         self.band_tiles = band_tiles
 
-    def _tissue_tiles(self, slide) -> tuple[np.ndarray, np.ndarray]:
-        """Row and column of every tile with enough tissue, in reading order."""
+    @functools.cached_property
+    def _tiles(self) -> tuple[np.ndarray, np.ndarray, float]:
+        # found when first needed: a Ray driver hands slides out unread, its workers tile them
+        with _openslide().OpenSlide(str(self.path)) as slide:
+            return self._tissue_tiles(slide)
+
+    @property
+    def tile_rows(self) -> np.ndarray:
+        return self._tiles[0]
+
+    @property
+    def tile_columns(self) -> np.ndarray:
+        return self._tiles[1]
+
+    @property
+    def tissue_threshold(self) -> float:
+        return self._tiles[2]
+
+    def _tissue_tiles(self, slide) -> tuple[np.ndarray, np.ndarray, float]:
+        """Row and column of every tile with enough tissue, in reading order, and the
+        saturation threshold that told tissue from glass."""
         cell = max(1, round(GRID_STEP * self.spacing / TISSUE_MPP))  # mask px per tile side
         size = (self.columns * cell, self.rows * cell)
         thumbnail = slide.get_thumbnail((self.dimensions[0] * self.mpp / TISSUE_MPP, self.dimensions[1] * self.mpp / TISSUE_MPP))
@@ -151,9 +170,8 @@ class WholeSlideSource(PatchSource):
         mask = mask.filter(ImageFilter.MaxFilter(self.tissue.hole_px)).filter(ImageFilter.MinFilter(self.tissue.hole_px))
         mask = mask.filter(ImageFilter.MinFilter(self.tissue.speck_px)).filter(ImageFilter.MaxFilter(self.tissue.speck_px))
         cells = (np.asarray(mask) > 0).reshape(self.rows, cell, self.columns, cell).mean(axis=(1, 3))
-        self.tissue_threshold = threshold
         rows, columns = np.nonzero(cells >= self.tissue.min_tissue)
-        return rows.astype(np.int64), columns.astype(np.int64)
+        return rows.astype(np.int64), columns.astype(np.int64), float(threshold)
 
     def slide_ids(self) -> list[str]:
         return [self.slide_id]
@@ -208,6 +226,10 @@ class WholeSlideSource(PatchSource):
             np.full(count, NO_LABEL, dtype=np.int64),
         )
 
+    def shard(self, slides: Sequence[str]) -> Shard:
+        tiles = len(self) if "_tiles" in self.__dict__ else 0  # not worth finding the tissue here just to count
+        return WholeSlideShard(str(self.path), self.spacing, self.mpp, self.tissue, self.band_tiles, tiles)
+
     def read_cells(self, slide_id: str, xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
         columns, rows = (np.asarray(xs) - COORD_ORIGIN) // GRID_STEP, (np.asarray(ys) - COORD_ORIGIN) // GRID_STEP
         tiles = [_read_band((str(self.path), self.level, self.level_downsample, self.level0_per_grid_px, np.array([r]), np.array([c])))
@@ -225,6 +247,26 @@ class WholeSlideSource(PatchSource):
             "tissue_tiles": len(self),
             "tissue": {**self.tissue.as_dict(), "saturation_threshold": self.tissue_threshold},
         }
+
+
+@dataclass(frozen=True)
+class WholeSlideShard(Shard):
+    """One slide file, tiled again where it is opened (its tissue found the same way)."""
+
+    path: str
+    spacing_um_px: float
+    slide_mpp: float
+    tissue: TissueSettings
+    band_tiles: int
+    tiles: int = 0
+
+    @property
+    def patches(self) -> int:
+        return self.tiles
+
+    def open(self, workers: int | None = None) -> PatchSource:
+        return WholeSlideSource(self.path, spacing_um_px=self.spacing_um_px, slide_mpp_override=self.slide_mpp,
+                                tissue=self.tissue, workers=workers, band_tiles=self.band_tiles)
 
 
 _open_slides: dict[str, object] = {}

@@ -99,6 +99,7 @@ class OnnxRunner:
             providers.insert(0, "CUDAExecutionProvider")
         options = onnxruntime.SessionOptions()
         options.log_severity_level = 3
+        options.intra_op_num_threads = torch.get_num_threads()  # one budget for torch and ONNX (a Ray actor gets its share)
         self.session = onnxruntime.InferenceSession(graph, options, providers=providers)
 
     def view_logits(self, patches: np.ndarray, *, views: int, batch_size: int) -> np.ndarray:

@@ -91,6 +91,11 @@ class Predictor:
         """The threshold that goes with `probabilities`: the context one with context."""
         return (self.context_calibration or self.patch_calibration).threshold
 
+    def options(self) -> dict:
+        """The arguments that load this predictor again in another process."""
+        return {"model_path": str(self.model_path), "tta": self.tta, "context": self.context, "device": str(self.device),
+                "batch_size": self.batch_size, "backend": self.backend}
+
     def settings(self) -> dict:
         """What decides the calls, for reports."""
         patch = self.patch_calibration

@@ -4,6 +4,7 @@ none writes a file (the report stage does)."""
 from histoscreen.tasks.calibrate import calibrate
 from histoscreen.tasks.evaluate import Evaluation, evaluate
 from histoscreen.tasks.predict import Predictions, predict
+from histoscreen.tasks.ray_engine import RayEngine
 from histoscreen.tasks.screen import Screening, SlideResult
 
-__all__ = ["Evaluation", "Predictions", "Screening", "SlideResult", "calibrate", "evaluate", "predict"]
+__all__ = ["Evaluation", "Predictions", "RayEngine", "Screening", "SlideResult", "calibrate", "evaluate", "predict"]

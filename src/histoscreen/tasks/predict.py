@@ -20,6 +20,7 @@ from histoscreen.errors import SettingError
 from histoscreen.problems import Problem
 from histoscreen.progress import Progress, silent
 from histoscreen.runtime.predictor import Predictor
+from histoscreen.tasks.ray_engine import RayEngine
 
 PREDICTION_COLUMNS = ["path", "patient", "x", "y", "prob_idc", "pred"]
 
@@ -61,6 +62,7 @@ def predict(
     device: str = "auto",
     backend: str = "auto",
     slide_mpp: float | None = None,
+    engine: RayEngine | None = None,
     progress: Progress = silent,
 ) -> Predictions:
     """Predict every patch of `inputs` (packed stores, folders searched recursively, PNG
@@ -68,7 +70,9 @@ def predict(
 
     Patches are scored batch by batch and their pixels dropped; calls are made once all
     are scored, since with `context` a patch's neighbours may come later. A `predictor`,
-    when given, is used as it is (the model options are then ignored).
+    when given, is used as it is (the model options are then ignored). With a Ray `engine`,
+    the sources are cut into shards scored by a pool of actors; the rows are the same, in
+    the same order.
     """
     started = time.perf_counter()
     if predictor is None:
@@ -81,12 +85,25 @@ def predict(
     scored: list[PatchBatch] = []
     logits: list[np.ndarray] = []
     done = 0
-    for source in sources:
-        for batch in source.batches(batch_size=predictor.batch_size):
-            logits.append(predictor.patch_logits(batch.pixels))
-            scored.append(batch.without_pixels())
-            done += len(batch)
-            progress("predicting", done, total)
+    if engine is None:
+        for source in sources:
+            for batch in source.batches(batch_size=predictor.batch_size):
+                logits.append(predictor.patch_logits(batch.pixels))
+                scored.append(batch.without_pixels())
+                done += len(batch)
+                progress("predicting", done, total)
+    else:
+        from histoscreen.tasks.ray_engine import RayPool
+
+        shards = [(source, shard) for source in sources for shard in source.shards(engine.patches_per_shard)]
+        with RayPool(engine, predictor) as pool:
+            for (source, shard), outcome in zip(shards, pool.map("predict", [(shard,) for _, shard in shards])):
+                outcome.absorb_into(source)
+                shard_logits, patches = outcome.value
+                logits.append(shard_logits)
+                scored.append(patches)
+                done += shard.patches
+                progress("predicting", done, total)
     patches = PatchBatch.concatenate(scored)
     probabilities = predictor.finish(np.concatenate(logits) if logits else np.empty(0), patches.positions)
     known = patches.xs != UNKNOWN_COORDINATE

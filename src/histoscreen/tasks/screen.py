@@ -26,6 +26,7 @@ from histoscreen.problems import Problem
 from histoscreen.errors import InputError, SettingError
 from histoscreen.runtime.predictor import Predictor
 from histoscreen.tasks.explain import grad_cam
+from histoscreen.tasks.ray_engine import RayEngine
 from histoscreen.tasks.slides import (
     UNCERTAIN_MARGIN,
     MosaicCanvas,
@@ -102,6 +103,17 @@ def read_labels_csv(path: str | os.PathLike) -> dict[tuple[str, int, int], int]:
     return labels
 
 
+@dataclass(frozen=True)
+class SlideOptions:
+    """What screening a slide needs besides the model and the patches; the same here and on a
+    Ray worker."""
+
+    truth: dict[tuple[str, int, int], int] | None = None  # from a labels CSV
+    use_name_labels: bool = True
+    um_per_px: float | None = None
+    explained_per_kind: int = EXPLAINED_PER_KIND
+
+
 class Screening:
     """The slides of `inputs` (Kaggle-layout folders, folders of named patches, stores,
     whole-slide image files or folders of them), screened with one model when iterated over.
@@ -127,14 +139,13 @@ class Screening:
         slide_mpp: float | None = None,
         tissue: TissueSettings = TissueSettings(),
         explained_per_kind: int = EXPLAINED_PER_KIND,
+        engine: RayEngine | None = None,
     ):
         if um_per_px is not None and not um_per_px > 0:
             raise SettingError("um_per_px", f"must be positive, got {um_per_px}")
         self.predictor = Predictor(model, tta=tta, context=context, device=device, backend=backend)
-        self.truth = read_labels_csv(labels_csv) if labels_csv else None
-        self.use_name_labels = use_name_labels
-        self.um_per_px = um_per_px
-        self.explained_per_kind = explained_per_kind
+        self.options = SlideOptions(read_labels_csv(labels_csv) if labels_csv else None, use_name_labels, um_per_px, explained_per_kind)
+        self.engine = engine
         if slide_mpp is not None and not slide_mpp > 0:
             raise SettingError("slide_mpp", f"must be positive, got {slide_mpp}")
         reading = SlideReading(self.predictor.metadata.spacing_um_px, slide_mpp, tissue)
@@ -161,56 +172,73 @@ class Screening:
         return found + self.failures
 
     def __iter__(self) -> Iterator[SlideResult]:
-        for source, slide_id in self.slides:
-            try:
-                result = self.screen_slide(source, slide_id)
-            except Exception as error:  # one broken slide must not stop the batch
-                self.failures.append(Problem(slide_id, f"screening failed: {type(error).__name__}: {error}"))
-                continue
-            if result is None:
-                self.failures.append(Problem(slide_id, "slide has no readable patches"))
-                continue
-            yield result
+        for outcome in self._outcomes():
+            if isinstance(outcome, Problem):
+                self.failures.append(outcome)
+            else:
+                yield outcome
 
-    def screen_slide(self, source: PatchSource, slide_id: str) -> SlideResult | None:
-        """Score one slide batch by batch (the pixels of a batch are dropped once it is scored
-        and painted into the slide's picture), then judge every patch with its neighbours and
-        summarise the slide. Memory follows the batch, not the slide."""
-        predictor = self.predictor
-        xs, ys = source.cells(slide_id)
-        if not len(xs):
-            return None
-        canvas = MosaicCanvas(SlideGrid.from_cells(grid_index(ys), grid_index(xs)))
-        parts, logits, disagree = [], [], []
-        for batch in source.batches(batch_size=predictor.batch_size, slides=[slide_id]):
-            batch_logits, batch_disagree = predictor.patch_logits_with_disagreement(batch.pixels)
-            logits.append(batch_logits)
-            disagree.append(batch_disagree)
-            canvas.paint(batch)
-            parts.append(batch.without_pixels())
-        slide = PatchBatch.concatenate(parts)
-        if not len(slide):
-            return None
-        if self.truth is not None:
-            slide.labels = np.array([self.truth.get((p, int(x), int(y)), NO_LABEL) for p, x, y in zip(slide.patients, slide.xs, slide.ys)])
-        elif not self.use_name_labels:
-            slide.labels = np.full(len(slide), NO_LABEL)
-        disagree = np.concatenate(disagree)
-        probabilities = predictor.finish(np.concatenate(logits), slide.positions)
-        grid = SlideGrid.of(slide, origin=(canvas.origin[0] // GRID_STEP, canvas.origin[1] // GRID_STEP))
-        threshold = predictor.threshold
-        summary = summarise_slide(
-            slide_id, grid, probabilities, threshold, views_disagree=disagree,
-            labels=slide.labels if slide.has_labels else None,
-            um_per_px=self.um_per_px if self.um_per_px is not None else source.grid_um_per_px,
-        )
-        uncertain = uncertain_patches(probabilities, threshold, disagree)
-        suspicious = np.argsort(-probabilities)[: self.explained_per_kind]
-        doubtful = [i for i in np.argsort(np.abs(probabilities - threshold)) if uncertain[i] and i not in suspicious]
-        chosen = [(int(i), "most suspicious") for i in suspicious] + [(int(i), "uncertain") for i in doubtful[: self.explained_per_kind]]
-        rows = [row for row, _ in chosen]
-        pixels = source.read_cells(slide_id, slide.xs[rows], slide.ys[rows])
-        cams = grad_cam(predictor.model, pixels, predictor.metadata.normalisation)
-        explanations = [Explanation(row, kind, patch, cam) for (row, kind), patch, cam in zip(chosen, pixels, cams)]
-        return SlideResult(slide, grid, canvas.image(), canvas.reduction, probabilities, uncertain, disagree, threshold, summary,
-                           explanations, source.level0_per_grid_px, source.level0_size, source.settings())
+    def _outcomes(self) -> Iterator[SlideResult | Problem]:
+        if self.engine is None:
+            for source, slide_id in self.slides:
+                yield screen_slide(self.predictor, self.options, source, slide_id)
+            return
+        from histoscreen.tasks.ray_engine import RayPool
+
+        with RayPool(self.engine, self.predictor, self.options) as pool:
+            shards = [(source.shard([slide_id]), slide_id) for source, slide_id in self.slides]
+            for (source, _), outcome in zip(self.slides, pool.map("screen", shards)):
+                outcome.absorb_into(source)  # what reading the shard found, as if read here
+                yield outcome.value
+
+
+def screen_slide(predictor: Predictor, options: SlideOptions, source: PatchSource, slide_id: str) -> SlideResult | Problem:
+    """One slide screened, or the problem that stopped it: one broken slide must not stop the batch."""
+    try:
+        result = _screen_slide(predictor, options, source, slide_id)
+    except Exception as error:
+        return Problem(slide_id, f"screening failed: {type(error).__name__}: {error}")
+    return result if result is not None else Problem(slide_id, "slide has no readable patches")
+
+
+def _screen_slide(predictor: Predictor, options: SlideOptions, source: PatchSource, slide_id: str) -> SlideResult | None:
+    """Score one slide batch by batch (the pixels of a batch are dropped once it is scored
+    and painted into the slide's picture), then judge every patch with its neighbours and
+    summarise the slide. Memory follows the batch, not the slide."""
+    xs, ys = source.cells(slide_id)
+    if not len(xs):
+        return None
+    canvas = MosaicCanvas(SlideGrid.from_cells(grid_index(ys), grid_index(xs)))
+    parts, logits, disagree = [], [], []
+    for batch in source.batches(batch_size=predictor.batch_size, slides=[slide_id]):
+        batch_logits, batch_disagree = predictor.patch_logits_with_disagreement(batch.pixels)
+        logits.append(batch_logits)
+        disagree.append(batch_disagree)
+        canvas.paint(batch)
+        parts.append(batch.without_pixels())
+    slide = PatchBatch.concatenate(parts)
+    if not len(slide):
+        return None
+    if options.truth is not None:
+        slide.labels = np.array([options.truth.get((p, int(x), int(y)), NO_LABEL) for p, x, y in zip(slide.patients, slide.xs, slide.ys)])
+    elif not options.use_name_labels:
+        slide.labels = np.full(len(slide), NO_LABEL)
+    disagree = np.concatenate(disagree)
+    probabilities = predictor.finish(np.concatenate(logits), slide.positions)
+    grid = SlideGrid.of(slide, origin=(canvas.origin[0] // GRID_STEP, canvas.origin[1] // GRID_STEP))
+    threshold = predictor.threshold
+    summary = summarise_slide(
+        slide_id, grid, probabilities, threshold, views_disagree=disagree,
+        labels=slide.labels if slide.has_labels else None,
+        um_per_px=options.um_per_px if options.um_per_px is not None else source.grid_um_per_px,
+    )
+    uncertain = uncertain_patches(probabilities, threshold, disagree)
+    suspicious = np.argsort(-probabilities)[: options.explained_per_kind]
+    doubtful = [i for i in np.argsort(np.abs(probabilities - threshold)) if uncertain[i] and i not in suspicious]
+    chosen = [(int(i), "most suspicious") for i in suspicious] + [(int(i), "uncertain") for i in doubtful[: options.explained_per_kind]]
+    rows = [row for row, _ in chosen]
+    pixels = source.read_cells(slide_id, slide.xs[rows], slide.ys[rows])
+    cams = grad_cam(predictor.model, pixels, predictor.metadata.normalisation)
+    explanations = [Explanation(row, kind, patch, cam) for (row, kind), patch, cam in zip(chosen, pixels, cams)]
+    return SlideResult(slide, grid, canvas.image(), canvas.reduction, probabilities, uncertain, disagree, threshold, summary,
+                       explanations, source.level0_per_grid_px, source.level0_size, source.settings())

@@ -1,0 +1,164 @@
+"""`predict` and `screen` on a Ray cluster: the same tasks, their shards spread over a pool
+of actors.
+
+Plain Ray actors, not Ray Data's `map_batches`: a screened slide comes back as one
+SlideResult (its picture, explanations and summary), not as rows of a table, and `predict`
+needs its logits back in input order to finish slide context on the driver. An ActorPool
+keeps that order, each actor loads the model once, and an actor whose process dies is
+restarted by Ray and its shard sent again (`max_restarts`, `max_task_retries`), so a lost
+worker costs one shard, not the run. Shards carry paths and row numbers, never pixels: on a
+cluster, inputs and model must be at the same path on every node (a shared file system).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from histoscreen.data.sources import Conflict, PatchBatch, PatchSource, Shard
+from histoscreen.errors import HistoscreenError, SettingError
+from histoscreen.problems import Problem
+from histoscreen.progress import Progress, silent
+from histoscreen.runtime.predictor import Predictor
+
+
+@dataclass(frozen=True)
+class RayEngine:
+    """Where and how wide to run: `address` joins a running cluster (`ray start --head`),
+    None starts a local Ray instance for the run. `workers` actors (default: as many as the
+    cluster's CPUs allow) of `cpus_per_worker` CPUs each, `gpus_per_worker` GPUs (then they
+    score on CUDA)."""
+
+    address: str | None = None
+    workers: int | None = None
+    cpus_per_worker: int = 1
+    gpus_per_worker: float = 0.0
+    patches_per_shard: int = 8192  # predict: about this many patches per shard (screen: one slide)
+
+    def __post_init__(self) -> None:
+        if self.workers is not None and self.workers < 1:
+            raise SettingError("ray_workers", f"must be at least 1, got {self.workers}")
+        if self.cpus_per_worker < 1:
+            raise SettingError("ray_cpus_per_worker", f"must be at least 1, got {self.cpus_per_worker}")
+        if self.gpus_per_worker < 0:
+            raise SettingError("gpus_per_worker", f"must not be negative, got {self.gpus_per_worker}")
+        if self.patches_per_shard < 1:
+            raise SettingError("patches_per_shard", f"must be at least 1, got {self.patches_per_shard}")
+
+
+@dataclass
+class ShardOutcome:
+    """A worker's answer for one shard: its value, and what reading it found (problems,
+    conflicting and folded copies), which a local run would have kept on the source."""
+
+    value: object
+    problems: list[Problem]
+    conflicts: list[Conflict]
+    duplicates: int
+
+    @classmethod
+    def of(cls, value: object, source: PatchSource) -> ShardOutcome:
+        return cls(value, source.problems, source.conflicts, source.duplicates)
+
+    def absorb_into(self, source: PatchSource) -> None:
+        source.problems += self.problems
+        source.conflicts += self.conflicts
+        source.duplicates += self.duplicates
+
+
+class ShardWorker:
+    """One actor: loads the model once, then scores the shards it is sent."""
+
+    def __init__(self, predictor_options: dict, slide_options, threads: int):
+        import torch
+
+        torch.set_num_threads(threads)
+        self.predictor = Predictor(**predictor_options)
+        self.slide_options = slide_options
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def predict(self, shard: Shard) -> ShardOutcome:
+        """The raw logits of a shard's patches and their places (no pixels), in reading order."""
+        source = shard.open(workers=1)
+        logits, parts = [], []
+        for batch in source.batches(batch_size=self.predictor.batch_size):
+            logits.append(self.predictor.patch_logits(batch.pixels))
+            parts.append(batch.without_pixels())
+        scores = np.concatenate(logits) if logits else np.empty(0, dtype=np.float32)
+        return ShardOutcome.of((scores, PatchBatch.concatenate(parts)), source)
+
+    def screen(self, shard: Shard, slide_id: str) -> ShardOutcome:
+        """One slide screened (a SlideResult), or the Problem that stopped it."""
+        from histoscreen.tasks.screen import screen_slide
+
+        source = shard.open(workers=1)
+        return ShardOutcome.of(screen_slide(self.predictor, self.slide_options, source, slide_id), source)
+
+
+class RayPool:
+    """The actors of one run. Joins the cluster at the engine's address, or starts a local
+    Ray instance (and stops it afterwards); the actors go when the run ends."""
+
+    def __init__(self, engine: RayEngine, predictor: Predictor, slide_options=None):
+        self.engine = engine
+        options = predictor.options()
+        options["device"] = "cuda" if engine.gpus_per_worker > 0 else "cpu"
+        self.worker_arguments = (options, slide_options, engine.cpus_per_worker)
+        self.actors: list = []
+        self.started_ray = False
+
+    def __enter__(self) -> RayPool:
+        ray = _ray()
+        if not ray.is_initialized():
+            import logging
+
+            settings = dict(include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR, configure_logging=False)
+            try:
+                if self.engine.address is None:
+                    ray.init(num_cpus=os.cpu_count(), **settings)
+                else:
+                    ray.init(address=self.engine.address, **settings)
+            except (ConnectionError, RuntimeError, ValueError) as error:
+                raise HistoscreenError(f"Ray: cannot {'start' if self.engine.address is None else 'join ' + self.engine.address}: {error}") from None
+            self.started_ray = True
+        cpus = int(ray.cluster_resources().get("CPU", 1))
+        count = self.engine.workers or max(1, cpus // self.engine.cpus_per_worker)
+        actor = ray.remote(num_cpus=self.engine.cpus_per_worker, num_gpus=self.engine.gpus_per_worker,
+                           max_restarts=-1, max_task_retries=-1)(ShardWorker)
+        self.actors = [actor.remote(*self.worker_arguments) for _ in range(count)]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        ray = _ray()
+        for actor in self.actors:
+            ray.kill(actor, no_restart=True)
+        self.actors = []
+        if self.started_ray:
+            ray.shutdown()
+
+    def pids(self) -> list[int]:
+        """The process id of each actor now (it changes when Ray restarts one)."""
+        ray = _ray()
+        return ray.get([actor.pid.remote() for actor in self.actors])
+
+    def map(self, method: str, items: Sequence[tuple], progress: Progress = silent, label: str = "") -> Iterator[ShardOutcome]:
+        """`method(*item)` on the actors for every item, answers in the items' order."""
+        from ray.util import ActorPool
+
+        pool = ActorPool(self.actors)
+        for done, outcome in enumerate(pool.map(lambda actor, item: getattr(actor, method).remote(*item), items), start=1):
+            progress(label or method, done, len(items))
+            yield outcome
+
+
+def _ray():
+    try:
+        import ray
+    except ImportError:
+        raise HistoscreenError("the Ray engine needs the [distributed] extra: pip install 'histoscreen[distributed]'") from None
+    return ray
