@@ -124,6 +124,31 @@ def main() -> None:
         print(f"{label:58} {tiles:12,} {seconds:8.1f} {tiles / seconds:8,.0f} {peak:9.0f}")
     print(f"full slide vs quarter: x{rows[1][1] / rows[0][1]:.2f} tiles, x{rows[1][3] / rows[0][3]:.2f} peak memory; "
           f"full slide vs store: x{(rows[1][1] / rows[1][2]) / (rows[2][1] / rows[2][2]):.2f} tiles/s")
+    steady_state(slide)
+
+
+def steady_state(slide: Path) -> None:
+    """Without the fixed costs of a run (start-up, model, report): finding tissue, reading
+    tiles, reading and scoring them, in this process."""
+    import time
+
+    from histoscreen.data.wsi import WholeSlideSource
+    from histoscreen.runtime import Predictor
+
+    predictor = Predictor()
+    predictor.patch_logits(np.zeros((256, 50, 50, 3), dtype=np.uint8))  # warm-up
+    started = time.perf_counter()
+    source = WholeSlideSource(slide, spacing_um_px=MODEL_MPP)
+    tiles = len(source)
+    found = time.perf_counter()
+    for _ in source.batches(256):
+        pass
+    read = time.perf_counter()
+    for batch in source.batches(256):
+        predictor.patch_logits(batch.pixels)
+    scored = time.perf_counter()
+    print(f"steady state, full slide: tissue found in {found - started:.1f} s; tiles read at {tiles / (read - found):,.0f}/s, "
+          f"read and scored at {tiles / (scored - read):,.0f}/s")
 
 
 if __name__ == "__main__":

@@ -101,3 +101,26 @@ def test_missing_and_empty_inputs_are_clear_errors(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(InputError, match="holds no files"):
         open_sources([tmp_path / "empty"])
+
+
+def test_shards_opened_in_turn_yield_what_the_source_yields(synthetic_archive, tmp_path):
+    """What a Ray worker opens: store row runs, groups of slides' files (with the archive's
+    twins, so copies are still compared), loose files in chunks."""
+    import pickle
+
+    prepare(synthetic_archive, tmp_path / "store")
+    loose = tmp_path / "loose"
+    loose.mkdir()
+    for number, path in enumerate(sorted(synthetic_archive.rglob("*.png"))[:5]):
+        shutil.copy(path, loose / f"scan-{number}.png")
+    folder_source = open_sources([synthetic_archive, loose], named_only=False)[0]
+    for source in (StoreSource(PatchStore(tmp_path / "store")), folder_source):
+        whole = source.read_all()
+        shards = [pickle.loads(pickle.dumps(s)) for s in source.shards(patches_per_shard=150)]
+        assert len(shards) > 2 and sum(s.patches for s in shards) >= len(whole)
+        opened = [shard.open(workers=1) for shard in shards]
+        parts = PatchBatch.concatenate([s.read_all() for s in opened])
+        np.testing.assert_array_equal(parts.paths, whole.paths)
+        np.testing.assert_array_equal(parts.pixels, whole.pixels)
+        assert sum(s.duplicates for s in opened) == source.duplicates
+    assert folder_source.duplicates > 0 and NO_SLIDE in folder_source.slide_ids()

@@ -155,15 +155,18 @@ class PatchSource(ABC):
     def shards(self, patches_per_shard: int) -> list[Shard]:
         """The whole source cut into shards of whole slides, about `patches_per_shard` each,
         which yield in turn what `batches()` yields."""
+        return [self.shard(group) for group in self._slide_groups(self.slide_ids(), patches_per_shard)]
+
+    def _slide_groups(self, slides: Sequence[str], patches_per_shard: int) -> list[list[str]]:
         groups: list[list[str]] = [[]]
         size = 0
-        for slide in self.slide_ids():
+        for slide in slides:
             if size >= patches_per_shard:
                 groups.append([])
                 size = 0
             groups[-1].append(slide)
             size += len(self.cells(slide)[0])
-        return [self.shard(group) for group in groups if group]
+        return [group for group in groups if group]
 
     def read_slide(self, slide_id: str) -> PatchBatch:
         """Every readable patch of one slide (empty when none could be read)."""
@@ -361,16 +364,11 @@ class FileSource(PatchSource):
         return FileShard(tuple(files), self.named_only, self.description)
 
     def shards(self, patches_per_shard: int) -> list[Shard]:
-        found = super().shards(patches_per_shard)
-        if NO_SLIDE not in self._slides:
-            return found
-        # patches of no slide have no neighbours to keep together: cut them like rows
-        loose = [copies[0] for copies in self._slides[NO_SLIDE].copies]
-        placed = self.shard([s for s in self.slide_ids() if s != NO_SLIDE])
-        return ([placed] if placed.files else []) + [
-            FileShard(tuple(loose[start : start + patches_per_shard]), self.named_only, self.description)
-            for start in range(0, len(loose), patches_per_shard)
-        ]
+        placed = [self.shard(group) for group in self._slide_groups([s for s in self.slide_ids() if s != NO_SLIDE], patches_per_shard)]
+        # patches of no slide (last) have no neighbours to keep together: cut them like rows
+        loose = [copies[0] for copies in self._slides[NO_SLIDE].copies] if NO_SLIDE in self._slides else []
+        return placed + [FileShard(tuple(loose[start : start + patches_per_shard]), self.named_only, self.description)
+                         for start in range(0, len(loose), patches_per_shard)]
 
     def _key(self, path: str) -> tuple[str, int, int] | None:
         name = self._names.get(path)
