@@ -8,19 +8,19 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
 
 from histoscreen.data.inputs import SlideReading, open_sources
-from histoscreen.data.sources import NO_SLIDE, UNKNOWN_COORDINATE, PatchBatch
+from histoscreen.data.sources import NO_SLIDE, UNKNOWN_COORDINATE, PatchBatch, PatchSource
 from histoscreen.errors import SettingError
 from histoscreen.problems import Problem
 from histoscreen.progress import Progress, silent
 from histoscreen.runtime.predictor import Predictor
-from histoscreen.tasks.ray_engine import RayEngine
+from histoscreen.tasks.ray_engine import RayEngine, RayPool
 
 PREDICTION_COLUMNS = ["path", "patient", "x", "y", "prob_idc", "pred"]
 
@@ -87,14 +87,12 @@ def predict(
     done = 0
     if engine is None:
         for source in sources:
-            for batch in source.batches(batch_size=predictor.batch_size):
-                logits.append(predictor.patch_logits(batch.pixels))
-                scored.append(batch.without_pixels())
+            for batch_logits, batch in scored_batches(predictor, source):
+                logits.append(batch_logits)
+                scored.append(batch)
                 done += len(batch)
                 progress("predicting", done, total)
     else:
-        from histoscreen.tasks.ray_engine import RayPool
-
         shards = [(source, shard) for source in sources for shard in source.shards(engine.patches_per_shard)]
         with RayPool(engine, predictor) as pool:
             for (source, shard), outcome in zip(shards, pool.map("predict", [(shard,) for _, shard in shards])):
@@ -122,3 +120,9 @@ def predict(
     return Predictions(
         rows, predictor.settings(), [str(i) for i in inputs], problems, sum(s.duplicates for s in sources), time.perf_counter() - started
     )
+
+
+def scored_batches(predictor: Predictor, source: PatchSource) -> Iterator[tuple[np.ndarray, PatchBatch]]:
+    """Each batch of a source with its raw logits, its pixels dropped once scored."""
+    for batch in source.batches(batch_size=predictor.batch_size):
+        yield predictor.patch_logits(batch.pixels), batch.without_pixels()

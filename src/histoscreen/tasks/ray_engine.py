@@ -21,7 +21,6 @@ import numpy as np
 from histoscreen.data.sources import Conflict, PatchBatch, PatchSource, Shard
 from histoscreen.errors import HistoscreenError, SettingError
 from histoscreen.problems import Problem
-from histoscreen.progress import Progress, silent
 from histoscreen.runtime.predictor import Predictor
 
 
@@ -79,16 +78,15 @@ class ShardWorker:
         self.predictor = Predictor(**predictor_options)
         self.slide_options = slide_options
 
-    def pid(self) -> int:
-        return os.getpid()
-
     def predict(self, shard: Shard) -> ShardOutcome:
         """The raw logits of a shard's patches and their places (no pixels), in reading order."""
+        from histoscreen.tasks.predict import scored_batches
+
         source = shard.open(workers=1)
         logits, parts = [], []
-        for batch in source.batches(batch_size=self.predictor.batch_size):
-            logits.append(self.predictor.patch_logits(batch.pixels))
-            parts.append(batch.without_pixels())
+        for batch_logits, batch in scored_batches(self.predictor, source):
+            logits.append(batch_logits)
+            parts.append(batch)
         scores = np.concatenate(logits) if logits else np.empty(0, dtype=np.float32)
         return ShardOutcome.of((scores, PatchBatch.concatenate(parts)), source)
 
@@ -141,19 +139,11 @@ class RayPool:
         if self.started_ray:
             ray.shutdown()
 
-    def pids(self) -> list[int]:
-        """The process id of each actor now (it changes when Ray restarts one)."""
-        ray = _ray()
-        return ray.get([actor.pid.remote() for actor in self.actors])
-
-    def map(self, method: str, items: Sequence[tuple], progress: Progress = silent, label: str = "") -> Iterator[ShardOutcome]:
+    def map(self, method: str, items: Sequence[tuple]) -> Iterator[ShardOutcome]:
         """`method(*item)` on the actors for every item, answers in the items' order."""
         from ray.util import ActorPool
 
-        pool = ActorPool(self.actors)
-        for done, outcome in enumerate(pool.map(lambda actor, item: getattr(actor, method).remote(*item), items), start=1):
-            progress(label or method, done, len(items))
-            yield outcome
+        return ActorPool(self.actors).map(lambda actor, item: getattr(actor, method).remote(*item), items)
 
 
 def _ray():

@@ -26,7 +26,7 @@ from histoscreen.problems import Problem
 from histoscreen.errors import InputError, SettingError
 from histoscreen.runtime.predictor import Predictor
 from histoscreen.tasks.explain import grad_cam
-from histoscreen.tasks.ray_engine import RayEngine
+from histoscreen.tasks.ray_engine import RayEngine, RayPool
 from histoscreen.tasks.slides import (
     UNCERTAIN_MARGIN,
     MosaicCanvas,
@@ -183,8 +183,6 @@ class Screening:
             for source, slide_id in self.slides:
                 yield screen_slide(self.predictor, self.options, source, slide_id)
             return
-        from histoscreen.tasks.ray_engine import RayPool
-
         with RayPool(self.engine, self.predictor, self.options) as pool:
             shards = [(source.shard([slide_id]), slide_id) for source, slide_id in self.slides]
             for (source, _), outcome in zip(self.slides, pool.map("screen", shards)):
