@@ -102,3 +102,16 @@ def test_every_file_of_a_folder_is_a_patch_a_duplicate_or_a_problem(tmp_path_fac
     source = FileSource(paths, named_only=False, workers=1)
     patches = source.read_all()
     assert len(patches) + source.duplicates + len(source.problems) == len(paths)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.integers(1, 40), st.integers(1, 40), st.sampled_from([1, 3, 5, 7, 9]), st.floats(0.05, 0.95), st.integers(0, 2**32 - 1))
+def test_tissue_mask_filters_match_pil_rank_filters(height, width, size, density, seed):
+    from PIL import ImageFilter
+
+    from histoscreen.data.wsi import square_filter
+
+    mask = np.random.default_rng(seed).random((height, width)) < density
+    image = Image.fromarray(mask.astype(np.uint8) * 255)
+    for pil_filter, combine in ((ImageFilter.MaxFilter, np.logical_or), (ImageFilter.MinFilter, np.logical_and)):
+        assert np.array_equal(square_filter(mask, size, combine), np.asarray(image.filter(pil_filter(size))) > 0)

@@ -163,3 +163,18 @@ def test_predict_reads_slide_files_too(synthetic_slide_image, tiny_model, tmp_pa
     assert len(rows) > 100 and set(rows["patient"]) == {"slide"} and predictions.settings["context"] is True
     assert rows["path"].str.startswith(str(tmp_path / "slide.tif") + "#x").all()
     assert ((rows["x"] - 1) % 50 == 0).all() and predictions.problems == []
+
+
+def test_a_slide_given_twice_in_a_batch_is_screened_once_and_the_second_reported(synthetic_slide_image, tiny_model, tmp_path):
+    synthesize(tmp_path / "patches", patients=1, seed=5, first_index=40, idc_fractions=[0.4])
+    [patient] = [p.name for p in (tmp_path / "patches").iterdir() if p.is_dir()]
+    slide_file = write_pyramid_tiff(tmp_path / f"{patient}.tif", upscale(synthetic_slide_image, 2), 2.0, compression="zlib")
+    report = screen_to([tmp_path / "patches", slide_file], tmp_path / "report", model=tiny_model)
+    assert [s.patient for s in report.slides] == [patient]
+    with open(tmp_path / "report" / "errors.csv", newline="") as handle:
+        [problem] = [r for r in csv.DictReader(handle) if "is also given by" in r["problem"]]
+    inputs = {str(tmp_path / "patches"), str(slide_file)}
+    [other] = inputs - {problem["where"]}
+    assert problem["where"] in inputs and f"slide {patient} is also given by {other};" in problem["problem"]
+    screened_from_file = bool(json.loads((tmp_path / "report" / "slides.json").read_text())["whole_slide_reading"])
+    assert screened_from_file == (problem["where"] != str(slide_file))

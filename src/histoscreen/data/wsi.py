@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageFilter
+from PIL import Image
 
 from histoscreen.constants import BACKGROUND_RGB, COORD_ORIGIN, GRID_STEP, PATCH_SIZE
 from histoscreen.data.naming import check_slide_id
@@ -51,6 +51,10 @@ class TissueSettings:
     def __post_init__(self) -> None:
         if not 0 < self.min_tissue <= 1:
             raise SettingError("min_tissue", f"must be in (0, 1], got {self.min_tissue}")
+        for name in ("hole_px", "speck_px"):
+            size = getattr(self, name)
+            if size < 1 or size % 2 == 0:
+                raise SettingError(name, f"must be an odd number of pixels (a window centred on each pixel), got {size}")
 
     def as_dict(self) -> dict:
         return {**asdict(self), "mask_um_per_px": TISSUE_MPP, "method": "Otsu on HSV saturation, closing then opening"}
@@ -90,6 +94,23 @@ def otsu_threshold(values: np.ndarray) -> float:
     mean = np.cumsum(histogram * levels)
     between = (mean[-1] * weight - mean * total) ** 2 / np.maximum(weight * (total - weight), 1e-9)
     return float(np.argmax(between))
+
+
+def square_filter(mask: np.ndarray, size: int, combine) -> np.ndarray:
+    """Dilation (`combine` = logical_or) or erosion (logical_and) of a boolean mask by a
+    size x size square, edges replicated: the same pixels as PIL's Max/MinFilter, but in
+    shifted whole-array steps, one axis at a time (a rank filter took 0.4 s per pass on a
+    40,000 x 30,000 px slide's mask; this takes about 10 ms)."""
+    half = size // 2
+    padded = np.pad(mask, half, mode="edge")
+    height, width = mask.shape
+    rows = padded[:height].copy()
+    for step in range(1, size):
+        combine(rows, padded[step : step + height], out=rows)
+    out = rows[:, :width].copy()
+    for step in range(1, size):
+        combine(out, rows[:, step : step + width], out=out)
+    return out
 
 
 class WholeSlideSource(PatchSource):
@@ -166,10 +187,10 @@ class WholeSlideSource(PatchSource):
         canvas.paste(thumbnail.resize((round(thumbnail.width * scale), round(thumbnail.height * scale)), Image.Resampling.BOX))
         saturation = np.asarray(canvas.convert("HSV"))[..., 1]
         threshold = max(otsu_threshold(saturation), self.tissue.min_saturation)
-        mask = Image.fromarray(((saturation > threshold) * 255).astype(np.uint8))
-        mask = mask.filter(ImageFilter.MaxFilter(self.tissue.hole_px)).filter(ImageFilter.MinFilter(self.tissue.hole_px))
-        mask = mask.filter(ImageFilter.MinFilter(self.tissue.speck_px)).filter(ImageFilter.MaxFilter(self.tissue.speck_px))
-        cells = (np.asarray(mask) > 0).reshape(self.rows, cell, self.columns, cell).mean(axis=(1, 3))
+        mask = saturation > threshold
+        mask = square_filter(square_filter(mask, self.tissue.hole_px, np.logical_or), self.tissue.hole_px, np.logical_and)
+        mask = square_filter(square_filter(mask, self.tissue.speck_px, np.logical_and), self.tissue.speck_px, np.logical_or)
+        cells = mask.reshape(self.rows, cell, self.columns, cell).mean(axis=(1, 3))
         rows, columns = np.nonzero(cells >= self.tissue.min_tissue)
         return rows.astype(np.int64), columns.astype(np.int64), float(threshold)
 

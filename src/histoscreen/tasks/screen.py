@@ -150,10 +150,19 @@ class Screening:
             raise SettingError("slide_mpp", f"must be positive, got {slide_mpp}")
         reading = SlideReading(self.predictor.metadata.spacing_um_px, slide_mpp, tissue)
         self.sources: list[PatchSource] = open_sources(inputs, named_only=True, workers=workers, slides=reading)
-        self.slides = [(source, slide) for source in self.sources for slide in source.slide_ids()]
+        self.failures: list[Problem] = []
+        self.slides: list[tuple[PatchSource, str]] = []
+        first_source: dict[str, PatchSource] = {}
+        for source in self.sources:
+            for slide in source.slide_ids():
+                if slide in first_source:  # e.g. 9036.svs beside a folder of patient 9036's patches
+                    self.failures.append(Problem(source.description, f"slide {slide} is also given by {first_source[slide].description}; "
+                                                 "screened from that input only (a slide's id must be unique in a batch)"))
+                    continue
+                first_source[slide] = source
+                self.slides.append((source, slide))
         if not self.slides:
             raise InputError(f"{', '.join(str(i) for i in inputs)}: no patch files named {PATCH_NAME_HINT}")
-        self.failures: list[Problem] = []
         self.settings = {
             **self.predictor.settings(),
             "uncertain_margin": UNCERTAIN_MARGIN,
