@@ -33,6 +33,12 @@ def _tree(pid: int) -> list[int]:
     return pids
 
 
+# Reading smaps_rollup walks a process's page tables: sampled every 10 ms it took a large
+# share of this 2-core machine and slowed a 4-slide run from about 18 s to 24 s; every 0.2 s
+# it costs little, and the peaks measured (batches, bands, slides) last longer than that.
+SAMPLE_SECONDS = 0.2
+
+
 def run_measured(command: list[str], stdout=subprocess.DEVNULL) -> tuple[float, float]:
     """Wall seconds and peak anonymous resident memory (MiB) of the whole process tree."""
     started = time.perf_counter()
@@ -40,7 +46,7 @@ def run_measured(command: list[str], stdout=subprocess.DEVNULL) -> tuple[float, 
     peak = 0
     while process.poll() is None:
         peak = max(peak, sum(_anonymous_kib(p) for p in _tree(process.pid)))
-        time.sleep(0.01)
+        time.sleep(SAMPLE_SECONDS)
     seconds = time.perf_counter() - started
     if process.returncode != 0:
         sys.exit(f"failed ({process.returncode}): {' '.join(command)}")
@@ -55,3 +61,16 @@ def cpu_model() -> str:
     except FileNotFoundError:
         pass
     return platform.machine()
+
+
+def matmul_gflops(size: int = 1024, repeats: int = 20) -> float:
+    """float32 matrix multiply speed now: this shared machine's speed drifts by a fifth between
+    runs, so each benchmark prints it beside its figures."""
+    import torch
+
+    a = torch.randn(size, size)
+    a @ a
+    started = time.perf_counter()
+    for _ in range(repeats):
+        a @ a
+    return repeats * 2 * size**3 / (time.perf_counter() - started) / 1e9

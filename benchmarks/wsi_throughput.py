@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from measure import cpu_model, run_measured
+from measure import cpu_model, matmul_gflops, run_measured
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL_MPP = 4.0
@@ -133,7 +133,7 @@ def main() -> None:
     tiles = json.loads((args.work / "report-store" / "slides.json").read_text())["slides"][0]["patches"]
     rows.append(("the same tiles from a packed patch store", tiles, seconds, peak))
 
-    print(f"screen, end to end, shipped model with slide context; SYNTHETIC tissue; {cpu_model()}")
+    print(f"screen, end to end, shipped model with slide context; SYNTHETIC tissue; {cpu_model()}, {matmul_gflops():.0f} GFLOP/s float32 matmul now")
     print(f"{'input':58} {'tissue tiles':>12} {'seconds':>8} {'tiles/s':>8} {'peak MiB':>9}")
     for label, tiles, seconds, peak in rows:
         print(f"{label:58} {tiles:12,} {seconds:8.1f} {tiles / seconds:8,.0f} {peak:9.0f}")

@@ -115,3 +115,15 @@ def test_tissue_mask_filters_match_pil_rank_filters(height, width, size, density
     image = Image.fromarray(mask.astype(np.uint8) * 255)
     for pil_filter, combine in ((ImageFilter.MaxFilter, np.logical_or), (ImageFilter.MinFilter, np.logical_and)):
         assert np.array_equal(square_filter(mask, size, combine), np.asarray(image.filter(pil_filter(size))) > 0)
+
+
+def test_tissue_filter_sizes_must_be_odd():
+    import pytest
+
+    from histoscreen.data.wsi import TissueSettings
+    from histoscreen.errors import ArgumentError
+
+    for size in (0, 4, -3):
+        with pytest.raises(ArgumentError, match="hole_px must be an odd number"):
+            TissueSettings(hole_px=size)
+    assert TissueSettings(speck_px=3).speck_px == 3

@@ -33,7 +33,7 @@ from PIL import Image
 from histoscreen.constants import BACKGROUND_RGB, COORD_ORIGIN, GRID_STEP, PATCH_SIZE
 from histoscreen.data.naming import check_slide_id
 from histoscreen.data.sources import NO_LABEL, PatchBatch, PatchSource, Shard
-from histoscreen.errors import InputError, SettingError
+from histoscreen.errors import ArgumentError, InputError, SettingError
 
 SLIDE_SUFFIXES = (".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif", ".svslide")
 TISSUE_MPP = 8.0  # µm per pixel of the image tissue is found on
@@ -51,10 +51,10 @@ class TissueSettings:
     def __post_init__(self) -> None:
         if not 0 < self.min_tissue <= 1:
             raise SettingError("min_tissue", f"must be in (0, 1], got {self.min_tissue}")
-        for name in ("hole_px", "speck_px"):
+        for name in ("hole_px", "speck_px"):  # not command-line settings: an API caller's mistake
             size = getattr(self, name)
             if size < 1 or size % 2 == 0:
-                raise SettingError(name, f"must be an odd number of pixels (a window centred on each pixel), got {size}")
+                raise ArgumentError(f"TissueSettings.{name} must be an odd number of pixels (a window centred on each pixel), got {size}")
 
     def as_dict(self) -> dict:
         return {**asdict(self), "mask_um_per_px": TISSUE_MPP, "method": "Otsu on HSV saturation, closing then opening"}
