@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -73,12 +74,11 @@ def features(fold: Fold) -> np.ndarray:
     inner = np.where(window[:, 1, 1:4, 1:4] > 0, window[:, 0, 1:4, 1:4], np.nan).reshape(len(logits), -1)
     inner[:, 4] = np.nan  # the patch itself
     both = np.where(window[:, 1] > 0, window[:, 0], np.nan).reshape(len(logits), -1)
-    with np.errstate(all="ignore"):
-        import warnings
-
+    has_neighbour = window[:, 1, 1:4, 1:4].sum((1, 2)) > 1
+    with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # a patch alone on its slide has no neighbours
-        columns += [np.nan_to_num(np.nanmax(inner, 1), nan=0) * (window[:, 1, 1:4, 1:4].sum((1, 2)) > 1),
-                    np.nan_to_num(np.nanmin(inner, 1), nan=0) * (window[:, 1, 1:4, 1:4].sum((1, 2)) > 1),
+        columns += [np.nan_to_num(np.nanmax(inner, 1), nan=0) * has_neighbour,
+                    np.nan_to_num(np.nanmin(inner, 1), nan=0) * has_neighbour,
                     np.nan_to_num(np.nanstd(both, 1), nan=0)]
     return np.column_stack([*columns, slide])
 
