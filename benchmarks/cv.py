@@ -72,6 +72,7 @@ RULES = {
     "acc>=0.87": dict(objective="accuracy", min_sensitivity=0.87, min_specificity=0.87),
     "acc>=.89/.87": dict(objective="accuracy", min_sensitivity=0.89, min_specificity=0.87),
     "acc>=.90/.85": dict(objective="accuracy", min_sensitivity=0.90, min_specificity=0.85),
+    "acc>=.90/.87": dict(objective="accuracy", min_sensitivity=0.90, min_specificity=0.87),
 }
 
 

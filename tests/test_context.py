@@ -18,7 +18,15 @@ from conftest import evaluate_to, predict_to_csv
 from histoscreen.models import load_model
 from histoscreen.data import SlidePositions
 from histoscreen.data.sources import NO_SLIDE, UNKNOWN_COORDINATE
-from histoscreen.scoring.context import CONTEXT_RADII, CONTEXT_WEIGHTS, blend_with_neighbours, neighbour_means
+from histoscreen.scoring.context import (
+    CONTEXT_FEATURES,
+    CONTEXT_RADII,
+    CONTEXT_WEIGHTS,
+    blend_with_neighbours,
+    context_features,
+    learned_context,
+    neighbour_means,
+)
 from histoscreen.tasks import calibrate
 from test_cli import histoscreen
 
@@ -149,3 +157,67 @@ def test_calibrate_refits_on_val_patients_and_keeps_the_weights(tiny_model, synt
 def test_calibrate_refuses_a_split_without_val_patients(tiny_model, synthetic_store, tmp_path):
     with pytest.raises(HistoscreenError, match="no patches of the val patients"):
         calibrate(synthetic_store, tiny_model)  # synthetic patients are in no official list
+
+
+def test_context_features_by_hand():
+    logits, positions = hand_made_positions()
+    features = dict(zip(CONTEXT_FEATURES, context_features(logits, positions).T))
+    np.testing.assert_allclose(features["neighbour mean r1"], [4.0, 3.0, 2.0, 7.0, 100.0, 50.0])  # no neighbours: its own
+    np.testing.assert_allclose(features["neighbour share r1"], np.array([2, 2, 2, 0, 0, 0]) / 8)
+    np.testing.assert_allclose(features["neighbour mean r2"][:4], [4.0, 3.0, 11 / 3, 5.0])
+    np.testing.assert_allclose(features["highest neighbour r1"], [5.0, 5.0, 3.0, 0.0, 0.0, 0.0])
+    np.testing.assert_allclose(features["lowest neighbour r1"], [3.0, 1.0, 1.0, 0.0, 0.0, 0.0])
+    np.testing.assert_allclose(features["spread r2"][:2], [np.std([1.0, 3.0, 5.0])] * 2)
+    np.testing.assert_allclose(features["spread r2"][4:], [0.0, 0.0])  # alone in its window
+    np.testing.assert_allclose(features["slide median"], [4.0] * 4 + [100.0, 50.0])
+    np.testing.assert_allclose(features["slide 90th percentile"][:4], [np.quantile([1.0, 3, 5, 7], 0.9)] * 4)
+    np.testing.assert_allclose(features["slide mean probability"][:4], [np.mean(sigmoid(np.array([1.0, 3, 5, 7])))] * 4)
+
+
+def test_the_learned_context_weighs_its_features_and_leaves_unplaced_patches_alone():
+    logits, positions = hand_made_positions()
+    rng = np.random.default_rng(0)
+    linear = tuple(rng.normal(size=len(CONTEXT_FEATURES) + 1))
+    got = learned_context(logits, positions, linear)
+    expected = context_features(logits, positions) @ np.array(linear[:-1]) + linear[-1]
+    np.testing.assert_allclose(got[:5], expected[:5])
+    assert got[5] == logits[5]  # its name gave no place
+
+
+def test_calibrate_learns_the_context_and_predict_applies_it(tiny_model, synthetic_store, tmp_path):
+    result = histoscreen(
+        "calibrate", str(synthetic_store), "--model", str(tiny_model), "--out", str(tmp_path / "learned"),
+        "--split-scheme", "kfold", "--folds", "3", "--fold", "2", "--context-model", "learned",
+        "--threshold-objective", "accuracy", "--min-sensitivity", "0.9", "--min-specificity", "0.8",
+    )
+    assert result.returncode == 0, result.stderr
+    assert "with slide context (learned)" in result.stdout
+    _, metadata = load_model(tmp_path / "learned")
+    assert len(metadata.scoring.context.linear) == len(CONTEXT_FEATURES) + 1
+    assert metadata.validation.leave_one_patient_out["plain"]["context"]["patients"] == len(metadata.validation.patients)
+
+    predict_to_csv([synthetic_store], tmp_path / "preds.csv", model=tmp_path / "learned", context=True, backend="torch")
+    store = PatchStore(synthetic_store)
+    predictor = Predictor(tmp_path / "learned", backend="torch")
+    positions = SlidePositions.of(store.index["patient"].tolist(), store.index["x"].tolist(), store.index["y"].tolist())
+    context = predictor.context_calibration
+    expected = sigmoid(context.calibrated(learned_context(predictor.patch_logits(store.patches[:]), positions,
+                                                          metadata.scoring.context.linear)))
+    rows = read_rows(tmp_path / "preds.csv")
+    np.testing.assert_allclose([float(r["prob_idc"]) for r in rows], expected, atol=2e-6)
+    assert [int(r["pred"]) for r in rows] == (expected >= context.threshold).astype(int).tolist()
+
+    # one patch, a sparse handful, and patches whose place is unknown: finite probabilities
+    patches = store.patches[:]
+    for chosen in (np.array([0]), np.arange(0, len(store), 97)):
+        alone = predictor.probabilities(patches[chosen], SlidePositions.of(*(np.asarray(v)[chosen] for v in (
+            store.index["patient"], store.index["x"], store.index["y"]))))
+        assert np.isfinite(alone).all() and ((alone >= 0) & (alone <= 1)).all()  # a tiny model on synthetic slides may saturate
+    unplaced = predictor.probabilities(patches[:50])
+    np.testing.assert_allclose(unplaced, sigmoid(context.calibrated(predictor.patch_logits(patches[:50]))), atol=1e-6)
+
+
+def test_a_learned_context_of_the_wrong_size_is_refused_clearly(edited_tiny_model):
+    model_dir = edited_tiny_model(lambda metadata: metadata["scoring"]["context"].update(linear=[0.5, 1.0, 0.0]))
+    with pytest.raises(HistoscreenError, match="learned slide context has 3 weights"):
+        Predictor(model_dir)

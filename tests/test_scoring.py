@@ -10,7 +10,7 @@ import pytest
 from sklearn import metrics as sk
 from sklearn.linear_model import LogisticRegression
 
-from histoscreen.scoring.calibration import ThresholdRule
+from histoscreen.scoring.calibration import ThresholdRule, fit_logistic
 from histoscreen.scoring import (
     bootstrap_by_patient,
     choose_threshold,
@@ -122,6 +122,22 @@ def test_calibration_matches_logistic_regression_and_lowers_ece():
     before = expected_calibration_error(labels, sigmoid(overconfident))
     after = expected_calibration_error(labels, sigmoid(overconfident / temperature + bias))
     assert after < before / 3
+
+
+def test_the_learned_context_regression_matches_scikit_learn():
+    """fit_logistic is scikit-learn's default logistic regression (C = 1) on standardised
+    columns, with its weights given back for the raw columns."""
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    rng = np.random.default_rng(5)
+    features = rng.normal(size=(4000, 5)) * [1, 10, 0.1, 3, 1] + [0, 5, 0.5, 0, 1]
+    features[:, 4] = 1.0  # a constant column is harmless
+    labels = (rng.random(4000) < sigmoid(features[:, :4] @ [1.5, -0.2, 8.0, 0.0] - 3.0)).astype(int)
+    weights = np.array(fit_logistic(features, labels))
+    reference = make_pipeline(StandardScaler(), LogisticRegression(max_iter=5000, tol=1e-10)).fit(features, labels)
+    np.testing.assert_allclose(features @ weights[:-1] + weights[-1], reference.decision_function(features), atol=1e-4)
+    assert weights[2] == pytest.approx(8.0, rel=0.15) and abs(weights[3]) < 0.1
 
 
 def test_patient_bootstrap_brackets_the_estimate_and_is_wider_than_patch_resampling():

@@ -300,7 +300,8 @@ def _validation_lines(metadata) -> list[str]:
         figures = validation.metrics[mode]
         settings = ""
         if mode.startswith("context"):
-            settings = f" (radius {metadata.scoring.context.radius}, weight {metadata.scoring.context.weight})"
+            context = metadata.scoring.context
+            settings = " (learned)" if context.linear else f" (radius {context.radius}, weight {context.weight})"
         lines.append(
             f"val patients ({figures['patches']:,} patches), {label}{settings}, threshold {figures['threshold']:.4f}: "
             f"accuracy {figures['accuracy']:.4f}, balanced accuracy {figures['balanced_accuracy']:.4f}, "
@@ -321,7 +322,7 @@ def _command_calibrate(args: argparse.Namespace, progress: Progress) -> list[str
         check_output_file(written, overwrite=args.overwrite, inputs=inputs)
     model, metadata = calibrate(
         args.store, args.model or shipped_model_path(), split_spec=_split_spec(args),
-        rule=_threshold_rule(args), device=args.device,
+        rule=_threshold_rule(args), context_model=args.context_model, device=args.device,
     )
     path = save_model(model, metadata, target, overwrite=args.overwrite, inputs=inputs)
     return [
@@ -422,6 +423,7 @@ def build_parser() -> argparse.ArgumentParser:
     from histoscreen.data.splits import SPLIT_NAMES
     from histoscreen.models import list_models
     from histoscreen.runtime import EXPORT_FORMATS
+    from histoscreen.scoring.calibration import CONTEXT_MODELS
     from histoscreen.training import BALANCE_CHOICES, TrainConfig
 
     quiet, overwrite, model = _quiet_options(), _overwrite_options(), _model_options()
@@ -515,6 +517,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     calibrate.add_argument("store", help="a store written by 'histoscreen prepare'")
     calibrate.add_argument("--out", required=True, help="model file (.safetensors) or folder to write")
+    calibrate.add_argument("--context-model", choices=CONTEXT_MODELS, default="blend",
+                           help="slide context: blend each patch with its neighbours' mean (default), or learn how to "
+                           "weigh its neighbours out to 8 patches and its slide's overall scores (what the shipped model uses)")
 
     evaluate = command(
         "evaluate", _command_evaluate,

@@ -433,6 +433,7 @@ def fit_scoring_on(
     val: PatchBatch,
     *,
     rule: ThresholdRule = ThresholdRule(),
+    context_model: str = "blend",
     device: torch.device | None = None,
 ) -> tuple[Scoring, Validation]:
     """Run the model on labelled val patches (one view and the 8 dihedral ones) and fit the
@@ -441,7 +442,7 @@ def fit_scoring_on(
     plain = batched_logits(model, val.pixels, normalisation, device=device)
     tta = batched_logits(model, val.pixels, normalisation, tta=True, device=device)
     return fit_scoring(
-        val.labels, plain, tta, positions=val.positions, patients=val.patients, rule=rule
+        val.labels, plain, tta, positions=val.positions, patients=val.patients, rule=rule, context_model=context_model
     )
 
 

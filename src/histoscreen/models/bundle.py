@@ -71,10 +71,13 @@ class Calibration:
 
 @dataclass(frozen=True)
 class ContextSettings:
-    """Slide context (scoring/context.py): how far to look and how much to trust the neighbours."""
+    """Slide context (scoring/context.py): how far to look and how much to trust the
+    neighbours; with `linear`, the learned context's weights (intercept last), which then
+    replace the blend."""
 
     radius: int
     weight: float
+    linear: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.radius, bool) or not isinstance(self.radius, int) or not 1 <= self.radius <= 10:
@@ -83,6 +86,10 @@ class ContextSettings:
         if not 0 <= weight <= 1:
             raise ValueError(f"weight must lie between 0 and 1, got {weight}")
         object.__setattr__(self, "weight", weight)
+        if self.linear is not None:
+            if not isinstance(self.linear, (list, tuple)) or len(self.linear) < 2:
+                raise ValueError(f"linear must be a list of weights, intercept last, got {self.linear!r}")
+            object.__setattr__(self, "linear", tuple(_finite("linear weight", w) for w in self.linear))
 
 
 @dataclass(frozen=True)

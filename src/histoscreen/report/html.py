@@ -165,6 +165,11 @@ def _context_note(settings: dict) -> str:
     if not settings.get("context"):
         return ", each patch judged on its own"
     context = settings["context_settings"]
+    if "learned" in context:
+        return (
+            ", with learned slide context: each patch's score weighed together with its neighbours' out to 8 patches "
+            "(400 µm) and with its slide's overall scores, by a regression fitted on labelled val patients"
+        )
     return (
         f", with slide context: each patch's score blended (weight {context['weight']:.2f}) with the mean of its "
         f"neighbours within {context['radius']} patches"

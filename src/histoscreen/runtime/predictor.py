@@ -18,7 +18,7 @@ from histoscreen.models.bundle import Calibration, load_model, model_paths, scor
 from histoscreen.runtime.device import pick_device
 from histoscreen.runtime.forward import batched_view_logits
 from histoscreen.runtime.onnx import OnnxRunner, cached_onnx_bytes
-from histoscreen.scoring.context import blend_with_neighbours
+from histoscreen.scoring.context import CONTEXT_FEATURES, blend_with_neighbours, learned_context
 from histoscreen.scoring.metrics import sigmoid
 
 BACKENDS = ("auto", "torch", "onnx")
@@ -38,7 +38,8 @@ class Predictor:
     """A loaded model with the calibration and threshold of the chosen mode.
 
     With `context` (the default when the model has a slide-context calibration), a patch's
-    score is blended with its neighbours' on the slide (scoring/context.py) and the context
+    score is blended with its neighbours' on the slide, or given to the model's learned
+    context with them (scoring/context.py), and the context
     calibration and threshold apply; that needs every patch of a slide at once, with its
     position. A patch with no neighbours (a sparse slide, a file whose name gives no place)
     keeps its own score, put on the context scale.
@@ -66,6 +67,12 @@ class Predictor:
             raise ModelError(
                 f"{self.model_path}: this model has no slide-context calibration; "
                 "fit one on labelled val patients (histoscreen calibrate)"
+            )
+        linear = self.metadata.scoring.context.linear if self.metadata.scoring.has_context else None
+        if linear is not None and len(linear) != len(CONTEXT_FEATURES) + 1:
+            raise ModelError(
+                f"{self.model_path}: the learned slide context has {len(linear)} weights; this version of histoscreen "
+                f"computes {len(CONTEXT_FEATURES)} features and an intercept"
             )
         self.model = model.to(self.device, memory_format=torch.channels_last)
         self.onnx = None
@@ -103,8 +110,8 @@ class Predictor:
                     "threshold": self.threshold, "temperature": patch.temperature, "bias": patch.bias}
         if self.context:
             context, calibration = self.metadata.scoring.context, self.context_calibration
-            settings["context_settings"] = {"radius": context.radius, "weight": context.weight,
-                                            "temperature": calibration.temperature, "bias": calibration.bias}
+            described = {"learned": len(context.linear) - 1} if context.linear else {"radius": context.radius, "weight": context.weight}
+            settings["context_settings"] = {**described, "temperature": calibration.temperature, "bias": calibration.bias}
         return settings
 
     def view_logits(self, patches: np.ndarray) -> np.ndarray:
@@ -131,7 +138,10 @@ class Predictor:
         elif len(positions) != len(patch_logits):
             raise ArgumentError(f"positions has {len(positions)} entries for {len(patch_logits)} patches")
         context = self.metadata.scoring.context
-        mixed = blend_with_neighbours(patch_logits, positions, context.radius, context.weight)
+        if context.linear is not None:
+            mixed = learned_context(patch_logits, positions, context.linear)
+        else:
+            mixed = blend_with_neighbours(patch_logits, positions, context.radius, context.weight)
         return sigmoid(self.context_calibration.calibrated(mixed))
 
     def probabilities(self, patches: np.ndarray, positions: SlidePositions | None = None) -> np.ndarray:

@@ -14,11 +14,12 @@ import numpy as np
 from histoscreen.data.grid import SlidePositions
 from histoscreen.errors import SettingError
 from histoscreen.models.bundle import Calibration, ContextSettings, Scoring, Validation, scoring_mode
-from histoscreen.scoring.context import CONTEXT_RADII, CONTEXT_WEIGHTS, blend_with_neighbours
+from histoscreen.scoring.context import CONTEXT_RADII, CONTEXT_WEIGHTS, blend_with_neighbours, context_features
 from histoscreen.scoring.metrics import classification_metrics, confusion_counts, roc_curve, sigmoid
 
 
 THRESHOLD_OBJECTIVES = ("balanced_accuracy", "accuracy", "specificity")
+CONTEXT_MODELS = ("blend", "learned")
 
 
 @dataclass(frozen=True)
@@ -78,42 +79,71 @@ def choose_threshold(labels: np.ndarray, probabilities: np.ndarray, rule: Thresh
     return float((thresholds[best] + lower) / 2)
 
 
+def probability_threshold(labels: np.ndarray, probabilities: np.ndarray, rule: ThresholdRule) -> float:
+    """`choose_threshold` for probabilities, kept strictly inside (0, 1): probabilities that
+    saturate at exactly 0 or 1 (a context that separates its val patients completely) would
+    otherwise put it on the boundary."""
+    return float(np.clip(choose_threshold(labels, probabilities, rule), 1e-12, 1 - 1e-12))
+
+
 def fit_calibration(labels: np.ndarray, logits: np.ndarray) -> tuple[float, float]:
     """Temperature T and bias b minimising the log-loss of sigmoid(logit / T + b).
 
     Temperature scaling (Guo et al. 2017) with a bias term, i.e. Platt scaling: a
     class-weighted loss shifts every logit by log(pos_weight), which a temperature alone
-    cannot undo. Fitted by Newton's method on the two parameters.
+    cannot undo.
     """
     labels, logits = np.asarray(labels, dtype=np.float64), np.asarray(logits, dtype=np.float64)
     if labels.all() or not labels.any():
         return 1.0, 0.0
-    features = np.stack([logits, np.ones_like(logits)], axis=1)
-
-    def log_loss(weights: np.ndarray) -> float:
-        scaled = features @ weights
-        return float(np.mean(np.logaddexp(0, scaled) - labels * scaled))
-
-    weights = np.array([1.0, 0.0])
-    loss = log_loss(weights)
-    for _ in range(100):
-        probabilities = sigmoid(features @ weights)
-        gradient = features.T @ (probabilities - labels) / len(labels)
-        curvature = features.T @ (features * (probabilities * (1 - probabilities))[:, None]) / len(labels)
-        step = np.linalg.solve(curvature + 1e-9 * np.eye(2), gradient)
-        # Newton steps overshoot from far away; halve until the loss goes down.
-        scale = 1.0
-        while scale > 1e-6 and log_loss(weights - scale * step) > loss:
-            scale /= 2
-        weights = weights - scale * step
-        new_loss = log_loss(weights)
-        if loss - new_loss < 1e-12:
-            break
-        loss = new_loss
+    weights = _newton_logistic(np.stack([logits, np.ones_like(logits)], axis=1), labels, np.zeros(2), start=np.array([1.0, 0.0]))
     slope = max(float(weights[0]), 1e-3)  # a model that ranks patches the wrong way round is not rescued here
     return 1.0 / slope, float(weights[1])
 
 
+def fit_logistic(features: np.ndarray, labels: np.ndarray) -> tuple[float, ...]:
+    """A logistic regression's weights on the columns of `features`, intercept last.
+
+    Columns are standardised for the fit (the weights returned apply to the raw columns), and
+    the standardised weights carry an L2 penalty of 1/(2N) |w|^2 per patch: scikit-learn's
+    default (C = 1), which keeps perfectly separable data finite and is otherwise negligible.
+    """
+    features, labels = np.asarray(features, dtype=np.float64), np.asarray(labels, dtype=np.float64)
+    centre, spread = features.mean(0), features.std(0)
+    spread[spread == 0] = 1.0
+    design = np.column_stack([(features - centre) / spread, np.ones(len(features))])
+    penalty = np.full(design.shape[1], 1.0 / len(labels))
+    penalty[-1] = 0.0
+    weights = _newton_logistic(design, labels, penalty, start=np.zeros(design.shape[1]))
+    raw = weights[:-1] / spread
+    return (*map(float, raw), float(weights[-1] - raw @ centre))
+
+
+def _newton_logistic(design: np.ndarray, labels: np.ndarray, penalty: np.ndarray, *, start: np.ndarray) -> np.ndarray:
+    """Weights minimising the mean log-loss of sigmoid(design @ w) plus penalty/2 . w^2, by
+    Newton's method."""
+
+    def loss_of(weights: np.ndarray) -> float:
+        scaled = design @ weights
+        return float(np.mean(np.logaddexp(0, scaled) - labels * scaled) + 0.5 * penalty @ weights**2)
+
+    weights = start.astype(np.float64)
+    loss = loss_of(weights)
+    for _ in range(100):
+        probabilities = sigmoid(design @ weights)
+        gradient = design.T @ (probabilities - labels) / len(labels) + penalty * weights
+        curvature = design.T @ (design * (probabilities * (1 - probabilities))[:, None]) / len(labels) + np.diag(penalty)
+        step = np.linalg.solve(curvature + 1e-9 * np.eye(len(weights)), gradient)
+        # Newton steps overshoot from far away; halve until the loss goes down.
+        scale = 1.0
+        while scale > 1e-6 and loss_of(weights - scale * step) > loss:
+            scale /= 2
+        weights = weights - scale * step
+        new_loss = loss_of(weights)
+        if loss - new_loss < 1e-12:
+            break
+        loss = new_loss
+    return weights
 
 
 def fit_scoring(
@@ -124,14 +154,20 @@ def fit_scoring(
     positions: SlidePositions | None = None,
     patients: np.ndarray | None = None,
     rule: ThresholdRule = ThresholdRule(),
+    context_model: str = "blend",
 ) -> tuple[Scoring, Validation]:
     """Fit temperature and bias, then the threshold on calibrated probabilities, for one view
     and for the mean of the 8 dihedral views (TTA); with `positions`, also the slide context
-    (radius and weight by balanced accuracy, then its own calibration and threshold).
+    (the blend's radius and weight by balanced accuracy; with context_model "learned", the
+    learned context's logistic regression too, which then decides), then its own calibration
+    and threshold. The context is fitted on the one-view logits and serves both.
 
     `patients` (one per patch) adds leave-one-patient-out estimates of how the choices made
-    here carry over to a patient they were not made on.
+    here carry over to a patient they were not made on (the learned context refitted
+    without each patient in turn).
     """
+    if context_model not in CONTEXT_MODELS:
+        raise SettingError("context_model", f"{context_model!r} is not one of {', '.join(CONTEXT_MODELS)}")
     calibrations: dict[str, Calibration] = {}
     metrics: dict[str, dict] = {}
     leave_one_out: dict[str, dict] = {}
@@ -140,7 +176,7 @@ def fit_scoring(
         mode = scoring_mode(tta=tta, context=False)
         temperature, bias = fit_calibration(labels, logits)
         calibrated = logits / temperature + bias
-        threshold = choose_threshold(labels, sigmoid(calibrated), rule)
+        threshold = probability_threshold(labels, sigmoid(calibrated), rule)
         calibrations[mode] = Calibration(temperature, bias, threshold)
         metrics[mode] = classification_metrics(labels, sigmoid(calibrated), threshold)
         if positions is None:
@@ -152,13 +188,20 @@ def fit_scoring(
         }
         if context is None:
             radius, weight = max(candidates, key=lambda key: best_balanced_accuracy(labels, candidates[key], rule))
-            context = ContextSettings(radius, weight)
-        mixed = candidates[(context.radius, context.weight)]
+            linear = fit_logistic(context_features(calibrated, positions), labels) if context_model == "learned" else None
+            context = ContextSettings(radius, weight, linear)
+        if context.linear is not None:
+            features = context_features(calibrated, positions)
+            mixed = features @ np.asarray(context.linear[:-1]) + context.linear[-1]
+            if patients is not None:
+                candidates = {"learned": _learned_without_each_patient(features, labels, patients)}
+        else:
+            mixed = candidates[(context.radius, context.weight)]
         context_temperature, context_bias = fit_calibration(labels, mixed)
         probabilities = sigmoid(mixed / context_temperature + context_bias)
         context_mode = scoring_mode(tta=tta, context=True)
         calibrations[context_mode] = Calibration(
-            context_temperature, context_bias, choose_threshold(labels, probabilities, rule)
+            context_temperature, context_bias, probability_threshold(labels, probabilities, rule)
         )
         metrics[context_mode] = classification_metrics(labels, probabilities, calibrations[context_mode].threshold)
         if patients is not None:
@@ -168,6 +211,18 @@ def fit_scoring(
             }
     scoring = Scoring(context=context, **calibrations)
     return scoring, Validation(threshold_rule=rule.describe(), metrics=metrics, leave_one_patient_out=leave_one_out)
+
+
+def _learned_without_each_patient(features: np.ndarray, labels: np.ndarray, patients: np.ndarray) -> np.ndarray:
+    """Each patient's learned-context logits from a regression fitted on the other patients."""
+    scores = np.zeros(len(labels))
+    for patient in np.unique(patients):
+        held = patients == patient
+        if labels[~held].all() or not labels[~held].any():
+            continue
+        weights = np.asarray(fit_logistic(features[~held], labels[~held]))
+        scores[held] = features[held] @ weights[:-1] + weights[-1]
+    return scores
 
 
 def best_balanced_accuracy(labels: np.ndarray, scores: np.ndarray, rule: ThresholdRule = ThresholdRule()) -> float:

@@ -26,6 +26,7 @@ def calibrate(
     *,
     split_spec: SplitSpec = SplitSpec(),
     rule: ThresholdRule = ThresholdRule(),
+    context_model: str = "blend",
     device: str = "auto",
 ) -> tuple[torch.nn.Module, ModelMetadata]:
     model, metadata = load_model(model_path)
@@ -37,7 +38,7 @@ def calibrate(
     if val.labels.all() or not val.labels.any():
         raise InputError(f"{store.path}: the val patients hold only one class; calibration needs both")
     scoring, validation = fit_scoring_on(
-        model, metadata.normalisation, val, rule=rule, device=pick_device(device)
+        model, metadata.normalisation, val, rule=rule, context_model=context_model, device=pick_device(device)
     )
     metadata.scoring = scoring
     metadata.validation = replace(
