@@ -4,8 +4,9 @@
 usage: python benchmarks/train_shipped_model.py [--work DIR] [--install]
 
 Unpacks the official train patients and half of each official val patient, packs them,
-trains on the train patients (selection, threshold, calibration and slide context on the
-val patients only; test patients are never seen), evaluates on the val patients patch
+trains on the train patients (the best epoch chosen on those val patches), then fits the
+calibration, threshold and learned slide context on every patch of the val patients
+(`histoscreen calibrate`; test patients are never seen), evaluates on the val patients patch
 alone and with slide context, each with and without dihedral TTA, and writes a model card. With --install the model and its card are copied
 into src/histoscreen/models/shipped/, which is how the shipped model was made.
 """
@@ -23,6 +24,11 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data" / "idc"
 SHIPPED = REPO / "src" / "histoscreen" / "models" / "shipped"
 NAME = "idc-residual"
+# How the shipped scoring is fitted on every patch of the val patients (see the model card).
+CALIBRATE_ARGS = [
+    "--context-model", "learned",
+    "--threshold-objective", "accuracy", "--min-sensitivity", "0.90", "--min-specificity", "0.87",
+]
 
 # The settings of the shipped model (see MODEL_CARD.md for how they were chosen).
 TRAIN_ARGS = [
@@ -82,24 +88,31 @@ screening aid for invasive ductal carcinoma (IDC) in 50x50 px H&E patches of bre
   normalised with mean {norm['mean']} and std {norm['std']} (measured on the train patches).
 - Output: one logit; the patch's calibrated logit is `z = logit / T + b`.
 - Patch alone (`predict`, `evaluate`): `prob_idc = sigmoid(z)`, IDC when `prob_idc >= threshold`.
-- Slide context (`screen` by default; `predict --context`, `evaluate --context`): z is
-  blended with the mean z of the other patches of the same slide within {context['radius']} grid steps
-  (a {2 * context['radius'] + 1}x{2 * context['radius'] + 1} window): `m = z + {context['weight']} * (neighbour_mean - z)` (z alone
-  without neighbours), then `prob_idc = sigmoid(m / Tc + bc)`, IDC when `prob_idc >= threshold`.
+- Slide context (the default of `predict`, `evaluate` and `screen` wherever patches have a
+  place; `--no-context` turns it off): the learned context, a logistic regression fitted on
+  the val patients over {len(context['linear']) - 1} features of z on the patch's slide (src/histoscreen/scoring/context.py:
+  the patch's z; the mean z of the other patches within 1, 2, 3, 5 and 8 grid steps and
+  what share of those cells hold tissue; the highest and lowest adjacent z; the spread of
+  the 5x5 window; the slide's median, 10th and 90th percentile z and mean probability), gives
+  `m`; then `prob_idc = sigmoid(m / Tc + bc)`, IDC when `prob_idc >= threshold`. A patch whose
+  name gives no place keeps `m = z`. The weights are in the model's JSON (`scoring.context.linear`).
 
 | mode | T | b | context Tc | context bc | threshold | context threshold |
 |---|---:|---:|---:|---:|---:|---:|
 | plain | {plain['temperature']:.4f} | {plain['bias']:.4f} | {context_plain['temperature']:.4f} | {context_plain['bias']:.4f} | {plain['threshold']:.4f} | {context_plain['threshold']:.4f} |
 | dihedral TTA (`--tta`) | {tta['temperature']:.4f} | {tta['bias']:.4f} | {context_tta['temperature']:.4f} | {context_tta['bias']:.4f} | {tta['threshold']:.4f} | {context_tta['threshold']:.4f} |
 
-Threshold rule: {validation['threshold_rule']}, chosen on the val patients. The context radius
-and weight were chosen there too, from radii 1-3 and weights 0.25-0.85, by balanced accuracy.
+Threshold rule: {validation['threshold_rule']}, chosen on the val patients: hold
+sensitivity at 0.90 (a screening aid should miss few IDC patches), then be as accurate as
+possible (section "The shipped scoring, by cross-validation" for why). The learned context was fitted there too.
 
 ## Training data
 - Train: {len(training['train_patients'])} official train patients (Janowczyk & Madabhushi 2016 lists; 8915 and 9024
   are missing from the recovered data), {training['train_patches']:,} patches, {training['train_idc_patches']:,} IDC.
-- Selection, calibration, threshold and context: {len(training['val_patients'])} official val patients, the half of each
-  patient's recovered patches in ../shared ({training['val_patches']:,} patches, {training['val_idc_patches']:,} IDC).
+- Selection of the best epoch: {len(training['val_patients'])} official val patients, the half of each patient's
+  recovered patches in ../shared ({training['val_patches']:,} patches, {training['val_idc_patches']:,} IDC).
+- Calibration, threshold and learned context: the same {len(validation['patients'])} val patients at full density (every
+  recovered patch, {validation['metrics']['plain']['patches']:,}), as on a whole slide: the context looks 8 patches out.
 - Test patients: never seen, never used for any choice.
 - Augmentation: the 8 dihedral transforms, HED stain jitter, mild brightness and contrast.
 - Best epoch {training['best_epoch']} of {training['config']['epochs']} by val balanced accuracy.
@@ -107,24 +120,23 @@ and weight were chosen there too, from radii 1-3 and weights 0.25-0.85, by balan
 ## How it was made
 - Command: `{training['command']}` (via `python benchmarks/train_shipped_model.py --install`), seed {training['config']['seed']}.
 - Training time: {training['seconds'] / 60:.1f} min on {training['machine']} (torch {training['torch']}).
+- Then: `histoscreen calibrate STORE_OF_EVERY_PATCH --model MODEL --out SHIPPED {' '.join(CALIBRATE_ARGS)}`
+  (weights unchanged; about 2 min).
 
-## Validation results (official val patients, half of each; the threshold was chosen here, so expect test to be lower)
+## Validation results (official val patients, every patch; the threshold and the context were fitted here, so expect new patients to be lower)
 95% intervals from 1000 patient bootstrap resamples.
 
 | mode | threshold | accuracy | balanced accuracy (95% CI) | sensitivity | specificity | F1 | ROC-AUC (95% CI) | ECE |
 |---|---:|---:|---:|---:|---:|---:|---:|---:|
 {chr(10).join(rows)}
 
-The val patches are a random half of each val patient's recovered patches, so a patch has
-about half the neighbours it has on a whole slide. Slide context gains more with more
-neighbours: dropping a further half or three quarters of the val patches at random lowers its
-balanced accuracy (`python benchmarks/context_density.py`, figures in the README), so whole
-slides should do at least as well.
+These are in-sample for the context (its weights were fitted on these patches); the
+leave-one-patient-out table below and the cross-validation further down are the honest ones.
 
 ### How the val-chosen settings carry over to a new patient
 The figures above use settings chosen on the same patients. Leave one patient out: for
-each of the {validation['leave_one_patient_out']['plain']['patch']['patients']} val patients, choose the threshold (and, with context, the radius and
-weight) on the other {validation['leave_one_patient_out']['plain']['patch']['patients'] - 1}, then call that patient's patches; pooled over all of them:
+each of the {validation['leave_one_patient_out']['plain']['patch']['patients']} val patients, fit the threshold (and, with context, the learned
+context) on the other {validation['leave_one_patient_out']['plain']['patch']['patients'] - 1}, then call that patient's patches; pooled over all of them:
 
 | scoring | accuracy | balanced accuracy | sensitivity | specificity |
 |---|---:|---:|---:|---:|
@@ -196,30 +208,50 @@ patients, specificity 0.833 and 0.835 against 0.836 and 0.844. Half a point on t
 threshold-free figures and none where it matters (specificity on new patients) does not pay
 for making every prediction depend on a whole slide's statistics, so the product does not
 normalise.
-### The operating rule, by cross-validation at full density (`benchmarks/cv.py`)
+### The shipped scoring, by cross-validation at full density (`benchmarks/cv.py`, `benchmarks/cv_learned_context.py`)
 The same shipped command through 3 patient-grouped folds over all 111 patients with the val
-patients at full density (43,899 patches), each held-out patient called at settings chosen on
+patients at full density (43,899 patches). For each fold, the context (the learned one with
+its calibration, or the blend's radius and weight) is fitted on the other folds' held-out patients, whose scores came from
+networks that never saw them, and each held-out patient is called at a threshold chosen on
 the other held-out patients of its fold; mean over folds (worst fold):
 
 | scoring, threshold rule | accuracy | sensitivity | specificity | balanced acc. | ROC-AUC |
 |---|---:|---:|---:|---:|---:|
-| slide context, highest balanced accuracy (shipped) | 0.889 (0.870) | 0.918 (0.891) | 0.879 (0.863) | 0.899 (0.877) | 0.961 (0.950) |
-| slide context, highest accuracy, both recalls >= 0.87 | 0.903 (0.888) | 0.873 (0.865) | 0.912 (0.894) | 0.893 (0.882) | 0.961 (0.950) |
+| **learned context, highest accuracy with sensitivity >= 0.90 and specificity >= 0.87 (shipped)** | **0.902 (0.876)** | **0.897 (0.894)** | **0.904 (0.869)** | **0.900 (0.884)** | **0.964 (0.954)** |
+| learned context, highest balanced accuracy | 0.892 (0.872) | 0.928 (0.908) | 0.880 (0.860) | 0.903 (0.884) | 0.964 (0.954) |
+| learned context, highest accuracy, both recalls >= 0.87 | 0.907 (0.887) | 0.870 (0.865) | 0.919 (0.894) | 0.895 (0.880) | 0.964 (0.954) |
+| blend (shipped before), highest balanced accuracy | 0.890 (0.870) | 0.923 (0.906) | 0.879 (0.858) | 0.901 (0.882) | 0.961 (0.950) |
+| blend, highest accuracy with sensitivity >= 0.90 and specificity >= 0.87 | 0.897 (0.873) | 0.900 (0.899) | 0.896 (0.865) | 0.898 (0.882) | 0.961 (0.950) |
+| blend, highest accuracy, both recalls >= 0.87 | 0.904 (0.886) | 0.867 (0.864) | 0.916 (0.893) | 0.892 (0.879) | 0.961 (0.950) |
 | patch alone, highest balanced accuracy | 0.864 (0.853) | 0.887 (0.858) | 0.857 (0.836) | 0.872 (0.863) | 0.941 (0.934) |
 
-The accuracy rule crosses 0.90 only by trading 4.5 points of sensitivity for 3.3 of
-specificity, and sensitivity is the weak side on patients annotated broadly around
-stroma-rich tumour, so the shipped rule stays balanced accuracy; `histoscreen calibrate
---threshold-objective accuracy --min-sensitivity 0.87 --min-specificity 0.87` gives the other.
-82% of the cross-validated errors are false positives, and ten patients carry 45% of them:
-the model calls the whole tumour bed where the annotation marks separate islands of IDC.
+Two changes, each measured alone. The learned context separates new patients' patches
+better than the blend (ROC-AUC +0.3 points; at the same rule, accuracy +0.5 and
+specificity +0.7 at equal sensitivity). The
+operating rule moves the point on that curve: accuracy weighs the classes by prevalence
+(about 30% IDC), so the highest balanced accuracy sits at a sensitivity (0.93) well above
+the floor the mission needs; holding sensitivity at 0.90 on the val patients and taking the
+most accurate threshold above it trades 3 points of sensitivity for 2.4 of specificity at
+equal balanced accuracy. The rule with both floors at 0.87 gains a little more accuracy but
+gives up 6 points of sensitivity, the weak side on patients annotated broadly around
+stroma-rich tumour, so the sensitivity floor is 0.90. Together: accuracy 0.902, sensitivity
+0.897, specificity 0.904 on new patients, the issue's targets for the three (0.90, 0.87,
+0.90), while ROC-AUC 0.964 is just short of its 0.965; the worst fold stays below 0.90
+accuracy (0.876). The rule and the feature set were chosen looking at these folds, so the
+estimate is slightly optimistic. `histoscreen calibrate --context-model learned` (or `blend`)
+with `--threshold-objective balanced_accuracy` gives the other rows' scorings.
+82% of the cross-validated errors of the blend were false positives, and ten patients carry
+45% of them: the model calls the whole tumour bed where the annotation marks separate islands.
 
 Tried in the same CV, not shipped (README, "The shipped model"): a second seed and the
-two-seed ensemble (ensemble with context, BA rule: accuracy 0.897, balanced accuracy 0.902,
-ROC-AUC 0.962, at half the speed), a learned slide context fitted on the other folds (best:
-ROC-AUC 0.964, balanced accuracy 0.904), soft targets near region borders (fold 1: +0.1
-point ROC-AUC). Not tried: wider networks, distillation of the ensemble, timm backbones
-(timm needs torchvision, which does not import beside the pinned torch here).
+two-seed ensemble (with the learned context and the shipped rule: accuracy 0.902,
+sensitivity 0.901, specificity 0.903, ROC-AUC 0.965: no better than one network where it
+counts, at half the network speed, 1,586 against 3,147 patches/s), a CNN on the 11x11 window of scores (ROC-AUC 0.962; with the blend added
+0.964), soft targets near region borders (fold 1: +0.1 point ROC-AUC), and per-slide batch
+statistics at test time (AdaBN: mixing 30%, 60% or all of each slide's own statistics into
+the batch-norm layers lowered ROC-AUC with context from 0.961 to 0.960, 0.953 and 0.926).
+Not tried: wider networks, distillation of the ensemble, timm backbones (timm needs
+torchvision, which does not import beside the pinned torch here).
 
 For comparison, published patient-level results on the official test patients: balanced
 accuracy 0.847 and F1 0.765 (Janowczyk & Madabhushi 2016), balanced accuracy 0.890 (Romero
@@ -237,17 +269,25 @@ def main() -> None:
         sys.exit(f"needs the real patches in {SHARED}")
     histoscreen = [sys.executable, "-m", "histoscreen.cli"]
     patches, store, model, work = REPO / ".cache" / "real-idc" / "all", args.work / "store", args.work / NAME, args.work
+    every_patch, full_store, shipped = REPO / ".cache" / "real-idc" / "full", args.work / "store-full", args.work / f"{NAME}-shipped"
     run(sys.executable, str(SHARED / "unpack.py"), str(patches), "--split", "all")
+    run(sys.executable, str(SHARED / "unpack.py"), str(every_patch), "--split", "full")
     if not store.exists():
         run(*histoscreen, "prepare", str(patches), str(store))
+    if not full_store.exists():
+        run(*histoscreen, "prepare", str(every_patch), str(full_store))
     if (model / "model.safetensors").exists():
         print(f"{model} is trained already; delete it to train again")
     else:
         run(*histoscreen, "train", str(store), "--out", str(model), *TRAIN_ARGS, "--resume")
+    # the learned context looks 8 patches out: fit it, the calibration and the threshold on
+    # the val patients' slides at full density, as a whole slide has them
+    run(*histoscreen, "calibrate", str(full_store), "--model", str(model), "--out", str(shipped), *CALIBRATE_ARGS, "--overwrite")
+    model = shipped
     evaluations = {}
     for mode, (extra, folder) in MODES.items():
         out = work / folder
-        run(*histoscreen, "evaluate", str(store), "--model", str(model), "--split", "val", "--out", str(out), "--overwrite", *extra)
+        run(*histoscreen, "evaluate", str(full_store), "--model", str(model), "--split", "val", "--out", str(out), "--overwrite", *extra)
         evaluations[mode] = json.loads((out / "metrics.json").read_text())
     metadata = json.loads((model / "model.json").read_text())
     card = model_card(metadata, evaluations)

@@ -54,6 +54,19 @@ def real_val_patches() -> tuple[Path, Counter]:
     return target, expected
 
 
+@pytest.fixture(scope="session")
+def real_full_val_patches() -> Path:
+    """Every real patch of the official val patients (val.zip and val_rest.zip together: the
+    slides at full density, as the shipped model's scoring was fitted on), unpacked as PNG."""
+    shared = shared_data_folder()
+    if shared is None:
+        pytest.skip("real IDC patches not available: ../shared/data/idc is absent (users don't have it)")
+    target = REPO_ROOT / ".cache" / "real-idc" / "val-full"
+    for split in ("val", "val-rest"):
+        subprocess.run([sys.executable, str(shared / "unpack.py"), str(target), "--split", split], check=True, capture_output=True)
+    return target
+
+
 TINY_ARCHITECTURE = {"widths": [8, 16, 16, 24], "dropout": 0.0}
 
 
