@@ -186,12 +186,11 @@ def fit_scoring(
             for radius in CONTEXT_RADII
             for weight in CONTEXT_WEIGHTS
         }
+        features = context_features(calibrated, positions) if context_model == "learned" else None
         if context is None:
             radius, weight = max(candidates, key=lambda key: best_balanced_accuracy(labels, candidates[key], rule))
-            linear = fit_logistic(context_features(calibrated, positions), labels) if context_model == "learned" else None
-            context = ContextSettings(radius, weight, linear)
-        if context.linear is not None:
-            features = context_features(calibrated, positions)
+            context = ContextSettings(radius, weight, fit_logistic(features, labels) if features is not None else None)
+        if features is not None:
             mixed = features @ np.asarray(context.linear[:-1]) + context.linear[-1]
             if patients is not None:
                 candidates = {"learned": _learned_without_each_patient(features, labels, patients)}
