@@ -14,7 +14,7 @@ import numpy as np
 from histoscreen.data.grid import SlidePositions
 from histoscreen.errors import SettingError
 from histoscreen.models.bundle import Calibration, ContextSettings, Scoring, Validation, scoring_mode
-from histoscreen.scoring.context import CONTEXT_RADII, CONTEXT_WEIGHTS, blend_with_neighbours, context_features
+from histoscreen.scoring.context import CONTEXT_RADII, CONTEXT_WEIGHTS, blend_with_neighbours, context_features, learned_context
 from histoscreen.scoring.metrics import classification_metrics, confusion_counts, roc_curve, sigmoid
 
 
@@ -191,9 +191,9 @@ def fit_scoring(
             radius, weight = max(candidates, key=lambda key: best_balanced_accuracy(labels, candidates[key], rule))
             context = ContextSettings(radius, weight, fit_logistic(features, labels) if features is not None else None)
         if features is not None:
-            mixed = features @ np.asarray(context.linear[:-1]) + context.linear[-1]
+            mixed = learned_context(calibrated, positions, context.linear, features)
             if patients is not None:
-                candidates = {"learned": _learned_without_each_patient(features, labels, patients)}
+                candidates = {"learned": _learned_without_each_patient(calibrated, positions, features, labels, patients)}
         else:
             mixed = candidates[(context.radius, context.weight)]
         context_temperature, context_bias = fit_calibration(labels, mixed)
@@ -212,15 +212,17 @@ def fit_scoring(
     return scoring, Validation(threshold_rule=rule.describe(), metrics=metrics, leave_one_patient_out=leave_one_out)
 
 
-def _learned_without_each_patient(features: np.ndarray, labels: np.ndarray, patients: np.ndarray) -> np.ndarray:
+def _learned_without_each_patient(
+    logits: np.ndarray, positions: SlidePositions, features: np.ndarray, labels: np.ndarray, patients: np.ndarray
+) -> np.ndarray:
     """Each patient's learned-context logits from a regression fitted on the other patients."""
     scores = np.zeros(len(labels))
     for patient in np.unique(patients):
         held = patients == patient
         if labels[~held].all() or not labels[~held].any():
             continue
-        weights = np.asarray(fit_logistic(features[~held], labels[~held]))
-        scores[held] = features[held] @ weights[:-1] + weights[-1]
+        linear = fit_logistic(features[~held], labels[~held])
+        scores[held] = learned_context(logits, positions, linear, features)[held]
     return scores
 
 

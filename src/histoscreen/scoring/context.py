@@ -137,11 +137,15 @@ def context_features(logits: np.ndarray, positions: SlidePositions) -> np.ndarra
     return np.column_stack([*columns, slide_statistics])
 
 
-def learned_context(logits: np.ndarray, positions: SlidePositions, linear: tuple[float, ...]) -> np.ndarray:
-    """The learned context's logit: the features weighed by `linear` (intercept last). A
-    patch whose place is unknown has no slide to be seen in: it keeps its own logit."""
+def learned_context(
+    logits: np.ndarray, positions: SlidePositions, linear: tuple[float, ...], features: np.ndarray | None = None
+) -> np.ndarray:
+    """The learned context's logit: the features (`context_features`, computed here unless
+    given) weighed by `linear` (intercept last). A patch whose place is unknown has no slide
+    to be seen in: it keeps its own logit."""
+    features = context_features(logits, positions) if features is None else features
     weights = np.asarray(linear, dtype=np.float64)
-    learned = context_features(logits, positions) @ weights[:-1] + weights[-1]
+    learned = features @ weights[:-1] + weights[-1]
     return np.where(positions.known, learned, logits)
 
 
