@@ -103,3 +103,32 @@ def test_killed_run_resumes_to_the_same_result(synthetic_store, tmp_path):
     for resumed_epoch, straight_epoch in zip(history, straight.history):
         assert resumed_epoch["val_loss"] == straight_epoch["val_loss"]  # every generator restored: the same run
     assert metadata.scoring == straight.metadata.scoring
+
+
+def test_distillation_trains_on_the_teachers_probabilities_mixed_with_the_labels(tiny_model, synthetic_store, tmp_path):
+    from histoscreen.runtime.forward import batched_logits
+    from histoscreen.scoring.metrics import sigmoid
+    from histoscreen.training import load_training_data
+
+    config = tiny_config(teachers=[str(tiny_model), str(tiny_model)], distil_weight=0.25)
+    data = load_training_data(synthetic_store, config)
+    model, metadata = load_model(tiny_model)
+    taught = sigmoid(batched_logits(model, data.train_patches.numpy(), metadata.normalisation, tta=True))
+    expected = 0.75 * data.train_labels.double().numpy() + 0.25 * taught
+    assert torch.allclose(data.train_targets.double(), torch.as_tensor(expected), atol=1e-6)
+    assert 0 < data.train_targets.min() and data.train_targets.max() < 1  # soft everywhere
+
+    result = train(synthetic_store, tmp_path / "student", tiny_config(epochs=1, teachers=[str(tiny_model)], distil_weight=0.5))
+    assert result.metadata.training["config"]["teachers"] == [str(tiny_model)]
+
+
+def test_distillation_settings_are_checked_before_any_work(synthetic_store, tmp_path):
+    with pytest.raises(HistoscreenError, match="distil_weight"):
+        tiny_config(teachers=["somewhere"], distil_weight=0.0)
+    with pytest.raises(HistoscreenError, match="distil_weight"):
+        tiny_config(distil_weight=0.5)
+    with pytest.raises(HistoscreenError, match="distil_weight"):
+        tiny_config(teachers=["somewhere"], distil_weight=1.5)
+    missing = tmp_path / "no-such-model"
+    with pytest.raises(HistoscreenError, match="no-such-model"):
+        train(synthetic_store, tmp_path / "student", tiny_config(epochs=1, teachers=[str(missing)], distil_weight=0.5))

@@ -282,7 +282,9 @@ def _command_train(args: argparse.Namespace, progress: Progress) -> list[str]:
     config = TrainConfig(
         architecture=args.arch, architecture_kwargs=architecture_kwargs, epochs=args.epochs, batch_size=args.batch_size,
         learning_rate=args.lr, weight_decay=args.weight_decay, warmup_epochs=args.warmup_epochs, balance=args.balance,
-        stain_jitter=args.stain_jitter, border_smoothing=args.border_smoothing, seed=args.seed, split=_split_spec(args), threshold_rule=_threshold_rule(args),
+        stain_jitter=args.stain_jitter, border_smoothing=args.border_smoothing,
+        teachers=[str(Path(t).resolve()) for t in args.teacher], distil_weight=args.distil_weight,
+        seed=args.seed, split=_split_spec(args), threshold_rule=_threshold_rule(args),
         max_train_patches=args.max_train_patches, device=args.device,
     )
     log = (lambda line: None) if args.quiet else (lambda line: tqdm.write(line, file=sys.stderr))
@@ -504,6 +506,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="HED stain jitter strength; 0 for none (default %(default)s)")
     train.add_argument("--border-smoothing", type=float, default=_default(TrainConfig, "border_smoothing"),
                        help="train on (1-s)*label + s*(mean label of the 8 neighbours): soft targets near region borders (default %(default)s)")
+    train.add_argument("--teacher", action="append", default=[], metavar="MODEL",
+                       help="a trained model to distil from (repeat for an ensemble); needs --distil-weight")
+    train.add_argument("--distil-weight", type=float, default=_default(TrainConfig, "distil_weight"),
+                       help="train on (1-w)*label + w*(the teachers' probability) (default %(default)s)")
     train.add_argument("--seed", type=int, default=_default(TrainConfig, "seed"))
     train.add_argument("--max-train-patches", type=int, help="train on a seeded subsample of this many patches")
     train.add_argument("--resume", action="store_true", help="continue a killed run in OUT where it stopped")

@@ -62,6 +62,10 @@ class TrainConfig:
     # the least sure: train on (1 - s) * label + s * (mean label of the 8 neighbours).
     # Targets only, never inputs; 0 trains on the labels as they are.
     border_smoothing: float = 0.0
+    # Distillation: train on (1 - w) * target + w * the teachers' probability, the sigmoid of
+    # their mean logit over the 8 dihedral views (an ensemble taught to one CPU-fast network).
+    teachers: list[str] = field(default_factory=list)
+    distil_weight: float = 0.0
     seed: int = 0
     split: SplitSpec = field(default_factory=SplitSpec)
     threshold_rule: ThresholdRule = field(default_factory=ThresholdRule)
@@ -84,6 +88,10 @@ class TrainConfig:
             value = getattr(self, name)
             if not math.isfinite(value) or value < 0 or (name == "learning_rate" and value == 0):
                 raise SettingError(name, f"must be a {'positive' if name == 'learning_rate' else 'non-negative'} number, got {value}")
+        if not 0 <= self.distil_weight <= 1:
+            raise SettingError("distil_weight", f"must be between 0 and 1, got {self.distil_weight}")
+        if bool(self.teachers) != (self.distil_weight > 0):
+            raise SettingError("distil_weight", "distillation needs both teacher models and a weight above 0")
         if self.max_train_patches is not None and self.max_train_patches < 1:
             raise SettingError("max_train_patches", f"must be at least 1, got {self.max_train_patches}")
         if not isinstance(self.architecture_kwargs, dict):
@@ -204,7 +212,8 @@ def train_one_epoch(
         rows = order[start : start + config.batch_size]
         draw = AugmentationDraw.sample(len(rows), generator, stain=config.stain_jitter)
         share = _share(len(rows), ranks)
-        images = augment(patches[rows[share]], normalisation, draw.take(share)).to(device, non_blocking=True)
+        # augmented where the network runs: on a GPU the CPU would otherwise be the bottleneck
+        images = augment(patches[rows[share]].to(device, non_blocking=True), normalisation, draw.take(share))
         batch_targets = targets[rows[share]].to(device, non_blocking=True)
         for group in optimizer.param_groups:
             group["lr"] = learning_rate_at(step, total_steps, warmup_steps, config.learning_rate)
@@ -245,7 +254,8 @@ def evaluate_logits(labels: np.ndarray, logits: np.ndarray) -> dict:
     }
 
 
-def load_training_data(store_path: str | os.PathLike, config: TrainConfig) -> TrainingData:
+def load_training_data(store_path: str | os.PathLike, config: TrainConfig, device: torch.device | None = None) -> TrainingData:
+    """The split's patches in memory, with the training targets (border-smoothed, distilled)."""
     store = PatchStore(store_path)
     split = config.split.resolve(store.patient_table())
     train_rows, val_rows = store.rows_of(split.train), store.rows_of(split.val)
@@ -267,8 +277,20 @@ def load_training_data(store_path: str | os.PathLike, config: TrainConfig) -> Tr
         positions = SlidePositions.of(part["patient"].to_numpy(dtype=object), part["x"].to_numpy(), part["y"].to_numpy())
         means, counts = neighbour_means(targets, positions, radius=1)
         targets = np.where(counts > 0, (1 - config.border_smoothing) * targets + config.border_smoothing * means, targets)
+    if config.teachers:
+        taught = sigmoid(teacher_logits(config.teachers, train_patches.numpy(), device or pick_device(config.device)))
+        targets = (1 - config.distil_weight) * targets + config.distil_weight * taught
     val = StoreSource(store, split.val).read_all()
     return TrainingData(store, split, train_patches, train_labels, torch.as_tensor(targets, dtype=torch.float32), val)
+
+
+def teacher_logits(teachers: list[str], patches: np.ndarray, device: torch.device) -> np.ndarray:
+    """The teachers' mean logit over the 8 dihedral views and over the teachers."""
+    total = np.zeros(len(patches))
+    for path in teachers:
+        model, metadata = load_model(path)  # safetensors and JSON: nothing is unpickled
+        total += batched_logits(model.to(device), patches, metadata.normalisation, tta=True, batch_size=1024, device=device)
+    return total / len(teachers)
 
 
 def build_model(config: TrainConfig, device: torch.device) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
@@ -304,7 +326,7 @@ def train(
     if ranks.is_main:
         _check_run_folder(out_dir, store_path)
     ranks.barrier()
-    data = load_training_data(store_path, config)
+    data = load_training_data(store_path, config, device)
     described = data.describe()
     if ranks.is_main:
         log(

@@ -87,6 +87,7 @@ class AugmentationDraw:
 
 def apply_dihedral(images: torch.Tensor, views: torch.Tensor) -> torch.Tensor:
     out = torch.empty_like(images)
+    views = views.to(images.device)
     for view in range(DIHEDRAL_VIEWS):
         chosen = views == view
         if chosen.any():
