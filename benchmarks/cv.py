@@ -36,7 +36,7 @@ import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from measure import cpu_model  # noqa: E402
-from train_shipped_model import TRAIN_ARGS as SHIPPED_ARGS  # noqa: E402
+from train_shipped_model import DISTIL_WEIGHT, TRAIN_ARGS as SHIPPED_ARGS  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data" / "idc"
@@ -57,16 +57,30 @@ def without_resume(options: list[str]) -> list[str]:
     return [o for o in options if o != "--resume"]
 
 
-BASE = without_resume(SHIPPED_ARGS)
+BASE = without_resume(SHIPPED_ARGS)  # the teachers' recipe, and the shipped network's before distillation
+SEEDS = ("shipped", "shipped-seed1", "shipped-seed2", "shipped-seed3")
+
+
+def distilled(weight: str) -> list[str]:
+    """The shipped recipe taught by the four seeds' ensemble of the same split ({split} is
+    filled in per fold, so a held-out patient never reaches a teacher's training either)."""
+    teachers = [option for seed in SEEDS for option in ("--teacher", "{work}/" + seed + "/{split}")]
+    return [*BASE, *teachers, "--distil-weight", weight]
+
+
 CANDIDATES: dict[str, list[str]] = {
     "shipped": BASE,
     "shipped-seed1": replaced(BASE, seed="1"),
     "shipped-seed2": replaced(BASE, seed="2"),
+    "shipped-seed3": replaced(BASE, seed="3"),
     "soft-borders": replaced(BASE, border_smoothing="0.3"),
     "longer": replaced(BASE, epochs="32"),
     "wide": replaced(BASE, arch_kwargs='{"widths": [48, 96, 144], "blocks": [1, 1, 1], "stem": 24}', epochs="24"),
     "deep": replaced(BASE, arch_kwargs='{"widths": [32, 64, 96], "blocks": [2, 2, 2], "stem": 16}', epochs="24"),
+    "distil": distilled(DISTIL_WEIGHT),  # the shipped recipe since issue 12
+    "distil-strong": distilled("0.8"),
 }
+TEACHERS = {name: list(SEEDS) for name in ("distil", "distil-strong")}
 RULES = {
     "BA": dict(objective="balanced_accuracy"),
     "acc>=0.87": dict(objective="accuracy", min_sensitivity=0.87, min_specificity=0.87),
@@ -96,17 +110,25 @@ def full_store(work: Path) -> Path:
     return store
 
 
+def training_command(name: str, store: Path, work: Path, split: str, folds: int = 3) -> list[str]:
+    """`histoscreen train` of a candidate on one fold ("1".."folds") or on the official split
+    ("official": train patients, best epoch chosen on the val patients, as the shipped model)."""
+    options = [o.replace("{work}", str(work)).replace("{split}", split if split == "official" else f"fold-{split}")
+               for o in CANDIDATES[name]]
+    scheme = [] if split == "official" else ["--split-scheme", "kfold", "--folds", str(folds), "--fold", split, "--split-seed", "0"]
+    out = work / name / (split if split == "official" else f"fold-{split}")
+    return [sys.executable, "-m", "histoscreen.cli", "train", str(store), "--out", str(out), "-q", *options, *scheme, "--resume"]
+
+
 def train_folds(name: str, store: Path, work: Path, folds: int) -> list[Path]:
+    for teacher in TEACHERS.get(name, []):
+        train_folds(teacher, store, work, folds)
     models = []
     for fold in range(1, folds + 1):
         out = work / name / f"fold-{fold}"
         if not (out / "model.json").exists():
             started = time.perf_counter()
-            subprocess.run(
-                [sys.executable, "-m", "histoscreen.cli", "train", str(store), "--out", str(out), "-q", *CANDIDATES[name],
-                 "--split-scheme", "kfold", "--folds", str(folds), "--fold", str(fold), "--split-seed", "0", "--resume"],
-                check=True,
-            )
+            subprocess.run(training_command(name, store, work, str(fold), folds), check=True)
             print(f"trained {name} fold {fold} in {(time.perf_counter() - started) / 60:.1f} min", flush=True)
         models.append(out)
     return models

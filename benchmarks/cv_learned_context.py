@@ -143,15 +143,21 @@ def main() -> None:
     parser.add_argument("candidate", nargs="?", default="shipped")
     parser.add_argument("--folds", type=int, default=3)
     parser.add_argument("--work", type=Path, default=REPO / ".cache" / "cv")
+    parser.add_argument("--contexts", default="blend,learned,CNN", help="comma-separated (default: all; CNN adds CNN+blend)")
     args = parser.parse_args()
+    contexts = args.contexts.split(",")
     folds = fold_logits(args.candidate, full_store(args.work), args.work, args.folds)
-    scores: dict[str, list[np.ndarray]] = {"blend": [], "learned": [], "CNN": [], "CNN+blend": []}
+    fits = {"blend": fit_blend, "learned": fit_learned, "CNN": fit_cnn}
+    scores: dict[str, list[np.ndarray]] = {name: [] for name in fits if name in contexts}
+    if "CNN" in contexts:
+        scores["CNN+blend"] = []
     for index, fold in enumerate(folds):
         others = [f for i, f in enumerate(folds) if i != index]
-        scores["blend"].append(fit_blend(others, fold))
-        scores["learned"].append(fit_learned(others, fold))
-        scores["CNN"].append(fit_cnn(others, fold))
-        scores["CNN+blend"].append(scores["CNN"][-1] + scores["blend"][-1])
+        for name in fits:
+            if name in contexts or (name == "blend" and "CNN" in contexts):
+                scores.setdefault(name, []).append(fits[name](others, fold))
+        if "CNN" in contexts:
+            scores["CNN+blend"].append(scores["CNN"][-1] + scores["blend"][-1])
     print(f"learned slide context, {args.folds}-fold patient-grouped CV, candidate {args.candidate}: mean (worst fold)")
     print(f"{'context':10} {'rule':10}" + "".join(f"{n:>16}" for n in ("accuracy", "sensitivity", "specificity", "bal. accuracy", "ROC-AUC")))
     for name, per_fold in scores.items():

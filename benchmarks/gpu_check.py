@@ -1,12 +1,12 @@
 #!/usr/bin/env python3
 """The prepared GPU run: what histoscreen does on CUDA, measured in one short script.
 
-usage: python benchmarks/gpu_check.py [--tiny] [--store STORE] [--out DIR] [--cv wide,deep]
+usage: python benchmarks/gpu_check.py [--tiny] [--store STORE] [--out DIR]
 
 1. one training epoch of the shipped recipe on CUDA (and, with two or more GPUs, the same
    epoch under torchrun on NCCL), seconds and patches/s;
-2. `predict` throughput on CUDA: torch, and ONNX Runtime's CUDA provider when installed;
-3. with --cv, the named cv.py candidates through the patient-grouped CV (training on CUDA).
+2. `predict` throughput on CUDA: torch, and ONNX Runtime's CUDA provider when installed.
+The expensive CV candidates have their own script: benchmarks/gpu_cv.py.
 Figures go to OUT/gpu_check.json and are printed. --tiny runs every step on a small
 synthetic store, on whatever device there is (the CPU here), to test the script before
 spending GPU minutes; its figures mean nothing.
@@ -44,7 +44,6 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true", help="a small synthetic store, any device: tests the script")
     parser.add_argument("--store", type=Path, help="a packed store (default: .cache/cv/store, all real patients)")
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", REPO / ".cache" / "gpu-check")))
-    parser.add_argument("--cv", default="", help="comma-separated cv.py candidates to run (e.g. wide,deep)")
     args = parser.parse_args()
 
     import torch
@@ -94,16 +93,6 @@ def main() -> None:
             seconds = timed([*histoscreen, "predict", str(store), "--model", str(model), "--out", str(work / f"p-{backend}.csv"),
                              "--overwrite", "-q", "--device", device, "--backend", backend, "--batch-size", str(batch)])
             figures[f"predict_{backend}_batch{batch}"] = {"seconds": seconds, "patches_per_second": patches / seconds}
-
-    for candidate in filter(None, args.cv.split(",")):
-        if args.tiny:
-            figures[f"cv_{candidate}"] = "skipped with --tiny (cv.py needs the real store)"
-            continue
-        log = args.out / f"cv-{candidate}.txt"
-        with open(log, "w") as handle:
-            subprocess.run([sys.executable, str(REPO / "benchmarks" / "cv.py"), candidate, "--work", str(REPO / ".cache" / "cv")],
-                           check=True, stdout=handle)
-        figures[f"cv_{candidate}"] = log.read_text().splitlines()
 
     (args.out / "gpu_check.json").write_text(json.dumps(figures, indent=1) + "\n")
     print(json.dumps(figures, indent=1))
