@@ -111,8 +111,9 @@ def run_jobs(jobs: list[Job], parallel: int, deadline: float, guess_seconds: flo
                 break
             if job.state == "waiting" and all(need.exists() for need in job.needs):
                 job.out.parent.mkdir(parents=True, exist_ok=True)
-                job.process = subprocess.Popen(job.command, env=environment, start_new_session=True,
-                                               stdout=subprocess.DEVNULL, stderr=open(job.out.parent / f"{job.out.name}.log", "w"))
+                with open(job.out.parent / f"{job.out.name}.log", "w") as errors:  # the child keeps its own copy
+                    job.process = subprocess.Popen(job.command, env=environment, start_new_session=True,
+                                                   stdout=subprocess.DEVNULL, stderr=errors)
                 job.started, job.state = now, "running"
                 running += 1
                 log(f"started: {job.candidate} {job.split}")

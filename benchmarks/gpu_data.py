@@ -34,8 +34,6 @@ SHARED = REPO.parent / "shared" / "data" / "idc"
 ZIPS = ("train.zip", "val.zip", "val_rest.zip")
 STORES = {"cv": REPO / ".cache" / "cv" / "store", "shipped": REPO / ".cache" / "shipped-model" / "store"}
 SMALL_FILES = ("store.json", "index.parquet", "rejects.csv", "conflicts.csv")
-PATCH_SIZE = 50
-BACKGROUND_RGB = (255, 255, 255)
 
 
 def pixels_digest(patches: np.ndarray) -> str:
@@ -75,7 +73,10 @@ def pack(dest: Path, chunk_mib: float) -> None:
 
 
 def _decode(item: tuple[str, bytes]) -> tuple[str, np.ndarray]:
+    """A patch padded with background to full size, as `histoscreen prepare` stores it."""
     from PIL import Image
+
+    from histoscreen.constants import BACKGROUND_RGB, PATCH_SIZE
 
     name, data = item
     pixels = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
