@@ -68,14 +68,22 @@ def test_the_split_seed_chooses_the_folds_apart_from_the_training_seed(synthetic
 
 def test_killed_run_resumes_to_the_same_result(synthetic_store, tmp_path):
     epochs = 4
-    straight = train(synthetic_store, tmp_path / "straight", tiny_config(epochs=epochs))
+
+    def command_into(out):
+        # Both runs in fresh processes on one thread: bit-identity then rests on the saved
+        # state alone, not on how the pytest process's earlier tests left torch's threads.
+        return [
+            sys.executable, "-m", "histoscreen.cli", "train", str(synthetic_store), "--out", str(out),
+            "--arch-kwargs", json.dumps(TINY_ARCHITECTURE), "--epochs", str(epochs), "--batch-size", "128",
+            "--lr", "0.003", "--split-scheme", "kfold", "--folds", "3", "--fold", "1", "--threads", "1", "--quiet",
+        ]
+
+    finished = subprocess.run(command_into(tmp_path / "straight"), capture_output=True, text=True, timeout=300)
+    assert finished.returncode == 0, finished.stderr
+    _, straight_metadata = load_model(tmp_path / "straight")
 
     out = tmp_path / "killed"
-    command = [
-        sys.executable, "-m", "histoscreen.cli", "train", str(synthetic_store), "--out", str(out),
-        "--arch-kwargs", json.dumps(TINY_ARCHITECTURE), "--epochs", str(epochs), "--batch-size", "128",
-        "--lr", "0.003", "--split-scheme", "kfold", "--folds", "3", "--fold", "1", "--threads", "2", "--quiet",
-    ]
+    command = command_into(out)
     process = subprocess.Popen(command)
     log = out / "metrics.jsonl"
     deadline = time.monotonic() + 120
@@ -98,11 +106,11 @@ def test_killed_run_resumes_to_the_same_result(synthetic_store, tmp_path):
     history = [json.loads(line) for line in log.read_text().splitlines()]
     assert [h["epoch"] for h in history] == list(range(1, epochs + 1))
     model, metadata = load_model(out)
-    straight_weights, resumed_weights = load_file(straight.model_path), load_file(out / "model.safetensors")
+    straight_weights, resumed_weights = load_file(tmp_path / "straight" / "model.safetensors"), load_file(out / "model.safetensors")
     assert all(torch.equal(straight_weights[k], resumed_weights[k]) for k in straight_weights)  # bit for bit
-    for resumed_epoch, straight_epoch in zip(history, straight.history):
+    for resumed_epoch, straight_epoch in zip(history, straight_metadata.training["history"]):
         assert resumed_epoch["val_loss"] == straight_epoch["val_loss"]  # every generator restored: the same run
-    assert metadata.scoring == straight.metadata.scoring
+    assert metadata.scoring == straight_metadata.scoring
 
 
 def test_distillation_trains_on_the_teachers_probabilities_mixed_with_the_labels(tiny_model, synthetic_store, tmp_path):
