@@ -36,7 +36,7 @@ import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from measure import cpu_model  # noqa: E402
-from train_shipped_model import DISTIL_WEIGHT, TRAIN_ARGS as SHIPPED_ARGS  # noqa: E402
+from train_shipped_model import DISTIL_WEIGHT, TEACHER_SEEDS, TRAIN_ARGS as SHIPPED_ARGS  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data" / "idc"
@@ -58,7 +58,7 @@ def without_resume(options: list[str]) -> list[str]:
 
 
 BASE = without_resume(SHIPPED_ARGS)  # the teachers' recipe, and the shipped network's before distillation
-SEEDS = ("shipped", "shipped-seed1", "shipped-seed2", "shipped-seed3")
+SEEDS = tuple("shipped" if seed == 0 else f"shipped-seed{seed}" for seed in TEACHER_SEEDS)  # the shipped model's teachers
 
 
 def distilled(weight: str) -> list[str]:
@@ -70,9 +70,7 @@ def distilled(weight: str) -> list[str]:
 
 CANDIDATES: dict[str, list[str]] = {
     "shipped": BASE,
-    "shipped-seed1": replaced(BASE, seed="1"),
-    "shipped-seed2": replaced(BASE, seed="2"),
-    "shipped-seed3": replaced(BASE, seed="3"),
+    **{name: replaced(BASE, seed=name.removeprefix("shipped-seed")) for name in SEEDS[1:]},
     "soft-borders": replaced(BASE, border_smoothing="0.3"),
     "longer": replaced(BASE, epochs="32"),
     "wide": replaced(BASE, arch_kwargs='{"widths": [48, 96, 144], "blocks": [1, 1, 1], "stem": 24}', epochs="24"),

@@ -148,16 +148,14 @@ def main() -> None:
     contexts = args.contexts.split(",")
     folds = fold_logits(args.candidate, full_store(args.work), args.work, args.folds)
     fits = {"blend": fit_blend, "learned": fit_learned, "CNN": fit_cnn}
-    scores: dict[str, list[np.ndarray]] = {name: [] for name in fits if name in contexts}
-    if "CNN" in contexts:
-        scores["CNN+blend"] = []
+    wanted = set(contexts) | ({"blend"} if "CNN" in contexts else set())  # CNN+blend needs the blend
+    scores: dict[str, list[np.ndarray]] = {name: [] for name in fits if name in wanted}
     for index, fold in enumerate(folds):
         others = [f for i, f in enumerate(folds) if i != index]
-        for name in fits:
-            if name in contexts or (name == "blend" and "CNN" in contexts):
-                scores.setdefault(name, []).append(fits[name](others, fold))
-        if "CNN" in contexts:
-            scores["CNN+blend"].append(scores["CNN"][-1] + scores["blend"][-1])
+        for name in scores:
+            scores[name].append(fits[name](others, fold))
+    if "CNN" in contexts:
+        scores["CNN+blend"] = [cnn + blend for cnn, blend in zip(scores["CNN"], scores["blend"])]
     print(f"learned slide context, {args.folds}-fold patient-grouped CV, candidate {args.candidate}: mean (worst fold)")
     print(f"{'context':10} {'rule':10}" + "".join(f"{n:>16}" for n in ("accuracy", "sensitivity", "specificity", "bal. accuracy", "ROC-AUC")))
     for name, per_fold in scores.items():
