@@ -10,7 +10,9 @@ import pytest
 from sklearn import metrics as sk
 from sklearn.linear_model import LogisticRegression
 
+from histoscreen.data import SlidePositions
 from histoscreen.scoring.calibration import ThresholdRule, fit_logistic
+from histoscreen.scoring.slides import SlideBurden, complete_slides, partial_slide_check, slide_burdens, slide_figures, spearman
 from histoscreen.scoring import (
     bootstrap_by_patient,
     choose_threshold,
@@ -186,3 +188,58 @@ def test_bootstrap_checks_patients_and_rounds():
         bootstrap_by_patient([0, 1, 1], [0.1, 0.8, 0.7], np.array(["a", "b"]), 0.5)
     with pytest.raises(ArgumentError, match="rounds must be at least 1"):
         bootstrap_by_patient([0, 1], [0.1, 0.8], np.array(["a", "b"]), 0.5, rounds=0)
+
+
+# Slide figures (scoring/slides.py), by hand.
+def grid_positions(cells: list[tuple[str, int, int]]) -> SlidePositions:
+    return SlidePositions.of([s for s, _, _ in cells], [50 * c + 1 for _, c, _ in cells], [50 * r + 1 for _, _, r in cells])
+
+
+def test_a_solid_slide_is_complete_and_scattered_or_class_sampled_ones_are_not():
+    solid = [("solid", c, r) for c in range(8) for r in range(8)]
+    every_other = [("sparse", c, r) for c in range(16) for r in range(16) if (c + r) % 2 == 0]
+    tumour = [("sampled", c, r) for c in range(14) for r in range(14)]  # every IDC patch of a solid block...
+    around = [("sampled", c, r) for c in range(16, 36, 4) for r in range(0, 16, 4)]  # ...and a sample of the rest
+    cells = solid + every_other + tumour + around
+    labels = np.array([0] * len(solid) + [0] * len(every_other) + [1] * len(tumour) + [0] * len(around))
+    assert complete_slides(grid_positions(cells), labels) == {"solid": True, "sparse": False, "sampled": False}
+
+
+def test_spearman_matches_scipy_with_ties():
+    from scipy.stats import spearmanr
+
+    rng = np.random.default_rng(3)
+    first, second = rng.integers(0, 6, 40), rng.random(40).round(1)
+    assert spearman(first, second) == pytest.approx(spearmanr(first, second).statistic, abs=1e-12)
+
+
+def test_an_idc_slide_is_under_called_below_half_its_true_burden():
+    burdens = [SlideBurden("a", 0.40, 0.19), SlideBurden("b", 0.40, 0.20), SlideBurden("c", 0.19, 0.0), SlideBurden("d", 0.02, 0.05)]
+    figures = slide_figures(burdens)
+    assert figures["under_called"] == ["a"]  # b is at half exactly; c is not an IDC slide (below 0.20)
+    assert figures["idc_slides"] == 2
+    assert figures["worst_idc_rank"] == 2  # by burden: b 0.20, a 0.19, d 0.05, c 0.0
+    assert figures["burden_mae"] == pytest.approx((0.21 + 0.20 + 0.19 + 0.03) / 4)
+
+
+def test_slide_burdens_count_calls_per_slide():
+    burdens = slide_burdens(np.array(["x", "x", "x", "x", "y"]), np.array([1, 1, 0, 0, 0]), np.array([1, 0, 0, 0, 1]), only={"x"})
+    assert burdens == [SlideBurden("x", 0.5, 0.25)]
+
+
+def test_the_partial_slide_check_sees_a_context_that_depends_on_the_rest_of_the_slide():
+    positions = grid_positions([("s", c, r) for c in range(9) for r in range(9)])
+    rng = np.random.default_rng(0)
+    labels = (rng.random(81) < 0.4).astype(int)
+    logits = np.where(labels == 1, 1.0, -1.0) + rng.normal(0, 0.8, 81)
+
+    def alone(rows):  # each patch on its own: nothing to lose on a partial slide
+        return 1 / (1 + np.exp(-logits[rows])), 0.5
+
+    def against_the_slide(rows):  # each patch against its slide's mean: depends on who else is there
+        return 1 / (1 + np.exp(-(logits[rows] - 3 * logits[rows].mean()))), 0.5
+
+    steady = partial_slide_check(alone, positions.slides, labels, {"s"})
+    assert steady["agreement"] == 1 and steady["accuracy_change"] == 0 and steady["burden_change_max"] == 0
+    moved = partial_slide_check(against_the_slide, positions.slides, labels, {"s"})
+    assert moved["agreement"] < 1 and moved["burden_change_max"] > 0

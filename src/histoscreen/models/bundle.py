@@ -155,6 +155,9 @@ class Validation:
     split: str | None = None
     patients: tuple[str, ...] = ()
     store: str | None = None
+    # how the scoring was fitted, to refit it the same way: {"threshold_rule": ThresholdRule
+    # fields, "context_model": "blend" | "learned"} (absent from models made before)
+    procedure: dict | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -163,6 +166,12 @@ class Validation:
     def from_dict(cls, payload: dict) -> Validation:
         if not isinstance(payload, dict) or not isinstance(payload.get("metrics"), dict):
             raise ValueError("validation must be an object with metrics by scoring mode")
+        procedure = payload.get("procedure")
+        if procedure is not None and not (
+            isinstance(procedure, dict) and isinstance(procedure.get("threshold_rule"), dict)
+            and procedure.get("context_model") in ("blend", "learned", None)
+        ):
+            raise ValueError("validation.procedure must name a threshold_rule object and a context_model (blend or learned)")
         return cls(**{**payload, "patients": tuple(payload.get("patients", ()))})
 
 

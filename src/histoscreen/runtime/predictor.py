@@ -18,7 +18,8 @@ from histoscreen.models.bundle import Calibration, load_model, model_paths, scor
 from histoscreen.runtime.device import pick_device
 from histoscreen.runtime.forward import batched_view_logits
 from histoscreen.runtime.onnx import OnnxRunner, cached_onnx_bytes
-from histoscreen.scoring.context import CONTEXT_FEATURES, blend_with_neighbours, learned_context
+from histoscreen.scoring.calibration import scored
+from histoscreen.scoring.context import CONTEXT_FEATURES
 from histoscreen.scoring.metrics import sigmoid
 
 BACKENDS = ("auto", "torch", "onnx")
@@ -137,12 +138,7 @@ class Predictor:
             positions = SlidePositions.unknown(len(patch_logits))
         elif len(positions) != len(patch_logits):
             raise ArgumentError(f"positions has {len(positions)} entries for {len(patch_logits)} patches")
-        context = self.metadata.scoring.context
-        if context.linear is not None:
-            mixed = learned_context(patch_logits, positions, context.linear)
-        else:
-            mixed = blend_with_neighbours(patch_logits, positions, context.radius, context.weight)
-        return sigmoid(self.context_calibration.calibrated(mixed))
+        return scored(self.metadata.scoring, patch_logits, positions, tta=self.tta, context=True)[0]
 
     def probabilities(self, patches: np.ndarray, positions: SlidePositions | None = None) -> np.ndarray:
         """Calibrated IDC probabilities for N x 50 x 50 x 3 uint8 patches."""

@@ -7,14 +7,16 @@ benchmarks alike.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import numpy as np
 
 from histoscreen.data.grid import SlidePositions
 from histoscreen.errors import SettingError
 from histoscreen.models.bundle import Calibration, ContextSettings, Scoring, Validation, scoring_mode
-from histoscreen.scoring.context import CONTEXT_RADII, CONTEXT_WEIGHTS, blend_with_neighbours, context_features, learned_context
+from histoscreen.scoring.context import (
+    CONTEXT_RADII, CONTEXT_WEIGHTS, blend_with_neighbours, context_features, learned_context, with_context,
+)
 from histoscreen.scoring.metrics import classification_metrics, confusion_counts, roc_curve, sigmoid
 
 
@@ -84,6 +86,17 @@ def probability_threshold(labels: np.ndarray, probabilities: np.ndarray, rule: T
     saturate at exactly 0 or 1 (a context that separates its val patients completely) would
     otherwise put it on the boundary."""
     return float(np.clip(choose_threshold(labels, probabilities, rule), 1e-12, 1 - 1e-12))
+
+
+def scored(scoring: Scoring, patch_logits: np.ndarray, positions: SlidePositions, *, tta: bool, context: bool) -> tuple[np.ndarray, float]:
+    """IDC probabilities from calibrated patch logits, and the threshold that goes with them:
+    as they are, or with the slide context among `positions` (every patch of the slides at
+    hand) and its own calibration. How the Predictor, the cross-validation and the slide
+    safety tests all score."""
+    if not context:
+        return sigmoid(patch_logits), scoring.calibration(scoring_mode(tta=tta, context=False)).threshold
+    calibration = scoring.calibration(scoring_mode(tta=tta, context=True))
+    return sigmoid(calibration.calibrated(with_context(scoring.context, patch_logits, positions))), calibration.threshold
 
 
 def fit_calibration(labels: np.ndarray, logits: np.ndarray) -> tuple[float, float]:
@@ -209,7 +222,8 @@ def fit_scoring(
                 "context": leave_one_patient_out(labels, patients, candidates, rule),
             }
     scoring = Scoring(context=context, **calibrations)
-    return scoring, Validation(threshold_rule=rule.describe(), metrics=metrics, leave_one_patient_out=leave_one_out)
+    procedure = {"threshold_rule": asdict(rule), "context_model": context_model if positions is not None else None}
+    return scoring, Validation(threshold_rule=rule.describe(), metrics=metrics, leave_one_patient_out=leave_one_out, procedure=procedure)
 
 
 def _learned_without_each_patient(

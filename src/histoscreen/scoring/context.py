@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from histoscreen.data.grid import CellIndex, SlidePositions
+from histoscreen.models.bundle import ContextSettings
 from histoscreen.scoring.metrics import sigmoid
 
 CONTEXT_RADII = (1, 2, 3)
@@ -147,6 +148,15 @@ def learned_context(
     weights = np.asarray(linear, dtype=np.float64)
     learned = features @ weights[:-1] + weights[-1]
     return np.where(positions.known, learned, logits)
+
+
+def with_context(settings: ContextSettings, logits: np.ndarray, positions: SlidePositions) -> np.ndarray:
+    """Calibrated patch logits with their slide context, as `settings` say: the learned
+    context where it has weights, else the blend. Still to be put on the context's own
+    calibration."""
+    if settings.linear is not None:
+        return learned_context(logits, positions, settings.linear)
+    return blend_with_neighbours(logits, positions, settings.radius, settings.weight)
 
 
 def blend_with_neighbours(logits: np.ndarray, positions: SlidePositions, radius: int, weight: float) -> np.ndarray:
