@@ -5,11 +5,11 @@ usage: python benchmarks/gpu_data.py pack DEST [--chunk-mib 56.5]
        python benchmarks/gpu_data.py unpack CHUNKS... --meta META --work WORK
 
 A call to the GPU machine carries at most 64 MiB with the working tree, and the real patches
-are 217 MiB of lossless WebP (../shared/data/idc/*.zip). `pack` cuts the three zips, end to
+are 246 MiB of lossless WebP (../shared/data/idc/*.zip). `pack` cuts the four zips, end to
 end, into chunks of --chunk-mib (DEST/c1, c2, ...; one call each onto the same warm machine)
-and writes DEST/meta: the index of each store to rebuild (the CV store of all 111 patients at
-full density, .cache/cv/store, and the shipped model's training store, train patients plus
-half of each val patient, .cache/shipped-model/store) with the SHA-256 of its pixels.
+and writes DEST/meta: the index of the store to rebuild (all 143 patients at full density,
+.cache/cv/store, which both the CV's fold networks and the shipped network train from) with
+the SHA-256 of its pixels.
 `unpack` joins the chunks, decodes every patch (all cores), pads edge patches as `prepare`
 does, writes each store's patches in its index order and refuses a store whose pixels do
 not hash as they did here: the GPU trains on exactly the patches the CPU has.
@@ -31,8 +31,8 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data" / "idc"
-ZIPS = ("train.zip", "val.zip", "val_rest.zip")
-STORES = {"cv": REPO / ".cache" / "cv" / "store", "shipped": REPO / ".cache" / "shipped-model" / "store"}
+ZIPS = ("train.zip", "val.zip", "val_rest.zip", "extra.zip")
+STORES = {"cv": REPO / ".cache" / "cv" / "store"}
 SMALL_FILES = ("store.json", "index.parquet", "rejects.csv", "conflicts.csv")
 
 
