@@ -71,6 +71,7 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=REPO / ".cache" / "shipped-model")
     parser.add_argument("--cv", type=Path, default=REPO / ".cache" / "cv", help="cv.py's --work, whose results the card reports")
     parser.add_argument("--install", action="store_true", help="copy the result into the package")
+    parser.add_argument("--card-only", action="store_true", help="write the card from the evaluations already in --work")
     args = parser.parse_args()
     if not (SHARED / "unpack.py").is_file():
         sys.exit(f"needs the real patches in {SHARED}")
@@ -88,7 +89,8 @@ def main() -> None:
     evaluations = {}
     for mode, (extra, folder) in MODES.items():
         out = args.work / folder
-        run(*histoscreen, "evaluate", str(store), "--model", str(model), "--split", "val", "--out", str(out), "--overwrite", *extra)
+        if not args.card_only:
+            run(*histoscreen, "evaluate", str(store), "--model", str(model), "--split", "val", "--out", str(out), "--overwrite", *extra)
         evaluations[mode] = json.loads((out / "metrics.json").read_text())
     metadata = json.loads((model / "model.json").read_text())
     card = model_card(metadata, evaluations, {seed: json.loads(path.read_text()) for seed, path in results.items()})

@@ -31,8 +31,8 @@ def test_prepare_real_val_patches_matches_what_unpack_wrote(real_val_patches, tm
 
 def test_the_shipped_model_reproduces_its_model_card_on_the_real_val_patients(real_full_val_patches, tmp_path):
     """The figures the README and model card claim, recomputed from the real patches of the
-    val patients at full density (what its scoring was fitted on); with slide context they
-    meet the project's val targets."""
+    val patients at full density (what its scoring was fitted on, so in-sample); with slide
+    context both recalls stay above 0.90 there."""
     prepare(real_full_val_patches, tmp_path / "store")
     recorded = Predictor().metadata.validation.metrics
     for context, key in ((False, "plain"), (True, "context_plain")):
@@ -41,8 +41,7 @@ def test_the_shipped_model_reproduces_its_model_card_on_the_real_val_patients(re
         for name in ("accuracy", "balanced_accuracy", "sensitivity", "specificity", "roc_auc"):
             assert report["metrics"][name] == pytest.approx(recorded[key][name], abs=1e-3), (key, name)
     metrics = report["metrics"]
-    assert metrics["accuracy"] >= 0.92 and metrics["sensitivity"] >= 0.90 and metrics["specificity"] >= 0.90
-    assert metrics["roc_auc"] >= 0.96
+    assert metrics["sensitivity"] >= 0.90 and metrics["specificity"] >= 0.90 and metrics["roc_auc"] >= 0.97
 
 
 def test_the_shipped_context_gives_probabilities_to_lone_and_unplaced_real_patches(real_val_patches, tmp_path):
