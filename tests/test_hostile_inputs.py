@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from histoscreen.cli import main
 from histoscreen.data import synthesize
@@ -254,10 +255,14 @@ def test_one_patient_folder_screens_without_false_problems(capsys, slides, tmp_p
 @pytest.mark.parametrize(
     "edit, words",
     [
-        (lambda m: m["scoring"]["plain"].update(temperature=-1), "temperature must be positive"),
+        (lambda m: m["scoring"]["plain"].update(temperature=-1), "temperature must lie between"),
         (lambda m: m["scoring"]["plain"].update(threshold=float("nan")), "threshold must be a finite number"),
         (lambda m: m["normalisation"].update(std=[0, 0, 0]), "positive standard deviations"),
         (lambda m: m["scoring"]["plain"].update(threshold="high"), "threshold must be a finite number"),
+        (lambda m: m["scoring"]["plain"].update(bias=1e308), "bias must lie within"),
+        (lambda m: m["scoring"]["plain"].update(temperature=1e-320), "temperature must lie between"),
+        (lambda m: m["scoring"]["context"].update(linear=[1e308] * 19), "linear weight must lie within"),
+        (lambda m: m.update(class_names="ab"), "class_names must be two names"),
     ],
 )
 def test_a_broken_model_is_one_line(capsys, store, tmp_path, tiny_model, edit, words):
@@ -298,3 +303,44 @@ def test_a_store_whose_index_lies_is_refused(capsys, store, tmp_path):
     index.loc[0, "x"] = np.int32(2_000_000_001 // 50 * 50 + 1)
     index.to_parquet(store / "index.parquet", index=False)
     refused(capsys, "lies outside 1..2,000,000", "screen", str(store), "--out", str(tmp_path / "report"))
+
+
+def _edited_weights(tiny_model, tmp_path, edit) -> Path:
+    from safetensors.torch import load_file, save_file
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model, model, ignore=shutil.ignore_patterns("checkpoints"))
+    tensors = load_file(model / "model.safetensors")
+    edit(tensors)
+    save_file(tensors, model / "model.safetensors")
+    return model
+
+
+def _first_conv(tensors) -> str:
+    return next(name for name, tensor in tensors.items() if tensor.ndim == 4)
+
+
+@pytest.mark.parametrize(
+    "edit, words",
+    [
+        (lambda t: t[_first_conv(t)].view(-1)[0].fill_(float("nan")), "holds NaN or infinite values"),
+        (lambda t: t[next(n for n in t if n.endswith(".bias"))].fill_(float("inf")), "holds NaN or infinite values"),
+        (lambda t: t.update({_first_conv(t): t[_first_conv(t)].round().to(torch.int64)}), "holds torch.int64"),
+        (lambda t: t.update({_first_conv(t): t[_first_conv(t)][:1]}), "weights do not fit"),
+    ],
+)
+def test_weights_that_would_compute_nan_are_refused_at_load(capsys, store, tmp_path, tiny_model, edit, words):
+    model = _edited_weights(tiny_model, tmp_path, edit)
+    refused(capsys, words, "predict", str(store), "--model", str(model), "--out", str(tmp_path / "p.csv"))
+    refused(capsys, words, "screen", str(store), "--model", str(model), "--out", str(tmp_path / "report"))
+    assert not (tmp_path / "p.csv").exists() and not (tmp_path / "report").exists()
+
+
+@pytest.mark.parametrize("backend", ["torch", "onnx"])
+def test_a_model_that_overflows_to_nan_at_run_time_is_an_error_not_a_call(capsys, store, tmp_path, tiny_model, backend):
+    # finite weights, each allowed, whose products overflow float32: only the run-time check can see it
+    model = _edited_weights(tiny_model, tmp_path, lambda t: t[_first_conv(t)].fill_(3e38))
+    error = refused(capsys, "non-finite", "screen", str(store), "--model", str(model), "--backend", backend,
+                    "--out", str(tmp_path / "report"))
+    assert str(model) in error and "no call was made" in error
+    assert not (tmp_path / "report").exists()

@@ -86,7 +86,7 @@ def edit_metadata(tiny_model, tmp_path, edit) -> Path:
 @pytest.mark.parametrize(
     "edit, words",
     [
-        (lambda m: m["scoring"]["plain"].update(temperature=-1.0), "scoring.plain.temperature must be positive"),
+        (lambda m: m["scoring"]["plain"].update(temperature=-1.0), "scoring.plain.temperature must lie between"),
         (lambda m: m["scoring"]["plain"].update(temperature=float("nan")), "temperature must be a finite number"),
         (lambda m: m["scoring"]["context_plain"].update(threshold=2.0), "threshold must lie strictly between 0 and 1"),
         (lambda m: m["scoring"]["tta"].update(threshold=float("nan")), "threshold must be a finite number"),
@@ -109,7 +109,7 @@ def test_a_negative_temperature_is_refused_by_the_command_line_too(tiny_model, t
     folder = edit_metadata(tiny_model, tmp_path, lambda m: m["scoring"]["plain"].update(temperature=-1.0))
     result = histoscreen("predict", str(synthetic_store), "--model", str(folder), "--out", str(tmp_path / "p.csv"))
     assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1
-    assert "temperature must be positive" in result.stderr and not (tmp_path / "p.csv").exists()
+    assert "temperature must lie between" in result.stderr and not (tmp_path / "p.csv").exists()
 
 
 def test_wave_1_metadata_still_loads_with_the_same_scoring(tiny_model, tmp_path):

@@ -42,9 +42,19 @@ def scoring_mode(*, tta: bool, context: bool) -> str:
     return ("context_" if context else "") + ("tta" if tta else "plain")
 
 
-def _finite(name: str, value: object) -> float:
+# Bounds on fitted scoring values: far past anything a fit gives, well short of where float
+# arithmetic overflows or underflows (a bias of 1e308 or a temperature of 1e-320 is finite
+# and turns every logit into inf or NaN).
+MAX_TEMPERATURE, MIN_TEMPERATURE = 1e3, 1e-3
+MAX_ABS_BIAS = 100.0
+MAX_ABS_CONTEXT_WEIGHT = 1e4
+
+
+def _finite(name: str, value: object, bound: float = 1e12) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise ValueError(f"{name} must be a finite number, got {value!r}")
+    if abs(value) > bound:
+        raise ValueError(f"{name} must lie within +/-{bound:g}, got {value!r}")
     return float(value)
 
 
@@ -57,10 +67,10 @@ class Calibration:
     threshold: float = 0.5
 
     def __post_init__(self) -> None:
-        for name in ("temperature", "bias", "threshold"):
-            object.__setattr__(self, name, _finite(name, getattr(self, name)))
-        if self.temperature <= 0:
-            raise ValueError(f"temperature must be positive, got {self.temperature}")
+        for name, bound in (("temperature", MAX_TEMPERATURE), ("bias", MAX_ABS_BIAS), ("threshold", 1e12)):
+            object.__setattr__(self, name, _finite(name, getattr(self, name), bound))
+        if not MIN_TEMPERATURE <= self.temperature:
+            raise ValueError(f"temperature must lie between {MIN_TEMPERATURE:g} and {MAX_TEMPERATURE:g}, got {self.temperature}")
         if not 0 < self.threshold < 1:
             raise ValueError(f"threshold must lie strictly between 0 and 1, got {self.threshold}")
 
@@ -89,7 +99,7 @@ class ContextSettings:
         if self.linear is not None:
             if not isinstance(self.linear, (list, tuple)) or len(self.linear) < 2:
                 raise ValueError(f"linear must be a list of weights, intercept last, got {self.linear!r}")
-            object.__setattr__(self, "linear", tuple(_finite("linear weight", w) for w in self.linear))
+            object.__setattr__(self, "linear", tuple(_finite("linear weight", w, MAX_ABS_CONTEXT_WEIGHT) for w in self.linear))
 
 
 @dataclass(frozen=True)
@@ -226,12 +236,12 @@ class ModelMetadata:
         if not isinstance(architecture, str) or not isinstance(kwargs, dict):
             raise ValueError("architecture must be a name and architecture_kwargs an object")
         normalisation = payload["normalisation"]
-        mean = [_finite("normalisation.mean", v) for v in normalisation["mean"]]
-        std = [_finite("normalisation.std", v) for v in normalisation["std"]]
-        if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
+        mean = [_finite("normalisation.mean", v, 1e3) for v in normalisation["mean"]]
+        std = [_finite("normalisation.std", v, 1e3) for v in normalisation["std"]]
+        if len(mean) != 3 or len(std) != 3 or min(std) < 1e-6:
             raise ValueError(f"normalisation needs 3 means and 3 positive standard deviations, got {mean} and {std}")
-        class_names = tuple(payload.get("class_names", cls.class_names))
-        if len(class_names) != 2 or not all(isinstance(n, str) for n in class_names):
+        class_names = payload.get("class_names", list(cls.class_names))
+        if not isinstance(class_names, list) or len(class_names) != 2 or not all(isinstance(n, str) and n for n in class_names):
             raise ValueError(f"class_names must be two names, got {class_names!r}")
         spacing = _finite("spacing_um_px", payload.get("spacing_um_px", KAGGLE_UM_PER_PX))
         if spacing <= 0:
@@ -245,7 +255,7 @@ class ModelMetadata:
             architecture_kwargs=kwargs,
             normalisation=Normalisation(tuple(mean), tuple(std)),
             scoring=Scoring.from_dict(payload.get("scoring", {})),
-            class_names=class_names,
+            class_names=tuple(class_names),
             spacing_um_px=spacing,
             training=training,
             validation=Validation.from_dict(validation) if validation else None,
@@ -361,9 +371,29 @@ def load_model(path: str | os.PathLike) -> tuple[torch.nn.Module, ModelMetadata]
         raise ModelError(f"{weights}: {error}") from None
     except (TypeError, ValueError) as error:
         raise ModelError(f"{weights}: architecture_kwargs do not fit {metadata.architecture} ({error})") from None
+    _check_tensors(weights, tensors, model.state_dict(), metadata.architecture)
     try:
         model.load_state_dict(tensors)
     except RuntimeError as error:
         first = str(error).splitlines()[0]
         raise ModelError(f"{weights}: weights do not fit {metadata.architecture} ({first})") from None
     return model.eval(), metadata
+
+
+def _check_tensors(path: Path, tensors: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], architecture: str) -> None:
+    """Names, shapes, kinds of number and finiteness, before any is used: load_state_dict
+    casts int64 weights to float without a word, and a NaN weight makes every call 'non-IDC'."""
+    missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        described = "; ".join(part for part in (
+            f"missing {', '.join(missing[:3])}" if missing else "", f"unexpected {', '.join(unexpected[:3])}" if unexpected else ""
+        ) if part)
+        raise ModelError(f"{path}: weights do not fit {architecture} ({described})")
+    for name, tensor in tensors.items():
+        want = expected[name]
+        if tensor.shape != want.shape:
+            raise ModelError(f"{path}: weights do not fit {architecture} (tensor {name} has shape {list(tensor.shape)}, needs {list(want.shape)})")
+        if tensor.is_floating_point() != want.is_floating_point():
+            raise ModelError(f"{path}: tensor {name} holds {tensor.dtype}, {architecture} needs {want.dtype}")
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise ModelError(f"{path}: tensor {name} holds NaN or infinite values")

@@ -120,10 +120,12 @@ class Predictor:
         _check_patches(patches)
         views = DIHEDRAL_VIEWS if self.tta else 1
         if self.onnx is not None:
-            return self.onnx.view_logits(patches, views=views, batch_size=self.batch_size)
-        return batched_view_logits(
-            self.model, patches, self.metadata.normalisation, views=views, batch_size=self.batch_size, device=self.device
-        )
+            logits = self.onnx.view_logits(patches, views=views, batch_size=self.batch_size)
+        else:
+            logits = batched_view_logits(
+                self.model, patches, self.metadata.normalisation, views=views, batch_size=self.batch_size, device=self.device
+            )
+        return self._finite(logits, "logits")
 
     def patch_logits(self, patches: np.ndarray) -> np.ndarray:
         """Calibrated logits of each patch on its own."""
@@ -133,12 +135,20 @@ class Predictor:
         """Probabilities from calibrated patch logits: sigmoid, or with context, blended with
         the neighbours among the same `positions` (all the patches of the slides at hand)."""
         if not self.context:
-            return sigmoid(patch_logits)
+            return self._finite(sigmoid(patch_logits), "probabilities")
         if positions is None:
             positions = SlidePositions.unknown(len(patch_logits))
         elif len(positions) != len(patch_logits):
             raise ArgumentError(f"positions has {len(positions)} entries for {len(patch_logits)} patches")
-        return scored(self.metadata.scoring, patch_logits, positions, tta=self.tta, context=True)[0]
+        return self._finite(scored(self.metadata.scoring, patch_logits, positions, tta=self.tta, context=True)[0], "probabilities")
+
+    def _finite(self, values: np.ndarray, what: str) -> np.ndarray:
+        """A NaN is no call: never let one through as 'non-IDC'."""
+        if not np.isfinite(values).all():
+            bad = int((~np.isfinite(values)).sum())
+            raise ModelError(f"{self.model_path}: the model computed non-finite {what} (NaN or infinity) for {bad} of "
+                             f"{values.shape[-1]} patches; its weights or scoring are broken, no call was made")
+        return values
 
     def probabilities(self, patches: np.ndarray, positions: SlidePositions | None = None) -> np.ndarray:
         """Calibrated IDC probabilities for N x 50 x 50 x 3 uint8 patches."""

@@ -23,7 +23,7 @@ from histoscreen.data.naming import grid_index
 from histoscreen.data.sources import NO_LABEL, PatchBatch, PatchSource
 from histoscreen.data.wsi import TissueSettings
 from histoscreen.problems import Problem
-from histoscreen.errors import InputError, SettingError
+from histoscreen.errors import InputError, ModelError, SettingError
 from histoscreen.runtime.predictor import Predictor
 from histoscreen.tasks.explain import grad_cam
 from histoscreen.tasks.ray_engine import RayEngine, RayPool
@@ -203,6 +203,8 @@ def screen_slide(predictor: Predictor, options: SlideOptions, source: PatchSourc
     """One slide screened, or the problem that stopped it: one broken slide must not stop the batch."""
     try:
         result = _screen_slide(predictor, options, source, slide_id)
+    except ModelError:
+        raise  # the model, not the slide: every slide would fail the same way
     except Exception as error:
         return Problem(slide_id, f"screening failed: {type(error).__name__}: {error}")
     return result if result is not None else Problem(slide_id, "slide has no readable patches")
