@@ -344,3 +344,87 @@ def test_a_model_that_overflows_to_nan_at_run_time_is_an_error_not_a_call(capsys
                     "--out", str(tmp_path / "report"))
     assert str(model) in error and "no call was made" in error
     assert not (tmp_path / "report").exists()
+
+
+# ---- a full disk, planted links and concurrent runs -----------------------------------------
+
+
+def _cli_with_file_limit(args: list[str], limit_bytes: int):
+    """The real CLI in a child process whose files may not grow past `limit_bytes`: writes
+    past it fail as on a full disk (EFBIG rather than ENOSPC, both an OSError mid-write)."""
+    import resource
+    import signal
+    import subprocess
+    import sys
+
+    def limit():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the error, not the signal that would kill
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit_bytes, limit_bytes))
+
+    return subprocess.run([sys.executable, "-m", "histoscreen.cli", *args], capture_output=True, text=True,
+                          preexec_fn=limit, timeout=300)
+
+
+def _leftovers(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if ".partial-" in p.name or ".replaced-" in p.name)
+
+
+def test_a_report_that_cannot_be_written_whole_fails_and_the_old_report_stays(capsys, slides, tmp_path):
+    report = tmp_path / "report"
+    assert main(["screen", "-q", str(slides), "--out", str(report), "--backend", "torch"]) == 0
+    before = snapshot(report)
+    failed = _cli_with_file_limit(["screen", "-q", str(slides), "--out", str(report), "--overwrite", "--backend", "torch"], 20_000)
+    assert failed.returncode != 0, failed.stdout
+    lines = failed.stderr.strip().splitlines()
+    assert failed.returncode == 2 and len(lines) == 1 and lines[0].startswith("histoscreen screen: error: "), failed.stderr
+    assert snapshot(report) == before
+    assert _leftovers(tmp_path) == []
+
+
+def test_predictions_that_cannot_be_written_whole_fail_and_leave_nothing(capsys, store, tmp_path):
+    out = tmp_path / "preds.csv"
+    failed = _cli_with_file_limit(["predict", "-q", str(store), "--out", str(out), "--backend", "torch"], 4_000)
+    lines = failed.stderr.strip().splitlines()
+    assert failed.returncode == 2 and len(lines) == 1 and lines[0].startswith("histoscreen predict: error: "), failed.stderr
+    assert not out.exists() and _leftovers(tmp_path) == []
+
+
+def test_a_temporary_name_planted_as_a_link_is_never_followed(tmp_path):
+    from histoscreen.atomic import atomic_write_text
+
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep me\n")
+    out = tmp_path / "preds.csv"
+    (tmp_path / f".preds.csv.partial-{os.getpid()}").symlink_to(victim)  # the name a run once used
+    atomic_write_text(out, "patient,x,y\n")
+    assert victim.read_text() == "keep me\n" and out.read_text() == "patient,x,y\n"
+    assert not out.is_symlink()
+
+
+def test_a_run_that_finishes_second_never_replaces_the_first_without_overwrite(tmp_path):
+    from histoscreen.atomic import atomic_folder, atomic_write_text
+    from histoscreen.errors import OutputExistsError
+
+    out = tmp_path / "out"
+    with pytest.raises(OutputExistsError):
+        with atomic_folder(out) as slower:
+            (slower / "from").write_text("b")
+            with atomic_folder(out) as faster:  # started after, finished first
+                (faster / "from").write_text("a")
+    assert (out / "from").read_text() == "a" and _leftovers(tmp_path) == []
+
+    single = tmp_path / "model.json"
+    single.write_text("first\n")
+    with pytest.raises(OutputExistsError):
+        atomic_write_text(single, "second\n", replace=False)
+    assert single.read_text() == "first\n" and _leftovers(tmp_path) == []
+
+
+def test_a_rejects_file_histoscreen_did_not_write_is_never_removed(capsys, store, tmp_path):
+    out = tmp_path / "preds.csv"
+    theirs = tmp_path / "preds.rejects.csv"
+    theirs.write_text("my own notes\n")
+    refused(capsys, "not a rejects list histoscreen wrote", "predict", str(store), "--out", str(out))
+    assert theirs.read_text() == "my own notes\n" and not out.exists()
+    theirs.unlink()
+    assert main(["predict", "-q", str(store), "--out", str(out)]) == 0

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import tempfile
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from datetime import datetime, timezone
@@ -84,13 +85,19 @@ def atomic_folder(destination: Path, *, overwrite: bool = False, inputs: Iterabl
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
-    if destination.exists():
+    if destination.exists() and overwrite:
         retired = destination.parent / f".{destination.name}.replaced-{os.getpid()}"
         os.replace(destination, retired)
         os.replace(partial, destination)
         _remove_path(retired)
-    else:
-        os.replace(partial, destination)
+        return
+    try:  # rename refuses a non-empty folder: a run that finished first keeps its output
+        os.rename(partial, destination)
+    except OSError:
+        shutil.rmtree(partial, ignore_errors=True)
+        if destination.exists():
+            raise OutputExistsError(destination) from None
+        raise
 
 
 def check_output_file(destination: Path, *, overwrite: bool, inputs: Iterable[str | os.PathLike] = ()) -> None:
@@ -103,22 +110,47 @@ def check_output_file(destination: Path, *, overwrite: bool, inputs: Iterable[st
         raise OutputExistsError(destination, "file")
 
 
-def atomic_write_bytes(destination: Path, payload: bytes) -> None:
+def atomic_write_bytes(destination: Path, payload: bytes, *, replace: bool = True) -> None:
+    """Write under a fresh temporary name (created exclusively, so a planted link is never
+    followed), then rename into place; on any failure (a full disk) nothing is left behind
+    and an existing destination is untouched. Without `replace`, a destination that appeared
+    meanwhile (another run) is kept and OutputExistsError raised."""
     destination = Path(destination)
-    temporary = destination.parent / f".{destination.name}{_PARTIAL_MARK}{os.getpid()}"
-    temporary.write_bytes(payload)
-    os.replace(temporary, destination)
+    handle, name = tempfile.mkstemp(prefix=f".{destination.name}{_PARTIAL_MARK}{os.getpid()}-", dir=destination.parent)
+    temporary = Path(name)
+    try:
+        with os.fdopen(handle, "wb") as file:
+            os.fchmod(file.fileno(), 0o666 & ~_UMASK)  # mkstemp's 0600 is not what a user's files get
+            file.write(payload)
+        if replace:
+            os.replace(temporary, destination)
+        else:
+            try:
+                os.link(temporary, destination)
+            except FileExistsError:
+                raise OutputExistsError(destination, "file") from None
+    finally:
+        temporary.unlink(missing_ok=True)
 
 
-def atomic_write_text(destination: Path, text: str) -> None:
-    atomic_write_bytes(destination, text.encode("utf-8"))
+def atomic_write_text(destination: Path, text: str, *, replace: bool = True) -> None:
+    atomic_write_bytes(destination, text.encode("utf-8"), replace=replace)
+
+
+def _current_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _current_umask()
 
 
 def _remove_stale_partials(destination: Path) -> None:
     """Clear what killed runs left behind, but never the folder of a run still going."""
     prefix = f".{destination.name}{_PARTIAL_MARK}"
     for leftover in destination.parent.glob(prefix + "*"):
-        pid_text = leftover.name[len(prefix):]
+        pid_text = leftover.name[len(prefix):].split("-")[0]
         if pid_text.isdigit() and not _process_alive(int(pid_text)):
             _remove_path(leftover)
 

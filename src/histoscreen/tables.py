@@ -41,14 +41,14 @@ def csv_text(header: Sequence[str], rows: Iterable[Sequence[object]]) -> str:
     return buffer.getvalue()
 
 
-def write_csv(path: Path, header: Sequence[str], rows: Iterable[Sequence[object]]) -> None:
-    atomic_write_text(path, csv_text(header, rows))
+def write_csv(path: Path, header: Sequence[str], rows: Iterable[Sequence[object]], *, replace: bool = True) -> None:
+    atomic_write_text(path, csv_text(header, rows), replace=replace)
 
 
-def write_frame(path: Path, frame: pd.DataFrame, float_format: str | None = None) -> None:
+def write_frame(path: Path, frame: pd.DataFrame, float_format: str | None = None, *, replace: bool = True) -> None:
     """A DataFrame as CSV (missing values as empty cells), text cells made safe."""
     safe = frame.copy()
     for column in safe.columns:
         if safe[column].dtype == object or pd.api.types.is_string_dtype(safe[column]):
             safe[column] = safe[column].map(spreadsheet_safe)
-    atomic_write_text(path, safe.to_csv(index=False, float_format=float_format))
+    atomic_write_text(path, safe.to_csv(index=False, float_format=float_format), replace=replace)

@@ -323,8 +323,8 @@ def save_model(
         check_output_file(existing, overwrite=overwrite, inputs=inputs)
     weights.parent.mkdir(parents=True, exist_ok=True)
     tensors = {name: tensor.detach().cpu().contiguous() for name, tensor in model.state_dict().items()}
-    atomic_write_bytes(weights, save(tensors, metadata={"format": MODEL_FORMAT}))
-    atomic_write_text(meta, metadata.to_json())
+    atomic_write_bytes(weights, save(tensors, metadata={"format": MODEL_FORMAT}), replace=overwrite)
+    atomic_write_text(meta, metadata.to_json(), replace=overwrite)
     return weights
 
 

@@ -83,6 +83,8 @@ def write_screening_report(
             nonlocal patches
             try:
                 writing.result()
+            except OSError:
+                raise  # the disk (full, gone): a report that cannot be written whole is a failed run
             except Exception as error:  # a slide that cannot be drawn is reported, the rest go on
                 shutil.rmtree(child_path(partial, "slides", result.patient), ignore_errors=True)
                 (partial / "slides" / f"{result.patient}.html").unlink(missing_ok=True)
