@@ -27,10 +27,11 @@ def stitch(batch: PatchBatch) -> np.ndarray:
 
 def write_pyramid_tiff(
     path: Path, level0: np.ndarray, mpp: float, *, levels: int = 4, compression: str = "jpeg", quality: int = 90,
-    tile: int = 256, with_resolution: bool = True,
+    tile: int = 256, with_resolution: bool = True, description: str | None = None,
 ) -> Path:
     """`level0` (H x W x 3 uint8) as a tiled pyramid, each level half the one before (area
-    averaged), with resolution tags giving `mpp` µm/px at level 0."""
+    averaged), with resolution tags giving `mpp` µm/px at level 0; `description` is level 0's
+    ImageDescription (an Aperio-style one makes OpenSlide read it as Aperio)."""
     import tifffile
 
     options = {"compressionargs": {"level": quality}} if compression == "jpeg" else {}
@@ -41,8 +42,9 @@ def write_pyramid_tiff(
             if with_resolution:
                 per_cm = 1e4 / (mpp * 2**level)
                 resolution = {"resolution": (per_cm, per_cm), "resolutionunit": "CENTIMETER"}
+            extra = {"description": description, "metadata": None} if description is not None and level == 0 else {}
             writer.write(image, tile=(tile, tile), compression=compression, photometric="rgb",
-                         subfiletype=0 if level == 0 else 1, **resolution, **options)
+                         subfiletype=0 if level == 0 else 1, **resolution, **options, **extra)
             if min(image.shape[:2]) < 2 * tile:
                 break
             image = np.asarray(Image.fromarray(image).reduce(2))
@@ -52,3 +54,16 @@ def write_pyramid_tiff(
 def upscale(image: np.ndarray, factor: int) -> np.ndarray:
     """Each pixel repeated factor x factor times: the same slide at a finer pixel size."""
     return np.repeat(np.repeat(image, factor, axis=0), factor, axis=1)
+
+
+def write_claimed_tiff(path: Path, side_px: int, mpp: float, tile: int = 512) -> Path:
+    """A small file (about 1 MB) for a large blank slide of side_px x side_px px at `mpp`:
+    what a header claims, not what the file holds, is what must be checked."""
+    import tifffile
+
+    blank = np.full((tile, tile, 3), 230, dtype=np.uint8)
+    count = (-(-side_px // tile)) ** 2
+    with tifffile.TiffWriter(path, bigtiff=True) as writer:
+        writer.write((blank for _ in range(count)), shape=(side_px, side_px, 3), dtype=np.uint8, tile=(tile, tile),
+                     photometric="rgb", compression="zlib", resolution=(1e4 / mpp, 1e4 / mpp), resolutionunit="CENTIMETER")
+    return path

@@ -20,7 +20,7 @@ pytest.importorskip("tifffile", reason="tifffile writes the test slides")
 from histoscreen.data import PatchBatch, open_sources, synthesize  # noqa: E402
 from histoscreen.tasks import Screening  # noqa: E402
 from conftest import screen_to, shared_data_folder  # noqa: E402
-from slide_files import stitch, upscale, write_pyramid_tiff  # noqa: E402
+from slide_files import stitch, upscale, write_claimed_tiff, write_pyramid_tiff  # noqa: E402
 from test_screen import point_in_polygon  # noqa: E402
 
 # A training patient whose recovered patches make a nearly complete slide (83% of its
@@ -178,3 +178,63 @@ def test_a_slide_given_twice_in_a_batch_is_screened_once_and_the_second_reported
     assert problem["where"] in inputs and f"slide {patient} is also given by {other};" in problem["problem"]
     screened_from_file = bool(json.loads((tmp_path / "report" / "slides.json").read_text())["whole_slide_reading"])
     assert screened_from_file == (problem["where"] != str(slide_file))
+
+
+def aperio_description(mpp: str) -> str:
+    return f"Aperio Image Library v12.0.15\r\n2000x2000 [0,0 2000x2000] (256x256) JPEG/RGB Q=70|AppMag = 10|MPP = {mpp}"
+
+
+def test_one_slide_with_bad_metadata_is_one_line_and_the_rest_are_screened(synthetic_slide_image, tiny_model, tmp_path):
+    folder = tmp_path / "slides"
+    folder.mkdir()
+    image = upscale(synthetic_slide_image, 2)
+    write_pyramid_tiff(folder / "good.tif", image, 2.0, compression="zlib")
+    for name, mpp in (("mpp-zero", "0"), ("mpp-inf", "inf"), ("mpp-nan", "nan")):
+        write_pyramid_tiff(folder / f"{name}.svs", image, 2.0, compression="zlib", with_resolution=False, description=aperio_description(mpp))
+    write_pyramid_tiff(folder / "absurd-resolution.tif", image, 1e9, compression="zlib")  # a tag claiming 1 km a pixel
+    write_pyramid_tiff(folder / "too-coarse.tif", image, 20.0, compression="zlib")
+    write_claimed_tiff(folder / "huge-header.tif", 17_000, 4.0)  # 68 x 68 mm: no glass slide is that large
+    report = screen_to(folder, tmp_path / "report", model=tiny_model)
+    assert [s.patient for s in report.slides] == ["good"]
+    with open(tmp_path / "report" / "errors.csv", newline="") as handle:
+        problems = {Path(r["where"]).name: r["problem"] for r in csv.DictReader(handle)}
+    assert set(problems) == {"mpp-zero.svs", "mpp-inf.svs", "mpp-nan.svs", "absurd-resolution.tif", "too-coarse.tif", "huge-header.tif"}
+    for name in ("mpp-zero.svs", "mpp-inf.svs", "mpp-nan.svs"):
+        assert "not a positive pixel size" in problems[name] or "outside 0.05-50" in problems[name], problems[name]
+    assert "outside 0.05-50 µm/px" in problems["absurd-resolution.tif"]
+    assert "coarser than the model can read" in problems["too-coarse.tif"]
+    assert "17,000 x 17,000 px at 4 µm/px would be 68 x 68 mm" in problems["huge-header.tif"]
+    slides_json = (tmp_path / "report" / "slides.json").read_text()
+    json.loads(slides_json, parse_constant=lambda name: pytest.fail(f"slides.json holds {name}"))
+
+
+@pytest.mark.parametrize("flag, value", [("--slide-mpp", "inf"), ("--slide-mpp", "1e6"), ("--slide-mpp", "nan"), ("--um-per-px", "inf")])
+def test_pixel_size_options_that_no_scanner_gives_are_refused(capsys, synthetic_slide_image, tiny_model, tmp_path, flag, value):
+    from histoscreen.cli import main
+
+    write_pyramid_tiff(tmp_path / "slide.tif", upscale(synthetic_slide_image, 2), 2.0, compression="zlib")
+    code = main(["screen", "-q", str(tmp_path / "slide.tif"), "--model", str(tiny_model), "--out", str(tmp_path / "r"), flag, value])
+    captured = capsys.readouterr()
+    assert code == 2 and captured.out == "", captured
+    [line] = captured.err.strip().splitlines()
+    assert flag in line and "must be a pixel size from 0.05 to 50 µm/px" in line, line
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_slide_without_a_pyramid_is_read_in_bands_of_bounded_size_with_the_same_pixels(synthetic_slide_image, tmp_path, monkeypatch):
+    from histoscreen.data import wsi
+
+    slide = write_pyramid_tiff(tmp_path / "flat.tif", upscale(synthetic_slide_image, 4), 1.0, levels=1, compression="zlib")
+    whole = wsi.WholeSlideSource(slide, spacing_um_px=4.0, workers=1)
+    before = np.concatenate([b.pixels for b in whole.batches()])
+    whole_bands = len(whole._bands())
+    tile_px = (50 * whole.level0_per_grid_px / whole.level_downsample) ** 2  # 200 x 200 level-0 px a tile here
+    monkeypatch.setattr(wsi, "MAX_BAND_PX", int(3.5 * tile_px))  # as a 0.25 µm/px slide meets the real bound
+    narrow = wsi.WholeSlideSource(slide, spacing_um_px=4.0, workers=1)
+    bands = narrow._bands()
+    assert len(bands) > whole_bands
+    for rows, columns in bands:
+        assert (rows.max() - rows.min() + 1) * (columns.max() - columns.min() + 1) * tile_px <= wsi.MAX_BAND_PX
+    assert sum(len(rows) for rows, _ in bands) == len(whole)
+    after = np.concatenate([b.pixels for b in narrow.batches()])
+    np.testing.assert_array_equal(before, after)

@@ -37,6 +37,14 @@ from histoscreen.errors import ArgumentError, InputError, SettingError
 
 SLIDE_SUFFIXES = (".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif", ".svslide")
 TISSUE_MPP = 8.0  # µm per pixel of the image tissue is found on
+# What a slide may claim before anything is allocated for it. Pixel sizes beyond these are
+# metadata errors (below the optical limit, or too coarse to show a cell); a whole-mount glass
+# slide is 75 x 50 mm at most, so a larger claimed area is a wrong header, and would make the
+# tissue image (8 µm/px) alone take gigabytes.
+MPP_RANGE = (0.05, 50.0)
+MAX_SLIDE_AREA_MM2 = 4000.0
+COARSEST_VS_MODEL = 2.0
+MAX_BAND_PX = 32_000_000  # level pixels read at once per band (RGBA: 128 MB)  # a slide may be at most this much coarser than the model's pixel size
 
 
 @dataclass(frozen=True)
@@ -72,15 +80,42 @@ def _openslide():
     return openslide
 
 
+def _number(properties: dict, key: str, path: Path) -> float:
+    try:
+        value = float(properties[key])
+    except (TypeError, ValueError):
+        value = math.nan
+    if not math.isfinite(value) or value <= 0:
+        raise InputError(f"{path}: its metadata gives {key} = {properties[key]!r}, not a positive pixel size; pass slide_mpp")
+    return value
+
+
 def slide_mpp(properties: dict, path: Path) -> float | None:
-    """µm per level-0 pixel from a slide's metadata, or None."""
-    for key in ("openslide.mpp-x",):
+    """µm per level-0 pixel from a slide's metadata, or None when it gives none."""
+    for key in ("openslide.mpp-x", "aperio.MPP"):  # OpenSlide leaves mpp-x out when aperio.MPP is no number
         if properties.get(key):
-            return float(properties[key])
-    resolution, unit = properties.get("tiff.XResolution"), properties.get("tiff.ResolutionUnit")
-    if resolution and unit in ("centimeter", "inch") and float(resolution) > 0:
-        return (1e4 if unit == "centimeter" else 25400.0) / float(resolution)
+            return _number(properties, key, path)
+    unit = properties.get("tiff.ResolutionUnit")
+    if properties.get("tiff.XResolution") and unit in ("centimeter", "inch"):
+        return (1e4 if unit == "centimeter" else 25400.0) / _number(properties, "tiff.XResolution", path)
     return None
+
+
+def check_pixel_size_setting(name: str, value: float | None) -> None:
+    """A pixel size given as an option (slide_mpp, um_per_px): a finite number a scanner gives."""
+    low, high = MPP_RANGE
+    if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value) and low <= value <= high):
+        raise SettingError(name, f"must be a pixel size from {low:g} to {high:g} µm/px, got {value}")
+
+
+def check_pixel_size(mpp: float, spacing_um_px: float, where: str) -> None:
+    """Refuse a pixel size no scanner gives, or one too coarse for the model to see cells."""
+    low, high = MPP_RANGE
+    if not (math.isfinite(mpp) and low <= mpp <= high):
+        raise InputError(f"{where}: a pixel size of {mpp:g} µm/px is outside {low:g}-{high:g} µm/px; check its metadata or pass slide_mpp")
+    if mpp > spacing_um_px * COARSEST_VS_MODEL:
+        raise InputError(f"{where}: {mpp:g} µm/px is coarser than the model can read (it needs {spacing_um_px:g} µm/px, "
+                         f"at most {spacing_um_px * COARSEST_VS_MODEL:g})")
 
 
 def otsu_threshold(values: np.ndarray) -> float:
@@ -144,13 +179,21 @@ class WholeSlideSource(PatchSource):
                 raise InputError(f"{self.path}: the slide gives no pixel size (no openslide.mpp-x, no TIFF resolution); pass slide_mpp")
             self.mpp = float(mpp)
             self.spacing = self.grid_um_per_px = float(spacing_um_px)
+            check_pixel_size(self.mpp, self.spacing, str(self.path))
+            width0, height0 = slide.dimensions
+            area = width0 * self.mpp / 1e3 * height0 * self.mpp / 1e3
+            if area > MAX_SLIDE_AREA_MM2:
+                raise InputError(
+                    f"{self.path}: {width0:,} x {height0:,} px at {self.mpp:g} µm/px would be {width0 * self.mpp / 1e3:,.0f} x "
+                    f"{height0 * self.mpp / 1e3:,.0f} mm, more than a glass slide holds (at most {MAX_SLIDE_AREA_MM2:,.0f} mm²); "
+                    "its header or pixel size is wrong"
+                )
             self.level0_per_grid_px = self.spacing / self.mpp
             # the finest level that is not finer than needed: nearest the target, not coarser
             downsamples = slide.level_downsamples
             usable = [i for i, d in enumerate(downsamples) if d <= self.level0_per_grid_px * (1 + 1e-6)]
             self.level = max(usable, key=lambda i: downsamples[i]) if usable else 0
             self.level_downsample = float(downsamples[self.level])
-            width0, height0 = slide.dimensions
             self.dimensions = self.level0_size = (width0, height0)
             self.columns = int(math.ceil(width0 / self.level0_per_grid_px / GRID_STEP))
             self.rows = int(math.ceil(height0 / self.level0_per_grid_px / GRID_STEP))
@@ -225,15 +268,30 @@ class WholeSlideSource(PatchSource):
                 pool.terminate()
 
     def _bands(self) -> list[tuple[np.ndarray, np.ndarray]]:
-        """Tiles grouped into bands of whole grid rows, about `band_tiles` tiles each."""
+        """Tiles grouped into bands of whole grid rows, about `band_tiles` tiles each, each
+        read as one region; a band whose region at the level read would pass MAX_BAND_PX
+        (a slide without a pyramid, read at 0.25 µm/px) is cut into narrower ones."""
+        level_px_per_tile = (GRID_STEP * self.level0_per_grid_px / self.level_downsample) ** 2
+        most_cells = max(1, int(MAX_BAND_PX // level_px_per_tile))  # grid cells a band's box may span
         bands, start = [], 0
         while start < len(self.tile_rows):
             end = min(start + self.band_tiles, len(self.tile_rows))
             while end < len(self.tile_rows) and self.tile_rows[end] == self.tile_rows[end - 1]:
                 end += 1  # finish the grid row: a band is read as one region
-            bands.append((self.tile_rows[start:end], self.tile_columns[start:end]))
+            bands += self._narrowed(self.tile_rows[start:end], self.tile_columns[start:end], most_cells)
             start = end
         return bands
+
+    @staticmethod
+    def _narrowed(rows: np.ndarray, columns: np.ndarray, most_cells: int) -> list[tuple[np.ndarray, np.ndarray]]:
+        span = (int(rows.max()) - int(rows.min()) + 1) * (int(columns.max()) - int(columns.min()) + 1)
+        if span <= most_cells:
+            return [(rows, columns)]
+        if rows.min() != rows.max():  # one grid row at a time first
+            return [band for row in np.unique(rows) for band in WholeSlideSource._narrowed(rows[rows == row], columns[rows == row], most_cells)]
+        width = most_cells  # then stretches of one row, at most most_cells cells wide
+        keys = (columns - columns.min()) // width
+        return [(rows[keys == key], columns[keys == key]) for key in np.unique(keys)]
 
     def _batch(self, rows: np.ndarray, columns: np.ndarray, pixels: np.ndarray) -> PatchBatch:
         xs, ys = columns * GRID_STEP + COORD_ORIGIN, rows * GRID_STEP + COORD_ORIGIN

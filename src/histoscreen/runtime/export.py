@@ -14,6 +14,7 @@ from torch import nn
 
 from histoscreen.atomic import atomic_write_bytes, atomic_write_text, check_output_file
 from histoscreen.constants import PATCH_SIZE
+from histoscreen.data.wsi import check_pixel_size_setting
 from histoscreen.errors import SettingError
 from histoscreen.models.bundle import load_model, model_paths
 from histoscreen.runtime.onnx import onnx_bytes
@@ -43,8 +44,7 @@ def export_model(
     TorchScript with a WSInfer config.json beside it. Returns the files written."""
     if format not in EXPORT_FORMATS:
         raise SettingError("format", f"{format!r} is not one of {', '.join(EXPORT_FORMATS)}")
-    if um_per_px is not None and not um_per_px > 0:
-        raise SettingError("um_per_px", f"must be positive, got {um_per_px}")
+    check_pixel_size_setting("um_per_px", um_per_px)
     model, metadata = load_model(model_path)
     out = Path(out)
     for written in (out, out.with_suffix(".json") if format == "onnx" else out.parent / "config.json"):

@@ -16,6 +16,7 @@ import pandas as pd
 
 from histoscreen.data.inputs import SlideReading, open_sources
 from histoscreen.data.sources import NO_SLIDE, UNKNOWN_COORDINATE, PatchBatch, PatchSource
+from histoscreen.data.wsi import check_pixel_size_setting
 from histoscreen.errors import SettingError
 from histoscreen.problems import Problem
 from histoscreen.progress import Progress, silent
@@ -77,8 +78,7 @@ def predict(
     started = time.perf_counter()
     if predictor is None:
         predictor = Predictor(model, tta=tta, context=context, device=device, batch_size=batch_size, backend=backend)
-    if slide_mpp is not None and not slide_mpp > 0:
-        raise SettingError("slide_mpp", f"must be positive, got {slide_mpp}")
+    check_pixel_size_setting("slide_mpp", slide_mpp)
     reading = SlideReading(predictor.metadata.spacing_um_px, slide_mpp)
     sources = open_sources(inputs, named_only=False, workers=workers, slides=reading)
     total = sum(len(source) for source in sources)

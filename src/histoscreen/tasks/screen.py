@@ -21,7 +21,7 @@ from histoscreen.constants import GRID_STEP, PATCH_NAME_HINT
 from histoscreen.data.inputs import SlideReading, open_sources
 from histoscreen.data.naming import grid_index
 from histoscreen.data.sources import NO_LABEL, PatchBatch, PatchSource
-from histoscreen.data.wsi import TissueSettings
+from histoscreen.data.wsi import TissueSettings, check_pixel_size_setting
 from histoscreen.problems import Problem
 from histoscreen.errors import InputError, ModelError, SettingError
 from histoscreen.runtime.predictor import Predictor
@@ -141,13 +141,11 @@ class Screening:
         explained_per_kind: int = EXPLAINED_PER_KIND,
         engine: RayEngine | None = None,
     ):
-        if um_per_px is not None and not um_per_px > 0:
-            raise SettingError("um_per_px", f"must be positive, got {um_per_px}")
+        check_pixel_size_setting("um_per_px", um_per_px)
+        check_pixel_size_setting("slide_mpp", slide_mpp)
         self.predictor = Predictor(model, tta=tta, context=context, device=device, backend=backend)
         self.options = SlideOptions(read_labels_csv(labels_csv) if labels_csv else None, use_name_labels, um_per_px, explained_per_kind)
         self.engine = engine
-        if slide_mpp is not None and not slide_mpp > 0:
-            raise SettingError("slide_mpp", f"must be positive, got {slide_mpp}")
         reading = SlideReading(self.predictor.metadata.spacing_um_px, slide_mpp, tissue)
         self.sources: list[PatchSource] = open_sources(inputs, named_only=True, workers=workers, slides=reading)
         self.failures: list[Problem] = []
