@@ -7,6 +7,7 @@ import csv
 import io
 import json
 import os
+import re
 import signal
 import socket
 import stat
@@ -14,6 +15,7 @@ import subprocess
 import sys
 import time
 import zipfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -55,7 +57,7 @@ def wait_done(client, job_id: str, timeout: float = 120) -> dict:
 
 def test_the_whole_flow_gives_what_the_command_line_gives(slides, tiny_model, tmp_path):
     settings = ServeSettings(data=tmp_path / "data", model=str(tiny_model))
-    with TestClient(create_app(settings)) as client:
+    with TestClient(create_app(settings), base_url="http://127.0.0.1:8000") as client:
         submitted = client.post("/api/jobs", files={"file": ("batch.zip", zip_of(slides), "application/zip")}, data={"name": "batch 1"})
         assert submitted.status_code == 201 and submitted.json()["status"] == "queued"
         job_id = submitted.json()["id"]
@@ -98,15 +100,101 @@ def test_the_whole_flow_gives_what_the_command_line_gives(slides, tiny_model, tm
 
 def test_every_api_call_needs_the_token_when_one_is_set(tmp_path):
     settings = ServeSettings(data=tmp_path / "data", token="s3cret", start_workers=False)
-    with TestClient(create_app(settings)) as client:
-        for method, path in (("get", "/api/health"), ("get", "/api/jobs"), ("post", "/api/jobs"), ("get", "/api/jobs/x/slides")):
-            refused = getattr(client, method)(path)
-            assert refused.status_code == 401 and refused.headers["content-type"] == "application/problem+json", path
+    app = create_app(settings)
+    routes = [(method.upper(), path) for path, operations in app.openapi()["paths"].items() for method in operations]
+    assert len(routes) >= 15 and all(path.startswith("/api/") for _, path in routes)  # every API route, from the app itself
+    with TestClient(app, base_url="http://127.0.0.1:8000") as client:
+        for method, template in routes:
+            path = template.replace("{job_id}", "0000000000000-000000000000").replace("{slide}", "s").replace("{kind}", "regions")
+            path = path.replace("{level}", "1").replace("{tile}", "0_0").replace("{name}", "a.png").replace("{picture}", "heatmap")
+            refused = client.request(method, path)
+            assert refused.status_code == 401 and refused.headers["content-type"] == "application/problem+json", (method, path)
             assert refused.headers["www-authenticate"] == "Bearer"
-            wrong = getattr(client, method)(path, headers={"Authorization": "Bearer s3cre"})
-            assert wrong.status_code == 401
+            wrong = client.request(method, path, headers={"Authorization": "Bearer s3cre"})
+            assert wrong.status_code == 401, (method, path)
         assert client.get("/api/health", headers={"Authorization": "Bearer s3cret"}).json()["status"] == "ok"
         assert client.get("/").status_code == 200  # the page shell holds no data; its API calls need the token
+
+
+@contextmanager
+def served(settings: ServeSettings):
+    """The app on a real uvicorn server on loopback, in this process (no workers)."""
+    import threading
+
+    import uvicorn
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="error"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.05)
+    try:
+        yield port
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+
+
+def streamed_post(port: int, path: str, headers: dict, megabytes: int, start: bytes = b"") -> tuple[int, int]:
+    """POST a chunked body of up to `megabytes` MiB over a raw socket, sending until the server
+    answers: (status, MiB sent before the answer came)."""
+    import select
+
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as connection:
+        head = "".join(f"{k}: {v}\r\n" for k, v in {"Host": f"127.0.0.1:{port}", "Transfer-Encoding": "chunked", **headers}.items())
+        connection.sendall(f"POST {path} HTTP/1.1\r\n{head}\r\n".encode() + (b"%x\r\n%s\r\n" % (len(start), start) if start else b""))
+        chunk = b"%x\r\n" % (1 << 20) + b"x" * (1 << 20) + b"\r\n"
+        sent = 0
+        while sent < megabytes and not select.select([connection], [], [], 0.05)[0]:
+            try:
+                connection.sendall(chunk)
+            except (BrokenPipeError, ConnectionResetError):
+                break
+            sent += 1
+        answer = connection.recv(4096).decode("latin-1")
+    return int(answer.split(" ", 2)[1]), sent
+
+
+def test_the_guard_answers_before_any_body_is_read(tmp_path):
+    data = tmp_path / "data"
+    settings = ServeSettings(data=data, token="s3cret", start_workers=False, max_upload_bytes=1 << 20)
+    auth = {"Authorization": "Bearer s3cret"}
+    multipart = {"Content-Type": "multipart/form-data; boundary=b"}
+
+    def written() -> list[str]:
+        return sorted(str(p.relative_to(data)) for p in data.rglob("*") if "sqlite" not in p.name)
+
+    with served(settings) as port:
+        before = written()
+        status, sent = streamed_post(port, "/api/jobs", multipart, 64)
+        assert status == 401 and sent <= 2, (status, sent)  # no token: answered before the body
+        part = b'--b\r\nContent-Disposition: form-data; name="file"; filename="a.zip"\r\nContent-Type: application/zip\r\n\r\n'
+        status, sent = streamed_post(port, "/api/jobs", {**auth, **multipart}, 64, part)
+        assert status == 413 and sent <= 4, (status, sent)  # answered as soon as it passed 1 MiB
+        status, sent = streamed_post(port, "/api/jobs/0000000000000-000000000000/slides/s/review",
+                                     {**auth, "Content-Type": "application/json"}, 64, b'{"verdict": "agree", "note": "')
+        assert status == 413 and sent <= 4, (status, sent)  # JSON is capped too
+        assert written() == before
+
+    with TestClient(create_app(settings), base_url="http://127.0.0.1:8000") as client:
+        declared = client.post("/api/jobs", headers={**auth, **multipart}, content=b"x" * (2 << 20))
+        assert declared.status_code == 413 and "1,048,576" in declared.json()["detail"]
+        rebinding = client.get("/api/jobs", headers={**auth, "Host": "evil.example:8000"})
+        assert rebinding.status_code == 421 and "evil.example" in rebinding.json()["detail"]
+        assert client.get("/", headers={"Host": "evil.example"}).status_code == 421
+        assert client.get("/api/health", headers={**auth, "Host": "localhost:8000"}).status_code == 200
+        cross_site = client.post("/api/jobs", headers={**auth, "Origin": "http://evil.example"}, files={"file": ("a.zip", b"PK")})
+        assert cross_site.status_code == 403 and client.get("/api/jobs", headers=auth).json() == []
+        same_site = client.post("/api/jobs", headers={**auth, "Origin": "http://127.0.0.1:8000"}, files={"file": ("a.zip", b"x")})
+        assert same_site.status_code == 415  # past the guard, refused for what it is
+        for path in ("/", "/api/health", "/static/app.js", "/jobs/0000000000000-000000000000", "/nope"):
+            policy = client.get(path, headers=auth).headers
+            assert "script-src 'self';" in policy["content-security-policy"] and "frame-ancestors 'none'" in policy["content-security-policy"], path
+            assert policy["x-content-type-options"] == "nosniff", path
+        assert client.get('/jobs/x"><img src=x onerror=alert(1)>').status_code == 404
+    assert written() == before
 
 
 def symlink_zip() -> bytes:
@@ -145,7 +233,7 @@ def zip_with(name: str, data: bytes = b"x", compression=zipfile.ZIP_STORED) -> b
 def test_hostile_uploads_are_refused_and_write_nothing(tmp_path, name, payload, status, words):
     data = tmp_path / "data"
     settings = ServeSettings(data=data, start_workers=False, max_upload_bytes=2 << 20, max_unzipped_bytes=10 << 20)
-    with TestClient(create_app(settings)) as client:
+    with TestClient(create_app(settings), base_url="http://127.0.0.1:8000") as client:
         before = sorted(p.relative_to(data) for p in data.rglob("*"))
         refused = client.post("/api/jobs", files={"file": (name, payload, "application/octet-stream")})
         assert refused.status_code == status, refused.text
@@ -213,7 +301,7 @@ def test_a_restart_loses_nothing_and_the_running_job_ends_well(slides, tiny_mode
 
 @pytest.mark.skipif(not CHROMIUM.exists(), reason="Debian's chromium is not installed (.ci/run installs it with apt-get)")
 def test_the_pages_in_a_headless_browser(slides, tiny_model, tmp_path):
-    from playwright.sync_api import sync_playwright
+    from playwright.sync_api import expect, sync_playwright
 
     data, port = tmp_path / "data", free_port()
     url = f"http://127.0.0.1:{port}"
@@ -232,8 +320,12 @@ def test_the_pages_in_a_headless_browser(slides, tiny_model, tmp_path):
             page.on("response", lambda r: tiles.append(r.status) if "/mosaic_files/" in r.url else None)
             page.goto(url)
             assert "not a diagnosis" in page.content()
+            hostile = '<img src=x onerror="window.pwned=1">'
+            page.fill("#name", hostile)  # a job name is data: shown as text, never run
             page.set_input_files("#file", str(tmp_path / "batch.zip"))
             page.wait_for_selector("#jobs tr.job[data-status='done']", timeout=120_000)
+            assert page.inner_text("#jobs tr.job a") == hostile and page.evaluate("window.pwned") is None
+            job_id = page.get_attribute("#jobs tr.job", "data-id")
             page.click("#jobs tr.job a")
             page.wait_for_selector("#slides tr.slide")
             ranked = page.locator("#slides tr.slide td:nth-child(2)").all_inner_texts()
@@ -268,11 +360,18 @@ def test_the_pages_in_a_headless_browser(slides, tiny_model, tmp_path):
             assert page.eval_on_selector("#picked-cam", "img => img.complete && img.naturalWidth") == 200
             page.fill("#note", "nests look in situ")
             page.click(".verdicts button[data-verdict='disagree']")
-            page.wait_for_function("document.getElementById('review-saved').textContent.startsWith('Saved')")
+            # locators, not wait_for_function: its string predicates are eval, which the page's CSP forbids
+            expect(page.locator("#review-saved")).to_have_text(re.compile(r"^Saved"))
             page.reload()
-            page.wait_for_function("document.getElementById('review-saved').textContent.includes('disagree')")
+            expect(page.locator("#review-saved")).to_contain_text("disagree")
             assert "nests look in situ" in page.inner_text("#review-saved")
             assert page.evaluate("document.documentElement.scrollWidth") <= 1366  # fits a laptop screen
+            # a link that smuggles markup into the job id, which the browser's \..\ would strip from the API call
+            link = f'{url}/jobs/%22%3E%3Cimg%20src%3Dx%20onerror%3D%22window.pwned%3D1%22%3E%5C..%5C{job_id}'
+            answer = page.goto(link)
+            page.wait_for_timeout(500)
+            assert answer.status == 404 and page.evaluate("window.pwned") is None
+            assert "script-src 'self';" in answer.headers["content-security-policy"]
             browser.close()
     finally:
         os.killpg(server.pid, signal.SIGTERM)

@@ -41,6 +41,7 @@ from histoscreen.serving.viewer import DeepZoom, LeastRecentlyUsed, png_bytes
 PROBLEM_JSON = "application/problem+json"
 STATIC = Path(__file__).resolve().parent / "static"
 GIB = 1 << 30
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,7 @@ class ServeSettings:
     max_queued: int = 100
     workers: int = 1
     start_workers: bool = True
+    allowed_hosts: tuple[str, ...] | None = LOOPBACK_HOSTS  # Host names answered; None: any (a public bind)
 
 
 class Review(BaseModel):
@@ -67,39 +69,94 @@ def problem(status: int, detail: str, title: str | None = None, headers: dict | 
     return JSONResponse(body, status_code=status, media_type=PROBLEM_JSON, headers=headers)
 
 
-class BodyTooLarge(Exception):
-    pass
+MAX_FORM_FREE_BODY = 1 << 20  # a JSON body (a review) is a few hundred bytes; only uploads are large
+STATE_CHANGING = ("POST", "PUT", "PATCH", "DELETE")
+SECURITY_HEADERS = [
+    # no inline script anywhere: what a link manages to inject cannot run
+    (b"content-security-policy", b"default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; "
+     b"img-src 'self' blob: data:; connect-src 'self'; object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'"),
+    (b"x-content-type-options", b"nosniff"),
+    (b"x-frame-options", b"DENY"),
+    (b"referrer-policy", b"no-referrer"),
+]
 
 
-class LimitUploads:
-    """Refuses a request body over the limit: at once by its Content-Length, or as soon as
-    the bytes received pass the limit (a chunked upload declares no length)."""
+class BodyTooLarge(HTTPException):
+    """Raised while a body is read, as soon as it passes the limit; an HTTPException so that
+    FastAPI's form parsing passes it on as a 413 instead of 'error parsing the body'."""
 
-    def __init__(self, app, limit: int):
-        self.app, self.limit = app, limit
+    def __init__(self, limit: int):
+        super().__init__(413, f"the request passed {limit:,} bytes; refused")
+
+
+def _host_name(value: str) -> str:
+    """'[::1]:8000' -> '::1', 'localhost:8000' -> 'localhost' (lower case)."""
+    value = value.strip().lower()
+    if value.startswith("["):
+        return value[1 : value.find("]")] if "]" in value else value
+    return value.rsplit(":", 1)[0] if value.count(":") == 1 else value
+
+
+class Guard:
+    """Before any route reads a byte of the body: the Host must be one this server answers to
+    (DNS rebinding), a state-changing request from a browser must come from this origin
+    (cross-site forms), /api needs the token when one is set, and the body is capped (by its
+    Content-Length at once, else as it arrives). Every response gets the security headers."""
+
+    def __init__(self, app, settings: ServeSettings):
+        self.app, self.settings = app, settings
+
+    def refusal(self, scope) -> JSONResponse | None:
+        headers = {key.decode("latin-1"): value.decode("latin-1") for key, value in scope["headers"]}
+        hosts = self.settings.allowed_hosts
+        if hosts is not None and _host_name(headers.get("host", "")) not in hosts:
+            return problem(421, f"this server answers to {', '.join(hosts)} only, not to Host {headers.get('host', '')!r}")
+        method = scope["method"]
+        origin = headers.get("origin")
+        if method in STATE_CHANGING and (headers.get("sec-fetch-site") == "cross-site" or (
+                origin is not None and origin.split("://", 1)[-1].lower() != headers.get("host", "").lower())):
+            return problem(403, f"a {method} from another site ({origin or 'cross-site'}) is refused")
+        if self.settings.token is not None and scope["path"].startswith("/api"):
+            expected = f"Bearer {self.settings.token}"
+            if not hmac.compare_digest(headers.get("authorization", "").encode(), expected.encode()):
+                return problem(401, "a valid 'Authorization: Bearer TOKEN' header is needed", headers={"WWW-Authenticate": "Bearer"})
+        if method in STATE_CHANGING:
+            limit = self.limit(headers)
+            declared = headers.get("content-length")
+            if declared is not None and declared.isdigit() and int(declared) > limit:
+                return problem(413, f"the request is {int(declared):,} bytes; at most {limit:,} are accepted")
+        return None
+
+    def limit(self, headers: dict) -> int:
+        multipart = headers.get("content-type", "").lower().startswith("multipart/form-data")
+        return self.settings.max_upload_bytes if multipart else MAX_FORM_FREE_BODY
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or scope["method"] != "POST":
+        if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        declared = dict(scope["headers"]).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.limit:
-            response = problem(413, f"the request is {int(declared):,} bytes; at most {self.limit:,} are accepted")
-            return await response(scope, receive, send)
+
+        async def secured(message):
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []), *SECURITY_HEADERS]}
+            await send(message)
+
+        refused = self.refusal(scope)
+        if refused is not None:
+            return await refused(scope, receive, secured)
+        if scope["method"] not in STATE_CHANGING:
+            return await self.app(scope, receive, secured)
+        limit = self.limit({key.decode("latin-1"): value.decode("latin-1") for key, value in scope["headers"]})
         received = 0
 
         async def counted():
             nonlocal received
             message = await receive()
             received += len(message.get("body", b""))
-            if received > self.limit:
-                raise BodyTooLarge()
+            if received > limit:
+                raise BodyTooLarge(limit)
             return message
 
-        try:
-            await self.app(scope, counted, send)
-        except BodyTooLarge:
-            response = problem(413, f"the request passed {self.limit:,} bytes; refused")
-            await response(scope, receive, send)
+        await self.app(scope, counted, secured)
 
 
 def create_app(settings: ServeSettings) -> FastAPI:
@@ -128,7 +185,7 @@ def create_app(settings: ServeSettings) -> FastAPI:
 
     app = FastAPI(title="histoscreen", version=__version__, lifespan=lifespan,
                   description="Batch screening of breast histopathology for invasive ductal carcinoma. A screening aid, not a diagnosis.")
-    app.add_middleware(LimitUploads, limit=settings.max_upload_bytes)
+    app.add_middleware(Guard, settings=settings)
 
     @app.exception_handler(HTTPException)
     async def http_problem(request: Request, error: HTTPException):
@@ -143,10 +200,6 @@ def create_app(settings: ServeSettings) -> FastAPI:
     @app.exception_handler(UploadError)
     async def upload_problem(request: Request, error: UploadError):
         return problem(error.status, str(error))
-
-    @app.exception_handler(BodyTooLarge)
-    async def too_large(request: Request, error: BodyTooLarge):
-        return problem(413, f"the request passed {settings.max_upload_bytes:,} bytes; refused")
 
     def authorised(request: Request) -> None:
         if settings.token is None:
@@ -368,13 +421,18 @@ def create_app(settings: ServeSettings) -> FastAPI:
     def home() -> str:
         return pages.home()
 
+    def page_job_id(job_id: str) -> str:
+        if not store.is_id(job_id):  # a page's address is data too: only ids this server makes
+            raise HTTPException(404, f"no job {job_id!r}")
+        return job_id
+
     @app.get("/jobs/{job_id}", response_class=HTMLResponse, include_in_schema=False)
     def job_page(job_id: str) -> str:
-        return pages.job(job_id)
+        return pages.job(page_job_id(job_id))
 
     @app.get("/jobs/{job_id}/slides/{slide}", response_class=HTMLResponse, include_in_schema=False)
     def slide_page(job_id: str, slide: str) -> str:
-        return pages.slide(job_id, slide)
+        return pages.slide(page_job_id(job_id), slide)
 
     @app.exception_handler(HistoscreenError)
     async def histoscreen_problem(request: Request, error: HistoscreenError):

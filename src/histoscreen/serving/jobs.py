@@ -8,6 +8,7 @@ is one short transaction, so a killed process never leaves a half-written job.
 from __future__ import annotations
 
 import os
+import re
 import secrets
 import sqlite3
 import time
@@ -15,6 +16,8 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+
+JOB_ID = re.compile(r"[0-9a-f]{13}-[0-9a-f]{12}")  # what new_id makes
 
 JOB_STATES = ("queued", "running", "done", "failed")
 VERDICTS = ("agree", "disagree", "needs second look")
@@ -84,6 +87,10 @@ class JobStore:
 
     def folder(self, job_id: str) -> Path:
         return self.data / "jobs" / job_id
+
+    @staticmethod
+    def is_id(text: str) -> bool:
+        return JOB_ID.fullmatch(text) is not None
 
     def new_id(self) -> str:
         # time-ordered and unguessable: newest-first listing, no enumeration of others' jobs

@@ -56,8 +56,18 @@ async function download(link, path, name) {
 }
 
 const percent = (value) => (value === null || value === undefined ? "" : `${(100 * value).toFixed(1)}%`);
-const cell = (text, left = false) => `<td${left ? ' class="left"' : ""}>${text}</td>`;
-const escapeHtml = (text) => String(text).replace(/[&<>"']/g, (c) => ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;" }[c]));
+
+// Pages are built from elements and text nodes, never from HTML strings: a name, an id or a
+// problem from the data (or from the address bar) is always text, whatever characters it holds.
+function el(tag, attributes = {}, ...children) {
+  const node = document.createElement(tag);
+  for (const [key, value] of Object.entries(attributes)) node.setAttribute(key, value);
+  for (const child of children.flat()) {
+    if (child !== null && child !== undefined && child !== false) node.append(child instanceof Node ? child : String(child));
+  }
+  return node;
+}
+const cell = (content, left = false) => el("td", left ? { class: "left" } : {}, content);
 
 // ---- home: upload and the job list -------------------------------------------------------
 
@@ -92,11 +102,11 @@ function upload(file) {
 async function refreshJobs() {
   const jobs = await json("/jobs");
   const body = document.querySelector("#jobs tbody");
-  body.innerHTML = jobs.map((job) => `<tr class="job" data-id="${job.id}" data-status="${job.status}">`
-    + cell(`<a href="/jobs/${job.id}">${escapeHtml(job.name)}</a>`, true) + cell(job.created.replace("T", " ").slice(0, 19))
-    + cell(job.status + (job.error ? `: ${escapeHtml(job.error)}` : ""), true)
-    + cell(`<progress max="1" value="${job.progress}"></progress> ${Math.round(job.progress * 100)}%`)
-    + cell(job.finished ? job.finished.replace("T", " ").slice(0, 19) : "") + "</tr>").join("");
+  body.replaceChildren(...jobs.map((job) => el("tr", { class: "job", "data-id": job.id, "data-status": job.status },
+    cell(el("a", { href: `/jobs/${encodeURIComponent(job.id)}` }, job.name), true), cell(job.created.replace("T", " ").slice(0, 19)),
+    cell(job.status + (job.error ? `: ${job.error}` : ""), true),
+    cell([el("progress", { max: "1", value: String(job.progress) }), ` ${Math.round(job.progress * 100)}%`]),
+    cell(job.finished ? job.finished.replace("T", " ").slice(0, 19) : ""))));
 }
 
 function startHome() {
@@ -118,9 +128,9 @@ function startHome() {
 
 function flags(row) {
   const found = [];
-  if (row.confident_region_patches) found.push('<span class="flag idc">IDC region</span>');
-  if (row.uncertain) found.push(`<span class="flag">${row.uncertain} to review</span>`);
-  return found.join(" ");
+  if (row.confident_region_patches) found.push(el("span", { class: "flag idc" }, "IDC region"), " ");
+  if (row.uncertain) found.push(el("span", { class: "flag" }, `${row.uncertain} to review`));
+  return found;
 }
 
 function sortable(table, rows, render) {
@@ -140,7 +150,7 @@ function sortable(table, rows, render) {
 }
 
 async function startJob() {
-  const id = document.body.dataset.job;
+  const id = encodeURIComponent(document.body.dataset.job);
   const job = await json(`/jobs/${id}`);
   document.getElementById("title").textContent = `Job: ${job.name}`;
   const state = document.getElementById("state");
@@ -153,11 +163,11 @@ async function startJob() {
   const rows = await json(`/jobs/${id}/slides`);
   const table = document.getElementById("slides");
   const render = () => {
-    table.querySelector("tbody").innerHTML = rows.map((row) => `<tr class="slide">` + cell(row.rank)
-      + cell(`<a href="/jobs/${id}/slides/${encodeURIComponent(row.patient)}">${escapeHtml(row.patient)}</a>`, true)
-      + cell(row.patches) + cell(row.idc_patches) + cell(percent(row.idc_fraction)) + cell(row.largest_region_patches)
-      + cell(row.mean_prob.toFixed(2)) + cell(row.max_prob.toFixed(2)) + cell(flags(row), true)
-      + cell(escapeHtml(row.review_verdict || ""), true) + "</tr>").join("");
+    table.querySelector("tbody").replaceChildren(...rows.map((row) => el("tr", { class: "slide" }, cell(row.rank),
+      cell(el("a", { href: `/jobs/${encodeURIComponent(id)}/slides/${encodeURIComponent(row.patient)}` }, row.patient), true),
+      cell(row.patches), cell(row.idc_patches), cell(percent(row.idc_fraction)), cell(row.largest_region_patches),
+      cell(row.mean_prob.toFixed(2)), cell(row.max_prob.toFixed(2)), cell(flags(row), true),
+      cell(row.review_verdict || "", true))));
   };
   render();
   sortable(table, rows, render);
@@ -169,15 +179,16 @@ async function startJob() {
   if (problems.length) {
     const section = document.getElementById("problems");
     section.hidden = false;
-    section.querySelector("ul").innerHTML = problems.slice(0, 200)
-      .map((p) => `<li><code>${escapeHtml(p.where)}</code>: ${escapeHtml(p.problem)}</li>`).join("");
+    section.querySelector("ul").replaceChildren(...problems.slice(0, 200)
+      .map((p) => el("li", {}, el("code", {}, p.where), `: ${p.problem}`)));
   }
 }
 
 // ---- a slide: viewer, heatmap, patches, review ---------------------------------------------
 
 async function startSlide() {
-  const { job: id, slide } = document.body.dataset;
+  const { slide } = document.body.dataset;
+  const id = encodeURIComponent(document.body.dataset.job);
   const base = `/jobs/${id}/slides/${encodeURIComponent(slide)}`;
   document.getElementById("back").href = `/jobs/${id}`;
   const view = await json(`${base}/view`);
@@ -187,7 +198,7 @@ async function startSlide() {
     ["tumour burden", percent(row.idc_fraction)], ["largest IDC region", `${row.largest_region_patches} patches`],
     ["uncertain (to review)", row.uncertain], ["threshold", view.threshold.toFixed(3)]];
   if (row.true_idc_fraction !== null) facts.push(["true burden", percent(row.true_idc_fraction)], ["agreement", percent(row.agreement)]);
-  document.getElementById("facts").innerHTML = facts.map(([k, v]) => `<tr><th class="left">${k}</th><td>${v}</td></tr>`).join("");
+  document.getElementById("facts").replaceChildren(...facts.map(([k, v]) => el("tr", {}, el("th", { class: "left" }, k), el("td", {}, v))));
 
   const overlayUrl = await imageInto(new Image(), `${base}/overlay.png`);
   const descriptor = new DOMParser().parseFromString(await (await api(`${base}/mosaic.dzi`)).text(), "application/xml");
