@@ -215,10 +215,50 @@ def zip_with(name: str, data: bytes = b"x", compression=zipfile.ZIP_STORED) -> b
     return buffer.getvalue()
 
 
+def zip_of_members(*members: tuple[str, bytes]) -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        for name, data in members:
+            archive.writestr(zipfile.ZipInfo(name), data)
+    return buffer.getvalue()
+
+
+PATCH = "900000/0/900000_idx5_x1_y1_class0.png"
+
+
+def encrypted_zip() -> bytes:
+    data = bytearray(zip_with(PATCH, b"x" * 100))
+    for header, flags_at in ((b"PK\x03\x04", 6), (b"PK\x01\x02", 8)):  # the general-purpose flag, bit 0: encrypted
+        where = data.find(header) + flags_at
+        data[where] |= 1
+    return bytes(data)
+
+
+def method_99_zip() -> bytes:  # AES, as WinZip writes it: a method zipfile cannot read
+    data = bytearray(zip_with(PATCH, b"x" * 100))
+    for header, method_at in ((b"PK\x03\x04", 8), (b"PK\x01\x02", 10)):
+        where = data.find(header) + method_at
+        data[where : where + 2] = (99).to_bytes(2, "little")
+    return bytes(data)
+
+
+def bad_crc_zip() -> bytes:
+    data = bytearray(zip_with(PATCH, b"x" * 100))
+    data[data.find(b"x" * 100) + 50] = ord("y")  # the stored bytes no longer match their CRC
+    return bytes(data)
+
+
 @pytest.mark.parametrize(
     "name, payload, status, words",
     [
         ("slip.zip", zip_with("../../escaped.png"), 400, "'..'"),
+        ("clash.zip", zip_of_members(("900000/0", b"x"), (PATCH, b"x")), 400, "both a file and a folder"),
+        ("twice.zip", zip_of_members((PATCH, b"x"), (PATCH, b"y")), 400, "given twice"),
+        ("encrypted.zip", encrypted_zip(), 400, "encryption"),
+        ("method99.zip", method_99_zip(), 400, "compression method 99"),
+        ("crc.zip", bad_crc_zip(), 400, "cannot be read"),
+        ("long.zip", zip_with("900000/0/" + "a" * 300 + ".png"), 400, "longer than 255 bytes"),
+        ("deep.zip", zip_with("a/" * 5000 + "x.png"), 400, "folders deep"),
         ("absolute.zip", zip_with("/tmp/escaped.png"), 400, "absolute path"),
         ("drive.zip", zip_with("C:/escaped.png"), 400, "absolute path"),
         ("backslash.zip", zip_with("..\\escaped.png"), 400, "backslash"),
@@ -377,3 +417,52 @@ def test_the_pages_in_a_headless_browser(slides, tiny_model, tmp_path):
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=30)
     assert outside == [] and tiles and all(status == 200 for status in tiles)
+
+
+def worker_pids(server_pid: int) -> list[int]:
+    """The screening workers a server started, from /proc (Linux)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+                command = (entry / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if int(fields[1]) == server_pid and b"histoscreen.serving.worker" in command:
+                found.append(int(entry.name))
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds the worker through /proc")
+def test_a_killed_worker_fails_its_job_with_the_reason_and_is_replaced(slides, tiny_model, tmp_path):
+    import httpx
+
+    data, port = tmp_path / "data", free_port()
+    url = f"http://127.0.0.1:{port}"
+    orphan = data / "jobs" / "0000000000000-00000000dead"  # an upload killed mid-extraction
+    (orphan / "input" / "900000").mkdir(parents=True)
+    server = start_server(data, port, tiny_model)
+    try:
+        assert not orphan.exists()  # cleaned at start
+        [worker] = worker_pids(server.pid)
+        first = httpx.post(f"{url}/api/jobs", files={"file": ("a.zip", zip_of(slides))}).json()["id"]
+        deadline = time.monotonic() + 60
+        while httpx.get(f"{url}/api/jobs/{first}").json()["status"] == "queued" and time.monotonic() < deadline:
+            time.sleep(0.02)
+        os.kill(worker, signal.SIGKILL)  # as the out-of-memory killer would
+        while (job := httpx.get(f"{url}/api/jobs/{first}").json())["status"] in ("queued", "running") and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert job["status"] == "failed" and "worker died" in job["error"] and "SIGKILL" in job["error"], job
+        while (health := httpx.get(f"{url}/api/health")).status_code != 200 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert health.json()["workers"] == 1 and health.json()["worker_restarts"] == 1
+        assert worker_pids(server.pid) != [worker]
+        second = httpx.post(f"{url}/api/jobs", files={"file": ("b.zip", zip_of(slides))}).json()["id"]
+        deadline = time.monotonic() + 120
+        while (job := httpx.get(f"{url}/api/jobs/{second}").json())["status"] in ("queued", "running") and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert job["status"] == "done", job  # the replacement screens the next job
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)

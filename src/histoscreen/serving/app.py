@@ -8,12 +8,14 @@ RFC 9457 problem details (application/problem+json). With a token, every /api ca
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import hmac
 import io
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import zipfile
@@ -41,6 +43,7 @@ from histoscreen.serving.viewer import DeepZoom, LeastRecentlyUsed, png_bytes
 PROBLEM_JSON = "application/problem+json"
 STATIC = Path(__file__).resolve().parent / "static"
 GIB = 1 << 30
+SUPERVISE_EVERY_S = 1.0
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 
 
@@ -166,15 +169,39 @@ def create_app(settings: ServeSettings) -> FastAPI:
     predictors = LeastRecentlyUsed(1)
     workers: list[subprocess.Popen] = []
 
+    command = [sys.executable, "-m", "histoscreen.serving.worker", str(settings.data), "--parent", str(os.getpid())]
+    if settings.model:
+        command += ["--model", settings.model]
+    restarts = {"count": 0}
+
+    def supervise() -> None:
+        """A worker that died (killed by the out-of-memory killer, say) fails the job it ran,
+        with the reason, and is replaced."""
+        for index, worker in enumerate(workers):
+            code = worker.poll()
+            if code is None:
+                continue
+            how = f"killed by signal {-code}" + (" (SIGKILL: out of memory?)" if code == -signal.SIGKILL else "") if code < 0 else f"exit {code}"
+            store.fail_worker_jobs(worker.pid, f"the screening worker died while running this job ({how}); not retried")
+            workers[index] = subprocess.Popen(command)
+            restarts["count"] += 1
+
+    async def supervisor() -> None:
+        while True:
+            await asyncio.sleep(SUPERVISE_EVERY_S)
+            await asyncio.to_thread(supervise)
+
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         store.recover()
+        store.remove_orphans()
+        task = None
         if settings.start_workers:
-            command = [sys.executable, "-m", "histoscreen.serving.worker", str(settings.data), "--parent", str(os.getpid())]
-            if settings.model:
-                command += ["--model", settings.model]
             workers.extend(subprocess.Popen(command) for _ in range(settings.workers))
+            task = asyncio.create_task(supervisor())
         yield
+        if task is not None:
+            task.cancel()
         for worker in workers:
             worker.terminate()
         for worker in workers:
@@ -233,9 +260,12 @@ def create_app(settings: ServeSettings) -> FastAPI:
         return child_path(report, "slides", slide)
 
     @api.get("/health")
-    def health() -> dict:
-        return {"status": "ok", "version": __version__, "queued": store.count("queued"), "running": store.count("running"),
-                "workers": sum(w.poll() is None for w in workers)}
+    def health() -> JSONResponse:
+        alive = sum(w.poll() is None for w in workers)
+        expected = settings.workers if settings.start_workers else 0
+        body = {"status": "ok" if alive == expected else "degraded", "version": __version__, "queued": store.count("queued"),
+                "running": store.count("running"), "workers": alive, "workers_expected": expected, "worker_restarts": restarts["count"]}
+        return JSONResponse(body, status_code=200 if alive == expected else 503)
 
     @api.post("/jobs", status_code=201)
     def submit(file: UploadFile = File(...), name: str = Form("")) -> dict:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import re
 import secrets
+import shutil
 import sqlite3
 import time
 from contextlib import contextmanager
@@ -156,6 +157,29 @@ class JobStore:
                 recovered.append(row["id"])
             db.execute("commit")
         return recovered
+
+    def fail_worker_jobs(self, worker: int, reason: str) -> list[str]:
+        """The jobs a dead worker was running fail with `reason`: a job that killed its worker
+        (the kernel's out-of-memory killer, say) is not handed to the next one."""
+        with self._connect() as db:
+            db.execute("begin immediate")
+            rows = db.execute("select id from jobs where status = 'running' and worker = ?", (worker,)).fetchall()
+            for row in rows:
+                db.execute("update jobs set status = 'failed', error = ?, finished = ?, progress = 0 where id = ?", (reason, now(), row["id"]))
+            db.execute("commit")
+        return [row["id"] for row in rows]
+
+    def remove_orphans(self) -> list[str]:
+        """Job folders no job owns (an upload killed mid-extraction): removed at start."""
+        with self._connect() as db:
+            known = {row["id"] for row in db.execute("select id from jobs")}
+        orphans = [folder for folder in (self.data / "jobs").iterdir() if folder.name not in known]
+        for folder in orphans:
+            if folder.is_dir() and not folder.is_symlink():
+                shutil.rmtree(folder, ignore_errors=True)
+            else:
+                folder.unlink(missing_ok=True)
+        return [folder.name for folder in orphans]
 
     def review(self, job_id: str, slide: str, verdict: str, note: str) -> dict:
         created = now()

@@ -12,10 +12,12 @@ written outside the job's own folder.
 
 from __future__ import annotations
 
+import errno
 import re
 import shutil
 import stat
 import zipfile
+import zlib
 from pathlib import Path, PurePosixPath
 
 from histoscreen.data.wsi import SLIDE_SUFFIXES
@@ -23,6 +25,9 @@ from histoscreen.errors import HistoscreenError
 
 ZIP_MAGIC = b"PK\x03\x04"
 MAX_MEMBERS = 2_000_000
+MAX_DEPTH = 32  # folders in a member's path: a patient folder, a class folder and a few above
+MAX_NAME_BYTES = 255  # one path component, as file systems allow
+READABLE_COMPRESSION = (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED, zipfile.ZIP_BZIP2, zipfile.ZIP_LZMA)
 _DRIVE = re.compile(r"^[A-Za-z]:")
 _SLUG_OUT = re.compile(r"[^A-Za-z0-9._-]+")
 
@@ -56,11 +61,37 @@ def member_problem(info: zipfile.ZipInfo) -> str | None:
         return "a name with a backslash or NUL"
     if name.startswith("/") or _DRIVE.match(name):
         return "an absolute path"
-    if ".." in PurePosixPath(name).parts:
+    parts = PurePosixPath(name).parts
+    if ".." in parts:
         return "a '..' in its path"
+    if len(parts) > MAX_DEPTH:
+        return f"a path {len(parts)} folders deep (at most {MAX_DEPTH})"
+    if any(len(part.encode("utf-8", "surrogateescape")) > MAX_NAME_BYTES for part in parts):
+        return f"a name longer than {MAX_NAME_BYTES} bytes"
     if stat.S_ISLNK(info.external_attr >> 16):
         return "a symbolic link"
+    if info.flag_bits & 0x1:
+        return "encryption (encrypted zips are not read)"
+    if info.compress_type not in READABLE_COMPRESSION:
+        return f"compression method {info.compress_type}, which this reader does not know"
     return None
+
+
+def clashing_names(members: list[zipfile.ZipInfo]) -> str | None:
+    """A member that is both a file and a folder (a.png and a.png/b.png), or given twice."""
+    files, folders = set(), set()
+    for info in members:
+        parts = PurePosixPath(info.filename).parts
+        folders.update("/".join(parts[:end]) for end in range(1, len(parts)))
+        if info.is_dir():
+            folders.add("/".join(parts))
+        else:
+            key = "/".join(parts)
+            if key in files:
+                return f"zip member {info.filename!r} is given twice"
+            files.add(key)
+    both = files & folders
+    return f"zip member {sorted(both)[0]!r} is both a file and a folder" if both else None
 
 
 def extract_patches(zip_path: Path, destination: Path, *, max_uncompressed: int) -> int:
@@ -79,7 +110,10 @@ def extract_patches(zip_path: Path, destination: Path, *, max_uncompressed: int)
         for info in members:
             problem = member_problem(info)
             if problem:
-                raise UploadError(400, f"zip member {info.filename!r} has {problem}; refused")
+                raise UploadError(400, f"zip member {_shown(info.filename)} has {problem}; refused")
+        clash = clashing_names(members)
+        if clash:
+            raise UploadError(400, f"{clash}; refused")
         declared = sum(info.file_size for info in members)
         if declared > max_uncompressed:
             raise UploadError(413, f"the zip expands to {declared:,} bytes; at most {max_uncompressed:,} are accepted")
@@ -92,16 +126,30 @@ def extract_patches(zip_path: Path, destination: Path, *, max_uncompressed: int)
             target = (destination / PurePosixPath(info.filename)).resolve()
             if not target.is_relative_to(root):
                 raise UploadError(400, f"zip member {info.filename!r} would be written outside the job")
-            target.parent.mkdir(parents=True, exist_ok=True)
-            with archive.open(info) as source, open(target, "wb") as sink:
-                while chunk := source.read(1 << 20):
-                    written += len(chunk)
-                    if written > max_uncompressed:  # the sizes in the directory lied
-                        sink.close()
-                        shutil.rmtree(destination, ignore_errors=True)
-                        raise UploadError(413, f"the zip expands beyond {max_uncompressed:,} bytes; refused")
-                    sink.write(chunk)
+            try:
+                target.parent.mkdir(parents=True, exist_ok=True)
+                with archive.open(info) as source, open(target, "wb") as sink:
+                    while chunk := source.read(1 << 20):
+                        written += len(chunk)
+                        if written > max_uncompressed:  # the sizes in the directory lied
+                            raise UploadError(413, f"the zip expands beyond {max_uncompressed:,} bytes; refused")
+                        sink.write(chunk)
+            except UploadError:
+                shutil.rmtree(destination, ignore_errors=True)
+                raise
+            except (zipfile.BadZipFile, NotImplementedError, EOFError, zlib.error, RuntimeError, ValueError) as error:
+                shutil.rmtree(destination, ignore_errors=True)  # a bad CRC, a truncated or undecodable member
+                raise UploadError(400, f"zip member {_shown(info.filename)} cannot be read ({error}); refused") from None
+            except OSError as error:
+                shutil.rmtree(destination, ignore_errors=True)
+                if error.errno in (errno.ENOSPC, errno.EDQUOT):
+                    raise UploadError(507, "the server's disk is full; the upload was not kept") from None
+                raise UploadError(400, f"zip member {_shown(info.filename)} cannot be written ({error.strerror}); refused") from None
     return len(patches)
+
+
+def _shown(name: str) -> str:
+    return repr(name if len(name) <= 120 else name[:60] + "..." + name[-40:])
 
 
 def slide_file_name(upload_name: str, name: str) -> str:
