@@ -428,3 +428,79 @@ def test_a_rejects_file_histoscreen_did_not_write_is_never_removed(capsys, store
     assert theirs.read_text() == "my own notes\n" and not out.exists()
     theirs.unlink()
     assert main(["predict", "-q", str(store), "--out", str(out)]) == 0
+
+
+# ---- input errors are one line, never an internal error ------------------------------------
+
+
+def test_damaged_stores_models_and_tables_are_one_line_each(capsys, store, tmp_path, tiny_model):
+    out = str(tmp_path / "p.csv")
+
+    def damaged_store(edit) -> Path:
+        copy = tmp_path / f"store-{len(list(tmp_path.glob('store-*')))}"
+        shutil.copytree(store, copy)
+        edit(copy)
+        return copy
+
+    cases = [
+        (lambda s: (s / "store.json").write_text("[1, 2]"), "a store manifest is a JSON object"),
+        (lambda s: (s / "store.json").write_bytes(b'{"format": "\xff\xfe"}'), "not UTF-8"),
+        (lambda s: (s / "store.json").write_text("[" * 100_000 + "]" * 100_000), "nested too deeply"),
+        (lambda s: (s / "patches.npy").write_bytes(b""), "patches.npy: unreadable or damaged"),
+    ]
+    for edit, words in cases:
+        refused(capsys, words, "predict", str(damaged_store(edit)), "--out", out)
+
+    def repeat_rows(s: Path) -> None:
+        index = pd.read_parquet(s / "index.parquet")
+        index.loc[1, ["patient", "x", "y"]] = index.loc[0, ["patient", "x", "y"]]
+        index.to_parquet(s / "index.parquet", index=False)
+
+    refused(capsys, "rows share a place", "screen", str(damaged_store(repeat_rows)), "--out", str(tmp_path / "r"))
+
+    model_cases = [
+        ('{"format": "histoscreen-model", "x": ' + "9" * 5000 + "}", "holds a number this reader refuses"),
+        ('{"format": "histoscreen-model", "x": ' + "[" * 100_000 + "]" * 100_000 + "}", "nested too deeply"),
+    ]
+    for text, words in model_cases:
+        model = tmp_path / f"model-{len(words)}"
+        shutil.copytree(tiny_model, model, ignore=shutil.ignore_patterns("checkpoints"))
+        (model / "model.json").write_text(text)
+        refused(capsys, words, "predict", str(store), "--model", str(model), "--out", out)
+    assert not Path(out).exists()
+
+    labels = tmp_path / "labels.csv"
+    labels.write_text("patient,x,y,label\n" + "a" * (200 << 10) + ",1,1,1\n")
+    refused(capsys, "not a readable CSV", "screen", str(store), "--out", str(tmp_path / "r"), "--labels", str(labels))
+
+
+@pytest.mark.parametrize(
+    "kwargs, words",
+    [
+        ({"widths": [200_000, 64, 96], "blocks": [1, 1, 1], "stem": 16}, "widths must be whole numbers from 1 to 1024"),
+        ({"widths": [32, 64, 96], "blocks": [1, 1, 1], "stem": -4}, "stem must be whole numbers from 1 to 512"),
+        ({"widths": [32, 64, 96], "blocks": [1e9, 1, 1], "stem": 16}, "blocks must be whole numbers from 1 to 16"),
+        ({"widths": [1024, 1024, 1024], "blocks": [16, 16, 16], "stem": 16}, "parameters; at most"),
+    ],
+)
+def test_architectures_that_would_eat_the_machine_are_refused_before_building(capsys, store, tmp_path, tiny_model, kwargs, words):
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model, model, ignore=shutil.ignore_patterns("checkpoints"))
+    metadata = json.loads((model / "model.json").read_text())
+    metadata["architecture"], metadata["architecture_kwargs"] = "residual", kwargs
+    (model / "model.json").write_text(json.dumps(metadata))
+    refused(capsys, words, "predict", str(store), "--model", str(model), "--out", str(tmp_path / "p.csv"))
+    refused(capsys, words, "train", str(store), "--out", str(tmp_path / "m"), "--arch", "residual", "--arch-kwargs", json.dumps(kwargs))
+
+
+def test_a_damaged_onnx_cache_is_rebuilt_not_a_failure_every_time(capsys, store, tmp_path, tiny_model, monkeypatch):
+    monkeypatch.setenv("HISTOSCREEN_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "p.csv"
+    assert main(["predict", "-q", str(store), "--model", str(tiny_model), "--backend", "onnx", "--out", str(out)]) == 0
+    first = out.read_text()
+    [cached] = (tmp_path / "cache" / "onnx").glob("*.onnx")
+    cached.write_bytes(cached.read_bytes()[:200])  # a run killed while the disk filled
+    for _ in range(2):
+        assert main(["predict", "-q", str(store), "--model", str(tiny_model), "--backend", "onnx", "--out", str(out), "--overwrite"]) == 0
+        assert out.read_text() == first
+    assert cached.stat().st_size > 200  # rebuilt once, then read

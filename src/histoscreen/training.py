@@ -32,6 +32,7 @@ from histoscreen.data.transforms import AugmentationDraw, Normalisation, augment
 from histoscreen.errors import InputError, ResumeMismatchError, RunExistsError, SettingError, UnsafeOutputError
 from histoscreen.models import count_flops, create_model
 from histoscreen.models.bundle import ModelMetadata, Scoring, Validation, load_model, read_safetensors, save_model
+from histoscreen.models.registry import check_architecture_kwargs
 from histoscreen.progress import Progress, silent
 from histoscreen.runtime.device import machine_description, pick_device
 from histoscreen.runtime.forward import batched_logits
@@ -96,6 +97,7 @@ class TrainConfig:
             raise SettingError("max_train_patches", f"must be at least 1, got {self.max_train_patches}")
         if not isinstance(self.architecture_kwargs, dict):
             raise SettingError("architecture_kwargs", f"must be an object of options, got {self.architecture_kwargs!r}")
+        check_architecture_kwargs(self.architecture_kwargs)
 
 
 @dataclass

@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 
 from histoscreen.errors import InputError
+from histoscreen.jsontext import read_json_text
 from histoscreen.constants import COORD_ORIGIN, GRID_STEP, MAX_SLIDE_PX, PATCH_SIZE
 from histoscreen.data.naming import check_slide_id, patient_sort_key
 
@@ -41,9 +42,12 @@ class PatchStore:
         if not manifest_path.is_file():
             raise InputError(f"{self.path}: not a patch store (no {MANIFEST_FILE}; run 'histoscreen prepare')")
         try:
-            self.manifest = json.loads(manifest_path.read_text())
-        except json.JSONDecodeError as error:
-            raise InputError(f"{manifest_path}: unreadable ({error})") from None
+            text = manifest_path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as error:
+            raise InputError(f"{manifest_path}: not UTF-8 text ({error.reason} at byte {error.start})") from None
+        self.manifest = read_json_text(text, manifest_path, error=InputError, what="store manifest")
+        if not isinstance(self.manifest, dict):
+            raise InputError(f"{manifest_path}: a store manifest is a JSON object, this is a {type(self.manifest).__name__}")
         if self.manifest.get("format") != STORE_FORMAT or self.manifest.get("version") != STORE_VERSION:
             raise InputError(
                 f"{manifest_path}: store format {self.manifest.get('format')!r} version "
@@ -54,8 +58,8 @@ class PatchStore:
                 raise InputError(f"{self.path}: store is missing {name}")
         try:
             self.patches: np.ndarray = np.load(self.path / PATCHES_FILE, mmap_mode="r", allow_pickle=False)
-        except (OSError, ValueError) as error:
-            raise InputError(f"{self.path / PATCHES_FILE}: unreadable or damaged ({error})") from None
+        except (OSError, ValueError, EOFError) as error:  # EOFError: an empty file
+            raise InputError(f"{self.path / PATCHES_FILE}: unreadable or damaged ({error or 'empty'})") from None
         try:
             self.index: pd.DataFrame = pd.read_parquet(self.path / INDEX_FILE)
         except (OSError, ValueError) as error:  # pyarrow's ArrowInvalid is a ValueError
@@ -87,6 +91,11 @@ class PatchStore:
             outside = (values < low) | (values > high)
             if outside.any():
                 raise InputError(f"{self.path / INDEX_FILE}: {column} = {values[outside].iloc[0]} lies outside {low}..{high:,}")
+        repeated = index.duplicated(["patient", "x", "y"], keep=False)
+        if repeated.any():
+            row = index[repeated].iloc[0]
+            raise InputError(f"{self.path / INDEX_FILE}: {int(repeated.sum()):,} rows share a place, e.g. patient {row['patient']} "
+                             f"x={row['x']}, y={row['y']}; a store holds each place once (prepare it again)")
         off_grid = ((index["x"] - COORD_ORIGIN) % GRID_STEP != 0) | ((index["y"] - COORD_ORIGIN) % GRID_STEP != 0)
         if off_grid.any():
             row = index[off_grid].iloc[0]

@@ -25,6 +25,7 @@ from histoscreen.atomic import atomic_write_bytes, atomic_write_text, check_outp
 from histoscreen.constants import KAGGLE_UM_PER_PX
 from histoscreen.data.transforms import Normalisation
 from histoscreen.errors import HistoscreenError, ModelError
+from histoscreen.jsontext import read_json_text
 from histoscreen.models.registry import create_model
 
 WEIGHTS_SUFFIX = ".safetensors"
@@ -213,10 +214,7 @@ class ModelMetadata:
 
     @classmethod
     def from_json(cls, text: str, source: Path) -> ModelMetadata:
-        try:
-            payload = json.loads(text)
-        except json.JSONDecodeError as error:
-            raise ModelError(f"{source}: model metadata is not valid JSON ({error})") from None
+        payload = read_json_text(text, source, error=ModelError, what="model metadata")
         if not isinstance(payload, dict) or payload.get("format") != MODEL_FORMAT:
             raise ModelError(f"{source}: not histoscreen model metadata (no format {MODEL_FORMAT!r})")
         version = payload.get("format_version", 1)

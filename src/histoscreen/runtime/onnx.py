@@ -71,16 +71,18 @@ def cache_folder() -> Path:
     return Path(base) / "histoscreen"
 
 
-def cached_onnx_bytes(model: nn.Module, metadata: ModelMetadata, weights: Path) -> bytes:
-    """onnx_bytes, from the cache when this exact model was exported before."""
+def cached_onnx_bytes(model: nn.Module, metadata: ModelMetadata, weights: Path, *, refresh: bool = False) -> bytes:
+    """onnx_bytes, from the cache when this exact model was exported before (unless `refresh`:
+    a cached graph that ONNX Runtime could not load is exported again and replaced)."""
     key = hashlib.sha256(weights.read_bytes())
     key.update(json.dumps([metadata.architecture, metadata.architecture_kwargs, asdict(metadata.normalisation),
                            ONNX_OPSET, torch.__version__]).encode())
     cached = cache_folder() / "onnx" / f"{key.hexdigest()}.onnx"
-    try:
-        return cached.read_bytes()
-    except OSError:
-        pass
+    if not refresh:
+        try:
+            return cached.read_bytes()
+        except OSError:
+            pass
     exported = onnx_bytes(model, metadata)
     try:
         cached.parent.mkdir(parents=True, exist_ok=True)
@@ -88,6 +90,15 @@ def cached_onnx_bytes(model: nn.Module, metadata: ModelMetadata, weights: Path) 
     except OSError:
         pass  # a read-only home: export again next time rather than fail
     return exported
+
+
+def onnx_runner(model: nn.Module, metadata: ModelMetadata, weights: Path, *, device: torch.device) -> OnnxRunner:
+    """A runner from the cached graph; a damaged cache file (a run killed while a disk filled,
+    say) is rebuilt instead of failing this run and every later one."""
+    try:
+        return OnnxRunner(cached_onnx_bytes(model, metadata, weights), device=device)
+    except Exception:  # ONNX Runtime's InvalidProtobuf, Fail, ... derive from Exception only
+        return OnnxRunner(cached_onnx_bytes(model, metadata, weights, refresh=True), device=device)
 
 
 class OnnxRunner:

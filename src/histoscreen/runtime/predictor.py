@@ -17,7 +17,7 @@ from histoscreen.errors import ArgumentError, ModelError, SettingError
 from histoscreen.models.bundle import Calibration, load_model, model_paths, scoring_mode, shipped_model_path
 from histoscreen.runtime.device import pick_device
 from histoscreen.runtime.forward import batched_view_logits
-from histoscreen.runtime.onnx import OnnxRunner, cached_onnx_bytes
+from histoscreen.runtime.onnx import onnx_runner
 from histoscreen.scoring.calibration import scored
 from histoscreen.scoring.context import CONTEXT_FEATURES
 from histoscreen.scoring.metrics import sigmoid
@@ -78,7 +78,7 @@ class Predictor:
         self.model = model.to(self.device, memory_format=torch.channels_last)
         self.onnx = None
         if self.backend == "onnx":
-            self.onnx = OnnxRunner(cached_onnx_bytes(model, self.metadata, model_paths(self.model_path)[0]), device=self.device)
+            self.onnx = onnx_runner(model, self.metadata, model_paths(self.model_path)[0], device=self.device)
             self.model.to(self.device)  # exporting moved it to the CPU
         self.tta = tta
         self.context = context

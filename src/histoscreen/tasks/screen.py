@@ -100,6 +100,8 @@ def read_labels_csv(path: str | os.PathLike) -> dict[tuple[str, int, int], int]:
                 labels[key] = label
     except UnicodeDecodeError as error:
         raise InputError(f"{path}: not UTF-8 text ({error.reason} at byte {error.start})") from None
+    except csv.Error as error:  # a field past the csv module's 128 KiB limit, a NUL byte
+        raise InputError(f"{path}: not a readable CSV ({error})") from None
     return labels
 
 
