@@ -209,3 +209,28 @@ def test_ray_engine_screens_whole_slide_images_like_the_local_engine(ray_address
     for mine, theirs in zip(on_ray, local):  # iterating again screens again
         assert len(mine.probabilities) > 100 and abs(mine.probabilities - theirs.probabilities).max() <= 1e-6
         assert mine.summary == theirs.summary and mine.reading == theirs.reading
+
+
+def histoscreen_fails(*arguments: str) -> tuple[list[str], float]:
+    started = time.monotonic()
+    result = subprocess.run([str(HISTOSCREEN), *arguments], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2, (result.returncode, result.stderr[-3000:])
+    return result.stderr.strip().splitlines(), time.monotonic() - started
+
+
+def test_a_cluster_that_is_not_there_fails_at_once_in_one_line(slides_with_a_corrupt_patch, tmp_path):
+    lines, seconds = histoscreen_fails("predict", str(slides_with_a_corrupt_patch), "--out", str(tmp_path / "p.csv"),
+                                       "--engine", "ray", "--ray-address", "127.0.0.1:1", "-q")
+    assert len(lines) == 1 and "cannot join 127.0.0.1:1: nothing answers there" in lines[0], lines
+    assert seconds < 30
+    assert not (tmp_path / "p.csv").exists()
+
+
+def test_workers_the_cluster_cannot_place_are_refused_not_waited_for(slides_with_a_corrupt_patch, ray_address, tmp_path):
+    slides, out = str(slides_with_a_corrupt_patch), str(tmp_path / "p.csv")
+    on_ray = ["--engine", "ray", "--ray-address", ray_address, "-q"]
+    lines, seconds = histoscreen_fails("predict", slides, "--out", out, *on_ray, "--ray-workers", "3")
+    assert len(lines) == 1 and "--ray-workers is 3 workers of 1 CPUs, 3 in all, but the cluster has 2" in lines[0], lines
+    lines, _ = histoscreen_fails("screen", slides, "--out", str(tmp_path / "r"), *on_ray, "--ray-cpus-per-worker", "4")
+    assert len(lines) == 1 and "--ray-cpus-per-worker is 4, but the largest node of the cluster has 2 CPUs" in lines[0], lines
+    assert seconds < 120 and not Path(out).exists()

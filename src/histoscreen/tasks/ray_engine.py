@@ -116,20 +116,47 @@ class RayPool:
             import logging
 
             settings = dict(include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR, configure_logging=False)
+            if self.engine.address is not None:
+                _check_reachable(self.engine.address)
             try:
                 if self.engine.address is None:
                     ray.init(num_cpus=os.cpu_count(), **settings)
                 else:
                     ray.init(address=self.engine.address, **settings)
             except (ConnectionError, RuntimeError, ValueError) as error:
-                raise HistoscreenError(f"Ray: cannot {'start' if self.engine.address is None else 'join ' + self.engine.address}: {error}") from None
+                first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+                raise HistoscreenError(f"Ray: cannot {'start' if self.engine.address is None else 'join ' + self.engine.address}: {first}") from None
             self.started_ray = True
-        cpus = int(ray.cluster_resources().get("CPU", 1))
-        count = self.engine.workers or max(1, cpus // self.engine.cpus_per_worker)
+        try:
+            count = self._placeable(ray)
+        except HistoscreenError:
+            self.__exit__()
+            raise
         actor = ray.remote(num_cpus=self.engine.cpus_per_worker, num_gpus=self.engine.gpus_per_worker,
                            max_restarts=-1, max_task_retries=-1)(ShardWorker)
         self.actors = [actor.remote(*self.worker_arguments) for _ in range(count)]
         return self
+
+    def _placeable(self, ray) -> int:
+        """How many actors to start; refused, in one line, when the cluster could never place
+        them (Ray would wait for resources forever, silently)."""
+        engine = self.engine
+        total = ray.cluster_resources()
+        nodes = [node.get("Resources", {}) for node in ray.nodes() if node.get("Alive")]
+        widest_cpus = max((node.get("CPU", 0) for node in nodes), default=0)
+        widest_gpus = max((node.get("GPU", 0) for node in nodes), default=0)
+        if engine.cpus_per_worker > widest_cpus:
+            raise SettingError("ray_cpus_per_worker", f"is {engine.cpus_per_worker}, but the largest node of the cluster has {widest_cpus:g} CPUs")
+        if engine.gpus_per_worker > widest_gpus:
+            raise SettingError("gpus_per_worker", f"is {engine.gpus_per_worker:g}, but the largest node of the cluster has {widest_gpus:g} GPUs")
+        cpus = int(total.get("CPU", 0))
+        count = engine.workers or max(1, cpus // engine.cpus_per_worker)
+        if count * engine.cpus_per_worker > cpus:
+            raise SettingError("ray_workers", f"is {count} workers of {engine.cpus_per_worker} CPUs, {count * engine.cpus_per_worker} "
+                               f"in all, but the cluster has {cpus}")
+        if count * engine.gpus_per_worker > total.get("GPU", 0):
+            raise SettingError("ray_workers", f"is {count} workers of {engine.gpus_per_worker:g} GPUs, but the cluster has {total.get('GPU', 0):g}")
+        return count
 
     def __exit__(self, *exc) -> None:
         ray = _ray()
@@ -144,6 +171,28 @@ class RayPool:
         from ray.util import ActorPool
 
         return ActorPool(self.actors).map(lambda actor, item: getattr(actor, method).remote(*item), items)
+
+
+REACH_TIMEOUT_S = 5.0
+
+
+def _check_reachable(address: str) -> None:
+    """Fail in one line, at once, when nothing listens at a cluster's address: ray.init
+    otherwise retries for many minutes and prints a page of logs."""
+    import socket
+
+    if address in ("auto", "local"):
+        return
+    where = address.split("://", 1)[-1].rstrip("/")
+    host, _, port = where.rpartition(":")
+    if not host or not port.isdigit():
+        raise SettingError("ray_address", f"must be HOST:PORT (or ray://HOST:PORT, or auto), got {address!r}")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=REACH_TIMEOUT_S):
+            pass
+    except OSError as error:
+        raise HistoscreenError(f"Ray: cannot join {address}: nothing answers there ({error.strerror or error}); "
+                               "start a cluster with 'ray start --head' or check the address") from None
 
 
 def _ray():
