@@ -171,6 +171,8 @@ def test_context_features_by_hand():
     np.testing.assert_allclose(features["spread r2"][4:], [0.0, 0.0])  # alone in its window
     np.testing.assert_allclose(features["slide median"], [4.0] * 4 + [100.0, 50.0])
     np.testing.assert_allclose(features["slide 90th percentile"][:4], [np.quantile([1.0, 3, 5, 7], 0.9)] * 4)
+    np.testing.assert_allclose(features["slide 10th percentile"][:4], [np.quantile([1.0, 3, 5, 7], 0.1)] * 4)
+    np.testing.assert_allclose(features["slide 10th percentile"][4:], [100.0, 50.0])  # a slide of one
     np.testing.assert_allclose(features["slide mean probability"][:4], [np.mean(sigmoid(np.array([1.0, 3, 5, 7])))] * 4)
 
 
@@ -221,3 +223,23 @@ def test_a_learned_context_of_the_wrong_size_is_refused_clearly(edited_tiny_mode
     model_dir = edited_tiny_model(lambda metadata: metadata["scoring"]["context"].update(linear=[0.5, 1.0, 0.0]))
     with pytest.raises(HistoscreenError, match="learned slide context has 3 weights"):
         Predictor(model_dir)
+
+
+def test_each_patients_learned_context_estimate_never_sees_its_own_labels():
+    from histoscreen.scoring.calibration import _learned_without_each_patient
+
+    rng = np.random.default_rng(4)
+    patients = np.repeat(np.array(["900000", "900001", "900002", "900003"]), 60)
+    xs = np.tile(np.arange(60) % 10 * 50 + 1, 4)
+    ys = np.tile(np.arange(60) // 10 * 50 + 1, 4)
+    positions = SlidePositions.of(patients, xs, ys)
+    labels = (rng.random(240) < 0.4).astype(np.int64)
+    logits = np.where(labels == 1, 1.0, -1.0) + rng.normal(0, 1.5, 240)
+    features = context_features(logits, positions)
+    before = _learned_without_each_patient(logits, positions, features, labels, patients)
+    flipped = labels.copy()
+    held = patients == "900002"
+    flipped[held] = 1 - flipped[held]  # what that patient's truth is must not move its own estimate
+    after = _learned_without_each_patient(logits, positions, features, flipped, patients)
+    np.testing.assert_array_equal(before[held], after[held])
+    assert not np.allclose(before[~held], after[~held])  # the others learned from the flipped labels

@@ -243,3 +243,27 @@ def test_the_partial_slide_check_sees_a_context_that_depends_on_the_rest_of_the_
     assert steady["agreement"] == 1 and steady["accuracy_change"] == 0 and steady["burden_change_max"] == 0
     moved = partial_slide_check(against_the_slide, positions.slides, labels, {"s"})
     assert moved["agreement"] < 1 and moved["burden_change_max"] > 0
+
+
+def test_a_scoring_with_part_of_a_context_is_refused():
+    from histoscreen.models.bundle import Calibration, ContextSettings, Scoring
+
+    whole = dict(context=ContextSettings(3, 0.7), context_plain=Calibration(), context_tta=Calibration())
+    assert Scoring(**whole).has_context
+    for missing in whole:
+        with pytest.raises(ValueError, match="go together"):
+            Scoring(**{k: v for k, v in whole.items() if k != missing})
+
+
+@pytest.mark.parametrize("start", ["=", "+", "-", "@", "\t", "\r"])
+def test_csv_cells_a_spreadsheet_would_run_are_neutralised_whatever_they_start_with(tmp_path, start):
+    import csv
+
+    from histoscreen.tables import write_csv
+
+    hostile = f"{start}HYPERLINK(\"http://evil.example\")"
+    write_csv(tmp_path / "t.csv", ["where", "count"], [[hostile, -3], ["plain", 2]])
+    with open(tmp_path / "t.csv", newline="") as handle:
+        rows = list(csv.reader(handle))
+    assert rows[1][0] == "'" + hostile and rows[1][1] == "-3"  # numbers stay numbers, negative ones too
+    assert rows[2] == ["plain", "2"]

@@ -248,10 +248,20 @@ def bad_crc_zip() -> bytes:
     return bytes(data)
 
 
+def under_declared_zip() -> bytes:
+    """A member of 8 MiB that declares 100 bytes: a bomb that lies about its size."""
+    data = bytearray(zip_with(PATCH, bytes(8 << 20), zipfile.ZIP_DEFLATED))
+    for header, size_at in ((b"PK\x03\x04", 22), (b"PK\x01\x02", 24)):
+        where = data.find(header) + size_at
+        data[where : where + 4] = (100).to_bytes(4, "little")
+    return bytes(data)
+
+
 @pytest.mark.parametrize(
     "name, payload, status, words",
     [
         ("slip.zip", zip_with("../../escaped.png"), 400, "'..'"),
+        ("liar.zip", under_declared_zip(), 400, "cannot be read"),  # zipfile stops at the declared size; the CRC then fails
         ("clash.zip", zip_of_members(("900000/0", b"x"), (PATCH, b"x")), 400, "both a file and a folder"),
         ("twice.zip", zip_of_members((PATCH, b"x"), (PATCH, b"y")), 400, "given twice"),
         ("encrypted.zip", encrypted_zip(), 400, "encryption"),

@@ -118,10 +118,22 @@ def test_distillation_trains_on_the_teachers_probabilities_mixed_with_the_labels
     from histoscreen.scoring.metrics import sigmoid
     from histoscreen.training import load_training_data
 
-    config = tiny_config(teachers=[str(tiny_model), str(tiny_model)], distil_weight=0.25)
+    # a second teacher that says twice as much (its last layer doubled): the mean logit is 1.5 times the first's
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    louder = tmp_path / "louder"
+    shutil.copytree(tiny_model, louder, ignore=shutil.ignore_patterns("checkpoints"))
+    tensors = load_file(louder / "model.safetensors")
+    last = [name for name, tensor in tensors.items() if tensor.ndim == 2][-1]
+    tensors[last] *= 2
+    tensors[last.removesuffix("weight") + "bias"] *= 2
+    save_file(tensors, louder / "model.safetensors")
+    config = tiny_config(teachers=[str(tiny_model), str(louder)], distil_weight=0.25)
     data = load_training_data(synthetic_store, config)
     model, metadata = load_model(tiny_model)
-    taught = sigmoid(batched_logits(model, data.train_patches.numpy(), metadata.normalisation, tta=True))
+    taught = sigmoid(1.5 * batched_logits(model, data.train_patches.numpy(), metadata.normalisation, tta=True))
     expected = 0.75 * data.train_labels.double().numpy() + 0.25 * taught
     assert torch.allclose(data.train_targets.double(), torch.as_tensor(expected), atol=1e-6)
     assert 0 < data.train_targets.min() and data.train_targets.max() < 1  # soft everywhere

@@ -238,3 +238,16 @@ def test_a_slide_without_a_pyramid_is_read_in_bands_of_bounded_size_with_the_sam
     assert sum(len(rows) for rows, _ in bands) == len(whole)
     after = np.concatenate([b.pixels for b in narrow.batches()])
     np.testing.assert_array_equal(before, after)
+
+
+def test_min_tissue_decides_which_edge_tiles_are_kept(synthetic_slide_image, tmp_path):
+    from histoscreen.data.wsi import TissueSettings, WholeSlideSource
+
+    image = upscale(synthetic_slide_image, 2)
+    # tissue up to a quarter of the way into the last column of tiles: 25 of its 100 px
+    cut = (image.shape[1] // 100) * 100 - 75
+    image[:, cut:] = 255
+    slide = write_pyramid_tiff(tmp_path / "edge.tif", image, 2.0, compression="zlib")
+    counts = [len(WholeSlideSource(slide, spacing_um_px=4.0, tissue=TissueSettings(min_tissue=share), workers=1))
+              for share in (0.1, 0.5, 0.9)]
+    assert counts[0] > counts[1] >= counts[2] > 0, counts
