@@ -118,6 +118,14 @@ def screened_batch(tiny_model, tmp_path_factory):
     return result, root / "report", victim
 
 
+def test_every_slide_page_shows_the_rank_the_index_gives(screened_batch):
+    result, report, _ = screened_batch
+    assert len(result.slides) >= 2
+    for summary in result.slides:
+        page = (report / "slides" / f"{summary.patient}.html").read_text()
+        assert f'<th class="left">rank</th><td>{summary.rank}</td>' in page, summary.patient
+
+
 def test_ranking_follows_the_known_tumour_sizes(screened_batch):
     result, _, _ = screened_batch
     assert [s.patient for s in result.slides] == ["900021", "900020", "900022"]

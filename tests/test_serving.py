@@ -56,7 +56,8 @@ def wait_done(client, job_id: str, timeout: float = 120) -> dict:
 
 
 def test_the_whole_flow_gives_what_the_command_line_gives(slides, tiny_model, tmp_path):
-    settings = ServeSettings(data=tmp_path / "data", model=str(tiny_model))
+    data_folder = tmp_path / "data"
+    settings = ServeSettings(data=data_folder, model=str(tiny_model))
     with TestClient(create_app(settings), base_url="http://127.0.0.1:8000") as client:
         submitted = client.post("/api/jobs", files={"file": ("batch.zip", zip_of(slides), "application/zip")}, data={"name": "batch 1"})
         assert submitted.status_code == 201 and submitted.json()["status"] == "queued"
@@ -80,8 +81,13 @@ def test_the_whole_flow_gives_what_the_command_line_gives(slides, tiny_model, tm
         assert len(patches) == served[0]["patches"] and set(patches[0]) == {"x", "y", "prob_idc", "pred", "uncertain", "label"}
         regions = client.get(f"/api/jobs/{job_id}/slides/{slide}/regions.geojson")
         assert regions.headers["content-type"] == "application/geo+json" and regions.json()["type"] == "FeatureCollection"
-        report = zipfile.ZipFile(io.BytesIO(client.get(f"/api/jobs/{job_id}/report.zip").content))
-        assert "report/index.html" in report.namelist() and f"report/slides/{slide}/heatmap.png" in report.namelist()
+        download = client.get(f"/api/jobs/{job_id}/report.zip").content
+        report = zipfile.ZipFile(io.BytesIO(download))
+        assert report.testzip() is None
+        folder = data_folder / "jobs" / job_id / "report"
+        on_disk = {f"report/{p.relative_to(folder)}": p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+        assert sorted(report.namelist()) == sorted(on_disk) and all(report.read(name) == on_disk[name] for name in on_disk)
+        assert len(download) <= 1.05 * sum(len(b) for b in on_disk.values())  # streamed once, not grown
 
         saved = client.post(f"/api/jobs/{job_id}/slides/{slide}/review", json={"verdict": "needs second look", "note": "=cmd nests"})
         assert saved.status_code == 201 and saved.json()["verdict"] == "needs second look"
@@ -404,6 +410,7 @@ def test_the_pages_in_a_headless_browser(slides, tiny_model, tmp_path):
                 const on = window.histoscreenViewer.world.getItemAt(0).imageToViewerElementCoordinates(image);
                 return [on.x, on.y];
             }""")
+            assert not page.is_visible("#picked-pair")  # no empty (broken) images before a patch is picked
             page.mouse.click(box["x"] + point[0], box["y"] + point[1])
             page.wait_for_selector("body[data-picked]", timeout=30_000)
             assert "p(IDC)" in page.inner_text("#picked-facts")

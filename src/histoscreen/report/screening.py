@@ -75,6 +75,7 @@ def write_screening_report(
     out_dir = Path(out_dir)
     summaries: list[SlideSummary] = []
     readings: dict[str, dict] = {}
+    pages: dict[str, dict] = {}  # each slide's page, written once the slides are ranked
     patches = 0
     inputs = [*screening.settings["inputs"], *model_paths(screening.settings["model"])]
     with atomic_folder(out_dir, overwrite=overwrite, inputs=inputs, kind="screening report") as partial:
@@ -102,7 +103,7 @@ def write_screening_report(
         pending = None
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="report-writer") as writer:
             for number, result in enumerate(screening, start=1):
-                writing = writer.submit(write_slide, result, partial, screening.settings)
+                writing = writer.submit(write_slide, result, partial, screening.settings, pages)
                 if pending is not None:
                     finish(*pending)
                 pending = (result, writing)
@@ -110,6 +111,8 @@ def write_screening_report(
             if pending is not None:
                 finish(*pending)
         ranked = rank_slides(summaries)
+        for summary in ranked:
+            write_slide_page(partial, summary, screening.settings, **pages[summary.patient])
         rows = [summary.as_row() for summary in ranked]
         write_csv(partial / "slides.csv", SLIDE_COLUMNS, ([row[c] for c in SLIDE_COLUMNS] for row in rows))
         payload = {"settings": screening.settings, "slides": rows, "whole_slide_reading": readings}
@@ -120,8 +123,9 @@ def write_screening_report(
     return ScreeningReport(out_dir, ranked, problems, patches, time.perf_counter() - started)
 
 
-def write_slide(result: SlideResult, report_folder: Path, settings: dict) -> None:
-    """Everything of one slide: pictures, patch table, regions, explanations, its page."""
+def write_slide(result: SlideResult, report_folder: Path, settings: dict, pages: dict[str, dict]) -> None:
+    """Everything of one slide: pictures, patch table, regions, explanations; what its page
+    needs goes into `pages` (the page waits for the slide's rank)."""
     folder = child_path(report_folder, "slides", result.patient)
     folder.mkdir(parents=True)
     slide, grid, threshold = result.slide, result.grid, result.threshold
@@ -162,4 +166,4 @@ def write_slide(result: SlideResult, report_folder: Path, settings: dict) -> Non
             caption += f", true {'IDC' if slide.labels[row] == 1 else 'non-IDC'}"
         explanation_figure(explanation.pixels, explanation.cam, folder / "explained" / name)
         gallery.append({"file": f"explained/{name}", "kind": explanation.kind, "caption": caption})
-    write_slide_page(report_folder, result.summary, settings, gallery, has_truth=slide.has_labels, reading=result.reading)
+    pages[result.patient] = {"gallery": gallery, "has_truth": slide.has_labels, "reading": result.reading}

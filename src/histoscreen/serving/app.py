@@ -162,6 +162,25 @@ class Guard:
         await self.app(scope, counted, secured)
 
 
+class _Chunks(io.RawIOBase):
+    """A write-only stream that hands on what was written: no tell(), no seek()."""
+
+    def __init__(self):
+        super().__init__()
+        self.parts: list[bytes] = []
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:
+        self.parts.append(bytes(data))
+        return len(data)
+
+    def take(self) -> bytes:
+        taken, self.parts = b"".join(self.parts), []
+        return taken
+
+
 def create_app(settings: ServeSettings) -> FastAPI:
     store = JobStore(settings.data)
     pyramids = LeastRecentlyUsed(4)
@@ -329,15 +348,15 @@ def create_app(settings: ServeSettings) -> FastAPI:
         report = finished_report(job_id)
 
         def chunks() -> Iterator[bytes]:
-            buffer = io.BytesIO()
-            with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
+            # zipfile writes to a stream it cannot seek with data descriptors: each file's bytes
+            # go out once, as written, and memory holds one file's compressed bytes at most
+            sink = _Chunks()
+            with zipfile.ZipFile(sink, "w", zipfile.ZIP_DEFLATED) as archive:
                 for path in sorted(report.rglob("*")):
                     if path.is_file():
                         archive.write(path, f"report/{path.relative_to(report)}")
-                        yield buffer.getvalue()
-                        buffer.seek(0)
-                        buffer.truncate()
-            yield buffer.getvalue()
+                        yield sink.take()
+            yield sink.take()
 
         return StreamingResponse(chunks(), media_type="application/zip",
                                  headers={"Content-Disposition": f'attachment; filename="report-{job_id}.zip"'})
