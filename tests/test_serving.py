@@ -89,6 +89,18 @@ def test_the_whole_flow_gives_what_the_command_line_gives(slides, tiny_model, tm
         assert sorted(report.namelist()) == sorted(on_disk) and all(report.read(name) == on_disk[name] for name in on_disk)
         assert len(download) <= 1.05 * sum(len(b) for b in on_disk.values())  # streamed once, not grown
 
+        broken = sorted(slides.rglob("*.png"))[0].relative_to(slides)
+        damaged = io.BytesIO()
+        with zipfile.ZipFile(damaged, "w") as archive:
+            archive.writestr(str(broken), b"\x89PNG\r\n\x1a\n" + b"cut short")
+            for path in sorted(slides.rglob("*.png"))[1:40]:
+                archive.write(path, path.relative_to(slides))
+        second = client.post("/api/jobs", files={"file": ("damaged.zip", damaged.getvalue(), "application/zip")}).json()["id"]
+        assert wait_done(client, second)["status"] == "done"
+        problems = client.get(f"/api/jobs/{second}/errors").json()
+        assert [p["where"] for p in problems] == [str(broken)], problems  # the path inside the upload, not the server's
+        assert str(data_folder) not in json.dumps(problems)
+
         saved = client.post(f"/api/jobs/{job_id}/slides/{slide}/review", json={"verdict": "needs second look", "note": "=cmd nests"})
         assert saved.status_code == 201 and saved.json()["verdict"] == "needs second look"
         assert client.post(f"/api/jobs/{job_id}/slides/{slide}/review", json={"verdict": "maybe"}).status_code == 422

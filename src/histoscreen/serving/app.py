@@ -325,8 +325,15 @@ def create_app(settings: ServeSettings) -> FastAPI:
 
     @api.get("/jobs/{job_id}/errors")
     def errors(job_id: str) -> list[dict]:
+        """What was not screened, with paths as they are inside the upload (never the
+        server's own folders); a failed job's reason when it got no report."""
+        job = job_or_404(job_id)
+        inside = str(store.folder(job_id) / "input") + os.sep
+        if job.status == "failed":
+            return [{"where": "", "problem": (job.error or "failed").replace(inside, "")}]
         with open(finished_report(job_id) / "errors.csv", newline="", encoding="utf-8") as handle:
-            return list(csv.DictReader(handle))
+            return [{"where": row["where"].replace(inside, ""), "problem": row["problem"].replace(inside, "")}
+                    for row in csv.DictReader(handle)]
 
     @api.get("/jobs/{job_id}/slides.csv")
     def slides_csv(job_id: str) -> Response:

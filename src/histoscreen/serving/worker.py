@@ -53,7 +53,7 @@ def run_job(store: JobStore, job: Job, parent: int, model: str | None) -> None:
         screening = Screening([folder / "input"], model=model)
         write_screening_report(screening, folder / "report", overwrite=True, progress=progress)
     except HistoscreenError as error:
-        store.finish(job.id, str(error))
+        store.finish(job.id, str(error).replace(str(folder / "input") + os.sep, ""))  # paths as inside the upload
     except Exception as error:  # a bug must fail its job, not the worker
         store.finish(job.id, f"internal error: {type(error).__name__}: {error}")
     else:
