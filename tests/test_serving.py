@@ -296,6 +296,7 @@ def under_declared_zip() -> bytes:
         ("notes.zip", b"just text, not a zip", 415, "neither a zip"),
         ("broken.zip", b"PK\x03\x04 truncated", 400, "not a readable zip"),
         ("texts.zip", zip_with("readme.txt", b"hello"), 422, "no .png patches"),
+        ("misnamed.zip", zip_of_members((PATCH, b"x"), ("slide-1/tile 3.png", b"x")), 422, "'slide-1/tile 3.png' is not named"),
     ],
 )
 def test_hostile_uploads_are_refused_and_write_nothing(tmp_path, name, payload, status, words):
@@ -495,3 +496,15 @@ def test_a_killed_worker_fails_its_job_with_the_reason_and_is_replaced(slides, t
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=30)
+
+
+def test_finders_resource_forks_in_a_zip_are_skipped_not_refused(tmp_path, slides):
+    data = tmp_path / "data"
+    good = sorted(slides.rglob("*.png"))[:3]
+    members = [(str(p.relative_to(slides)), p.read_bytes()) for p in good]
+    members += [("__MACOSX/" + name.rsplit("/", 1)[0] + "/._" + name.rsplit("/", 1)[1], b"\x00\x05\x16\x07") for name, _ in members]
+    with TestClient(create_app(ServeSettings(data=data, start_workers=False)), base_url="http://127.0.0.1:8000") as client:
+        answer = client.post("/api/jobs", files={"file": ("from-a-mac.zip", zip_of_members(*members), "application/zip")})
+        assert answer.status_code == 201, answer.text
+    extracted = sorted(p.name for p in (data / "jobs" / answer.json()["id"] / "input").rglob("*.png"))
+    assert extracted == sorted(p.name for p in good)

@@ -20,6 +20,8 @@ import zipfile
 import zlib
 from pathlib import Path, PurePosixPath
 
+from histoscreen.constants import PATCH_NAME_HINT
+from histoscreen.data.naming import parse_patch_name
 from histoscreen.data.wsi import SLIDE_SUFFIXES
 from histoscreen.errors import HistoscreenError
 
@@ -117,9 +119,13 @@ def extract_patches(zip_path: Path, destination: Path, *, max_uncompressed: int)
         declared = sum(info.file_size for info in members)
         if declared > max_uncompressed:
             raise UploadError(413, f"the zip expands to {declared:,} bytes; at most {max_uncompressed:,} are accepted")
-        patches = [info for info in members if not info.is_dir() and info.filename.lower().endswith(".png")]
+        patches = [info for info in members if not info.is_dir() and info.filename.lower().endswith(".png") and not _macos_extra(info.filename)]
         if not patches:
             raise UploadError(422, "the zip holds no .png patches")
+        misnamed = next((info for info in patches if parse_patch_name(PurePosixPath(info.filename).name) is None), None)
+        if misnamed is not None:  # refused now, not after the upload was queued and screened
+            raise UploadError(422, f"zip member {_shown(misnamed.filename)} is not named {PATCH_NAME_HINT} (the Kaggle layout); "
+                                   "every patch's name must give its patient, place and class")
         root = destination.resolve()
         written = 0
         for info in patches:
@@ -146,6 +152,12 @@ def extract_patches(zip_path: Path, destination: Path, *, max_uncompressed: int)
                     raise UploadError(507, "the server's disk is full; the upload was not kept") from None
                 raise UploadError(400, f"zip member {_shown(info.filename)} cannot be written ({error.strerror}); refused") from None
     return len(patches)
+
+
+def _macos_extra(name: str) -> bool:
+    """The resource-fork copies macOS's Finder adds to a zip ('__MACOSX/', '._x.png'): skipped."""
+    path = PurePosixPath(name)
+    return path.parts[0] == "__MACOSX" or path.name.startswith("._")
 
 
 def _shown(name: str) -> str:
