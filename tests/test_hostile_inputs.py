@@ -504,3 +504,13 @@ def test_a_damaged_onnx_cache_is_rebuilt_not_a_failure_every_time(capsys, store,
         assert main(["predict", "-q", str(store), "--model", str(tiny_model), "--backend", "onnx", "--out", str(out), "--overwrite"]) == 0
         assert out.read_text() == first
     assert cached.stat().st_size > 200  # rebuilt once, then read
+
+
+def test_predict_on_inputs_that_are_all_rejected_fails(capsys, tmp_path):
+    folder = tmp_path / "bad" / "900000" / "0"
+    folder.mkdir(parents=True)
+    (folder / "900000_idx5_x1_y1_class0.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    (folder / "notes.png").write_bytes(b"not an image at all")
+    error = refused(capsys, "no readable patch among the inputs (2 rejected)", "predict", str(tmp_path / "bad"), "--out", str(tmp_path / "p.csv"))
+    assert "the first:" in error
+    assert not (tmp_path / "p.csv").exists() and not (tmp_path / "p.rejects.csv").exists()

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from histoscreen import __version__
 from histoscreen.atomic import check_output_file, check_output_folder
-from histoscreen.errors import HistoscreenError, OutputExistsError, RunExistsError, SettingError
+from histoscreen.errors import HistoscreenError, InputError, OutputExistsError, RunExistsError, SettingError
 from histoscreen.problems import printable_path
 from histoscreen.progress import Progress, silent
 
@@ -366,6 +366,9 @@ def _command_predict(args: argparse.Namespace, progress: Progress) -> list[str]:
         workers=args.workers, device=args.device, backend=args.backend, slide_mpp=args.slide_mpp, engine=_engine(args),
         progress=progress,
     )
+    if predictions.rows.empty:  # nothing to write is a failed run, as it is for screen
+        first = f"; the first: {predictions.problems[0].where}: {predictions.problems[0].reason}" if predictions.problems else ""
+        raise InputError(f"{', '.join(args.inputs)}: no readable patch among the inputs ({len(predictions.problems)} rejected){first}")
     written = write_predictions(predictions, args.out, overwrite=args.overwrite)
     return [f"predictions: {written[0]}", *predictions.lines()[:-1],
             predictions.lines()[-1] + (f" (see {written[1]})" if len(written) > 1 else "")]
