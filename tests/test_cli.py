@@ -180,3 +180,16 @@ def test_predict_folds_the_archives_duplicate_copies(synthetic_archive, tmp_path
     top_level = [p for p in synthetic_archive.rglob("*.png") if "IDC_regular_ps50_idx5" not in p.parts]
     assert len(rows) == len(top_level) == len({(r["patient"], r["x"], r["y"]) for r in rows})
     assert f"duplicate copies folded: {len(top_level):,}" in result.stdout
+
+
+def test_every_option_of_every_command_says_what_it_does():
+    import argparse
+
+    from histoscreen.cli import build_parser
+
+    parser = build_parser()
+    [commands] = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    missing = [f"{name} {'/'.join(action.option_strings) or action.dest}"
+               for name, sub in commands.choices.items() for action in sub._actions
+               if not isinstance(action, argparse._HelpAction) and action.help is None]
+    assert missing == []

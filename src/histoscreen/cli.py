@@ -500,11 +500,15 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--out", required=True, help="model folder to create (or to resume)")
     train.add_argument("--arch", choices=list_models(), default=_default(TrainConfig, "architecture"), help="architecture (default %(default)s)")
     train.add_argument("--arch-kwargs", help='architecture options as JSON, e.g. \'{"widths": [16, 32, 48, 64]}\'')
-    train.add_argument("--epochs", type=int, default=_default(TrainConfig, "epochs"))
-    train.add_argument("--batch-size", type=int, default=_default(TrainConfig, "batch_size"))
+    train.add_argument("--epochs", type=int, default=_default(TrainConfig, "epochs"),
+                       help="passes over the train patches; the best epoch on the val patients is kept (default %(default)s)")
+    train.add_argument("--batch-size", type=int, default=_default(TrainConfig, "batch_size"),
+                       help="patches per optimiser step (default %(default)s)")
     train.add_argument("--lr", type=float, default=_default(TrainConfig, "learning_rate"), help="peak learning rate of AdamW (default %(default)s)")
-    train.add_argument("--weight-decay", type=float, default=_default(TrainConfig, "weight_decay"))
-    train.add_argument("--warmup-epochs", type=float, default=_default(TrainConfig, "warmup_epochs"))
+    train.add_argument("--weight-decay", type=float, default=_default(TrainConfig, "weight_decay"),
+                       help="AdamW's decoupled weight decay (default %(default)s)")
+    train.add_argument("--warmup-epochs", type=float, default=_default(TrainConfig, "warmup_epochs"),
+                       help="epochs of linear learning-rate warm-up before the cosine decay (default %(default)s)")
     train.add_argument("--balance", choices=BALANCE_CHOICES, default=_default(TrainConfig, "balance"),
                        help="class imbalance: weighted loss (default), balanced sampling, or neither")
     train.add_argument("--stain-jitter", type=float, default=_default(TrainConfig, "stain_jitter"),
@@ -515,7 +519,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="a trained model to distil from (repeat for an ensemble); needs --distil-weight")
     train.add_argument("--distil-weight", type=float, default=_default(TrainConfig, "distil_weight"),
                        help="train on (1-w)*label + w*(the teachers' probability) (default %(default)s)")
-    train.add_argument("--seed", type=int, default=_default(TrainConfig, "seed"))
+    train.add_argument("--seed", type=int, default=_default(TrainConfig, "seed"),
+                       help="seeds weights, shuffling and augmentation (default %(default)s)")
     train.add_argument("--max-train-patches", type=int, help="train on a seeded subsample of this many patches")
     train.add_argument("--resume", action="store_true", help="continue a killed run in OUT where it stopped")
 
@@ -578,10 +583,12 @@ def build_parser() -> argparse.ArgumentParser:
         "and reports live under --data; screening runs in worker processes. A screening aid, not a diagnosis.",
     )
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
-    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--port", type=int, default=8000, help="port to listen on (default %(default)s)")
     serve.add_argument("--data", help="folder for jobs, reviews, uploads and reports (default: ~/.local/share/histoscreen)")
     serve.add_argument("--token", help="require 'Authorization: Bearer TOKEN' on every API call")
-    serve.add_argument("--workers", type=int, default=1, help="screening worker processes, i.e. jobs run at once (default 1)")
+    serve.add_argument("--parallel-jobs", dest="workers", type=int, default=1,
+                       help="jobs screened at once, each in a worker process of its own (default 1)")
+    serve.add_argument("--workers", dest="workers", type=int, default=argparse.SUPPRESS, help=argparse.SUPPRESS)  # its old name; --workers means decoding processes elsewhere
     serve.add_argument("--max-upload-mb", type=int, default=4096, help="largest upload accepted (default 4096 MiB)")
     serve.add_argument("--max-unzipped-mb", type=int, default=8192, help="largest total a zip may expand to (default 8192 MiB)")
 
@@ -592,7 +599,8 @@ def build_parser() -> argparse.ArgumentParser:
         "metadata JSON is written beside it. TorchScript: normalised float patches in, two calibrated logits "
         "(non-IDC, IDC) out, with config.json for QuPath's WSInfer extension.",
     )
-    export.add_argument("--format", choices=EXPORT_FORMATS, required=True)
+    export.add_argument("--format", choices=EXPORT_FORMATS, required=True,
+                        help="onnx (uint8 patches in, logits out) or torchscript (with a WSInfer/QuPath config.json)")
     export.add_argument("--out", required=True, help="file to write (e.g. model.onnx or torchscript_model.pt)")
     export.add_argument("--um-per-px", type=float, help="pixel size for config.json (default: the model's spacing_um_px)")
     return parser

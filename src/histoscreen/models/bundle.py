@@ -47,8 +47,8 @@ def scoring_mode(*, tta: bool, context: bool) -> str:
 # arithmetic overflows or underflows (a bias of 1e308 or a temperature of 1e-320 is finite
 # and turns every logit into inf or NaN).
 MAX_TEMPERATURE, MIN_TEMPERATURE = 1e3, 1e-3
-MAX_ABS_BIAS = 100.0
-MAX_ABS_CONTEXT_WEIGHT = 1e4
+MAX_ABS_BIAS = 1e4
+MAX_ABS_CONTEXT_WEIGHT = 1e6
 
 
 def _finite(name: str, value: object, bound: float = 1e12) -> float:

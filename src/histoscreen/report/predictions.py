@@ -39,7 +39,7 @@ def write_predictions(predictions: Predictions, out_csv: str | os.PathLike, *, o
     if (rejects.exists() or rejects.is_symlink()) and not (rejects.is_file() and not rejects.is_symlink() and _written_by_histoscreen(rejects)):
         raise UnsafeOutputError(
             f"{rejects} exists and is not a rejects list histoscreen wrote; it goes with {out_csv.name}, "
-            "so move it away or choose another --out"
+            "so move it away or write the predictions elsewhere"
         )
     out_csv.parent.mkdir(parents=True, exist_ok=True)
     rows = predictions.rows.copy()

@@ -13,7 +13,9 @@ import numpy as np
 
 from histoscreen.data.grid import SlidePositions
 from histoscreen.errors import SettingError
-from histoscreen.models.bundle import Calibration, ContextSettings, Scoring, Validation, scoring_mode
+from histoscreen.models.bundle import (
+    MAX_ABS_BIAS, MAX_TEMPERATURE, MIN_TEMPERATURE, Calibration, ContextSettings, Scoring, Validation, scoring_mode,
+)
 from histoscreen.scoring.context import (
     CONTEXT_RADII, CONTEXT_WEIGHTS, blend_with_neighbours, context_features, learned_context, with_context,
 )
@@ -110,8 +112,10 @@ def fit_calibration(labels: np.ndarray, logits: np.ndarray) -> tuple[float, floa
     if labels.all() or not labels.any():
         return 1.0, 0.0
     weights = _newton_logistic(np.stack([logits, np.ones_like(logits)], axis=1), labels, np.zeros(2), start=np.array([1.0, 0.0]))
-    slope = max(float(weights[0]), 1e-3)  # a model that ranks patches the wrong way round is not rescued here
-    return 1.0 / slope, float(weights[1])
+    # a model that ranks patches the wrong way round is not rescued here; and a fit on
+    # degenerate data stays within what a model file may hold
+    slope = min(max(float(weights[0]), 1 / MAX_TEMPERATURE), 1 / MIN_TEMPERATURE)
+    return 1.0 / slope, float(np.clip(weights[1], -MAX_ABS_BIAS, MAX_ABS_BIAS))
 
 
 def fit_logistic(features: np.ndarray, labels: np.ndarray) -> tuple[float, ...]:

@@ -192,7 +192,7 @@ def _check_reachable(address: str) -> None:
             pass
     except OSError as error:
         raise HistoscreenError(f"Ray: cannot join {address}: nothing answers there ({error.strerror or error}); "
-                               "start a cluster with 'ray start --head' or check the address") from None
+                               "start the cluster first (Ray's own 'ray start' command) or check the address") from None
 
 
 def _ray():
