@@ -251,3 +251,12 @@ def test_min_tissue_decides_which_edge_tiles_are_kept(synthetic_slide_image, tmp
     counts = [len(WholeSlideSource(slide, spacing_um_px=4.0, tissue=TissueSettings(min_tissue=share), workers=1))
               for share in (0.1, 0.5, 0.9)]
     assert counts[0] > counts[1] >= counts[2] > 0, counts
+
+
+def test_a_lone_slide_that_cannot_be_read_says_why(capsys, synthetic_slide_image, tiny_model, tmp_path):
+    from histoscreen.cli import main
+
+    write_pyramid_tiff(tmp_path / "no-mpp.tif", upscale(synthetic_slide_image, 2), 2.0, compression="zlib", with_resolution=False)
+    code = main(["screen", "-q", str(tmp_path / "no-mpp.tif"), "--model", str(tiny_model), "--out", str(tmp_path / "r")])
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and "no-mpp.tif: the slide gives no pixel size" in line and "no patch files named" not in line, line

@@ -162,6 +162,10 @@ class Screening:
                 first_source[slide] = source
                 self.slides.append((source, slide))
         if not self.slides:
+            found = self.problems
+            if found:  # say why the inputs gave nothing (a slide without a pixel size, say), not what was looked for
+                more = f" (and {len(found) - 1} more problems)" if len(found) > 1 else ""
+                raise InputError(f"nothing to screen: {found[0].where}: {found[0].reason}{more}")
             raise InputError(f"{', '.join(str(i) for i in inputs)}: no patch files named {PATCH_NAME_HINT}")
         self.settings = {
             **self.predictor.settings(),
