@@ -267,3 +267,19 @@ def test_csv_cells_a_spreadsheet_would_run_are_neutralised_whatever_they_start_w
         rows = list(csv.reader(handle))
     assert rows[1][0] == "'" + hostile and rows[1][1] == "-3"  # numbers stay numbers, negative ones too
     assert rows[2] == ["plain", "2"]
+
+
+def test_data_frames_are_written_with_text_cells_neutralised_and_no_index(tmp_path):
+    import csv
+
+    import pandas as pd
+
+    from histoscreen.tables import write_frame
+
+    frame = pd.DataFrame({"path": ["=cmd|' /C calc'!A0", "/data/900000_idx5_x1_y1_class0.png"],
+                          "patient": pd.Series(["@SUM(1)", "900000"], dtype="string"), "prob_idc": [-0.5, 0.25]})
+    write_frame(tmp_path / "f.csv", frame)
+    with open(tmp_path / "f.csv", newline="") as handle:
+        rows = list(csv.reader(handle))
+    assert rows[0] == ["path", "patient", "prob_idc"]  # no index column
+    assert rows[1] == ["'=cmd|' /C calc'!A0", "'@SUM(1)", "-0.5"] and rows[2] == ["/data/900000_idx5_x1_y1_class0.png", "900000", "0.25"]
