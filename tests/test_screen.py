@@ -241,3 +241,10 @@ def test_the_report_opens_in_a_headless_browser_without_outside_requests(screene
                 assert Path(href[len("file://"):].split("#")[0]).exists(), href
         browser.close()
     assert outside == [] and broken == []
+
+
+def test_a_report_of_one_slide_says_one_slide(tiny_model, tmp_path):
+    synthesize(tmp_path / "input", patients=1, seed=8, first_index=70)
+    screen_to(tmp_path / "input", tmp_path / "report", model=tiny_model)
+    index = (tmp_path / "report" / "index.html").read_text()
+    assert "<h1>IDC screening: 1 slide</h1>" in index

@@ -92,7 +92,7 @@ def write_index(folder: Path, slides: list[SlideSummary], errors: list[Problem],
         more = f"<p>… and {len(errors) - 200} more in errors.csv</p>" if len(errors) > 200 else ""
         problems = f'<h2>Problems ({len(errors)})</h2><ul id="problems">{items}</ul>{more}'
     body = (
-        f"<h1>IDC screening: {len(slides)} slides</h1>"
+        f"<h1>IDC screening: {len(slides)} slide{'' if len(slides) == 1 else 's'}</h1>"
         f"<p>Ranked most suspicious first: largest confident IDC region (patches above the threshold "
         f"{settings['threshold']:.3f} and not uncertain), then burden (IDC patches / patches screened). "
         f"Model: <code>{escape(Path(settings['model']).name)}</code>{' with dihedral TTA' if settings['tta'] else ''}"
