@@ -145,7 +145,7 @@ class Predictor:
     def _finite(self, values: np.ndarray, what: str) -> np.ndarray:
         """A NaN is no call: never let one through as 'non-IDC'."""
         if not np.isfinite(values).all():
-            bad = int((~np.isfinite(values)).sum())
+            bad = int((~np.isfinite(values)).reshape(-1, values.shape[-1]).any(0).sum())  # patches, whatever the views
             raise ModelError(f"{self.model_path}: the model computed non-finite {what} (NaN or infinity) for {bad} of "
                              f"{values.shape[-1]} patches; its weights or scoring are broken, no call was made")
         return values
