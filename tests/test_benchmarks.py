@@ -17,3 +17,13 @@ def test_throughput_benchmark_quick_mode_runs():
     assert result.returncode == 0, result.stderr[-2000:]
     for row in ("ResNet-18 @224", "packed store, ONNX Runtime", "PNG folder, torch", "% of limit", "the whole Kaggle set"):
         assert row in result.stdout
+
+
+def test_startup_benchmark_runs():
+    result = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "startup.py"), "--repeats", "1"],
+        capture_output=True, text=True, timeout=600, cwd=REPO / "benchmarks",
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    for row in ("python -c pass (baseline)", "histoscreen --help", "predict (1 patch, ONNX)", "target one-patch predict"):
+        assert row in result.stdout

@@ -27,6 +27,32 @@ def test_help_on_every_command(command):
     assert "usage: histoscreen" in result.stdout
 
 
+def test_help_and_a_patch_predicted_by_onnx_run_without_torch(tmp_path):
+    """torch takes a second or more to import here: `--help` and the ONNX path must not pay
+    it (benchmarks/startup.py times them); a cold ONNX cache still exports with torch."""
+    import os
+
+    import numpy as np
+    from PIL import Image
+
+    patch = tmp_path / "9999_idx5_x51_y51_class0.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (50, 50, 3), dtype=np.uint8)).save(patch)
+    env = {**os.environ, "HISTOSCREEN_CACHE": str(tmp_path / "cache")}
+    probe = (
+        "import contextlib, io, sys\n"
+        "from histoscreen.cli import main\n"
+        "with contextlib.redirect_stdout(io.StringIO()):\n"
+        "    try:\n        main(['--help'])\n    except SystemExit:\n        pass\n"
+        "after_help = 'torch' in sys.modules\n"
+        f"code = main(['predict', '-q', {str(patch)!r}, '--out', sys.argv[1], '--overwrite'])\n"
+        "print(after_help, 'torch' in sys.modules, 'matplotlib' in sys.modules, code)\n"
+    )
+    runs = [subprocess.run([sys.executable, "-c", probe, str(tmp_path / "out.csv")], capture_output=True, text=True,
+                           env=env, timeout=300) for _ in range(2)]
+    assert [run.stdout.split() for run in runs] == [["False", "True", "False", "0"], ["False", "False", "False", "0"]], runs
+    assert (tmp_path / "out.csv").read_text().count("\n") == 2
+
+
 def test_synth_prepare_splits_round_trip(tmp_path):
     synth = histoscreen("synth", str(tmp_path / "slides"), "--patients", "2", "--seed", "3", "--doubled")
     assert synth.returncode == 0, synth.stderr

@@ -73,39 +73,30 @@ def _default(record: type, name: str):
 # ---- option groups ---------------------------------------------------------------------
 
 
-def _quiet_options() -> argparse.ArgumentParser:
-    group = argparse.ArgumentParser(add_help=False)
+def _quiet_options(group: argparse.ArgumentParser) -> None:
     group.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors")
-    return group
 
 
-def _overwrite_options() -> argparse.ArgumentParser:
-    group = argparse.ArgumentParser(add_help=False)
+def _overwrite_options(group: argparse.ArgumentParser) -> None:
     group.add_argument("--overwrite", action="store_true", help="replace the output if it exists (only once the new one is complete)")
-    return group
 
 
-def _model_options() -> argparse.ArgumentParser:
-    group = argparse.ArgumentParser(add_help=False)
+def _model_options(group: argparse.ArgumentParser) -> None:
     group.add_argument("--model", help="model (.safetensors with its .json, or a folder); default: the shipped model")
-    return group
 
 
-def _scoring_options(context_default: str) -> argparse.ArgumentParser:
-    group = argparse.ArgumentParser(add_help=False)
+def _scoring_options(group: argparse.ArgumentParser, context_default: str) -> None:
     group.add_argument("--tta", action="store_true", help="average the 8 dihedral views (and flag patches whose views disagree)")
     group.add_argument("--context", action=argparse.BooleanOptionalAction, default=None,
                        help="blend each patch's score with its neighbours' on the slide, with the model's slide-context "
                        f"calibration (default: {context_default})")
-    return group
 
 
-def _runtime_options(*, workers: bool, batch_size: bool, backend: bool) -> argparse.ArgumentParser:
+def _runtime_options(group: argparse.ArgumentParser, *, workers: bool, batch_size: bool, backend: bool) -> None:
     from histoscreen.runtime import BACKENDS
 
-    group = argparse.ArgumentParser(add_help=False)
     group.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:1, ...")
-    group.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's own choice)")
+    group.add_argument("--threads", type=int, help="CPU threads for the model, torch or ONNX Runtime (default: one per physical core)")
     if backend:
         group.add_argument("--backend", choices=BACKENDS, default="auto",
                            help="auto (default): ONNX Runtime on CPU, torch on CUDA")
@@ -114,29 +105,24 @@ def _runtime_options(*, workers: bool, batch_size: bool, backend: bool) -> argpa
                            help="patches per forward pass (default 256: as fast here as larger batches, with a quarter of the memory)")
     if workers:
         group.add_argument("--workers", type=int, help="decoding processes for PNG input (default: all cores)")
-    return group
 
 
-def _slide_options() -> argparse.ArgumentParser:
+def _slide_options(group: argparse.ArgumentParser) -> None:
     from histoscreen.data.wsi import TissueSettings
 
-    group = argparse.ArgumentParser(add_help=False)
     group.add_argument("--slide-mpp", type=float,
                        help="whole-slide images: µm per level-0 pixel, when the file's metadata lacks it or is wrong")
     group.add_argument("--min-tissue", type=float, default=_default(TissueSettings, "min_tissue"),
                        help="whole-slide images: share of a tile that must be tissue to screen it (default %(default)s)")
-    return group
 
 
-def _engine_options() -> argparse.ArgumentParser:
-    group = argparse.ArgumentParser(add_help=False)
+def _engine_options(group: argparse.ArgumentParser) -> None:
     group.add_argument("--engine", choices=("local", "ray"), default="local",
                        help="local (default): this process; ray: shards scored by a pool of Ray actors (the [distributed] extra)")
     group.add_argument("--ray-address", help="ray: join this running cluster (e.g. 10.0.0.1:6379, or 'auto'); "
                        "default: start a local Ray instance for the run")
     group.add_argument("--ray-workers", type=int, help="ray: actors (default: one per CPU of the cluster)")
-    group.add_argument("--ray-cpus-per-worker", type=int, default=1, help="ray: CPUs (torch threads) per actor (default %(default)s)")
-    return group
+    group.add_argument("--ray-cpus-per-worker", type=int, default=1, help="ray: CPUs (model threads) per actor (default %(default)s)")
 
 
 def _engine(args: argparse.Namespace):
@@ -149,10 +135,9 @@ def _engine(args: argparse.Namespace):
     return RayEngine(address=args.ray_address, workers=args.ray_workers, cpus_per_worker=args.ray_cpus_per_worker)
 
 
-def _split_options() -> argparse.ArgumentParser:
+def _split_options(group: argparse.ArgumentParser) -> None:
     from histoscreen.data.splits import SPLIT_SCHEMES, SplitSpec
 
-    group = argparse.ArgumentParser(add_help=False)
     group.add_argument("--split-scheme", choices=SPLIT_SCHEMES, default=_default(SplitSpec, "scheme"),
                        help="official 84/29/49 patient lists (default), a k-fold round, or --split-csv")
     group.add_argument("--extra-to-train", action="store_true", help="official: add patients outside the lists to train")
@@ -161,18 +146,15 @@ def _split_options() -> argparse.ArgumentParser:
     group.add_argument("--fold", type=int, default=_default(SplitSpec, "fold"), help="kfold: the round whose held-out fold is val (1-based)")
     group.add_argument("--split-seed", type=int, default=_default(SplitSpec, "seed"), help="kfold: seed of the fold assignment")
     group.add_argument("--split-csv", help="csv: file with columns patient,split")
-    return group
 
 
-def _threshold_options() -> argparse.ArgumentParser:
+def _threshold_options(group: argparse.ArgumentParser) -> None:
     from histoscreen.scoring.calibration import THRESHOLD_OBJECTIVES, ThresholdRule
 
-    group = argparse.ArgumentParser(add_help=False)
     group.add_argument("--threshold-objective", choices=THRESHOLD_OBJECTIVES, default=_default(ThresholdRule, "objective"),
                        help="what the threshold maximises on the val patients (default %(default)s)")
     group.add_argument("--min-sensitivity", type=float, help="threshold: keep sensitivity (IDC recall) at least this")
     group.add_argument("--min-specificity", type=float, help="threshold: keep specificity (non-IDC recall) at least this")
-    return group
 
 
 def _threshold_rule(args: argparse.Namespace):
@@ -196,13 +178,13 @@ def _model_files(model: str | None) -> list:
 
 
 def _apply_threads(args: argparse.Namespace) -> None:
-    """torch's thread count is process-wide: set here, at the entry point, never in the library."""
-    if getattr(args, "threads", None):
+    """The thread budget is process-wide: set here, at the entry point, never in the library."""
+    if getattr(args, "threads", None) is not None:
         if args.threads < 1:
             raise SettingError("threads", f"must be at least 1, got {args.threads}")
-        import torch
+        from histoscreen.runtime.device import set_threads
 
-        torch.set_num_threads(args.threads)
+        set_threads(args.threads)
 
 
 # ---- commands --------------------------------------------------------------------------
@@ -424,186 +406,261 @@ def _command_export(args: argparse.Namespace, progress: Progress) -> list[str]:
 
 
 # ---- the parser ------------------------------------------------------------------------
+#
+# One entry per command: what it runs, its one-line help and description, and a function
+# that adds its options. A command's options are added only when that command runs (or the
+# whole parser is asked for): they take their choices and defaults from the library, and
+# some of it imports torch, which `histoscreen --help` and an ONNX `predict` never need.
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from histoscreen.data.splits import SPLIT_NAMES
+@dataclasses.dataclass(frozen=True)
+class Command:
+    run: object
+    options: object  # (argparse.ArgumentParser) -> None
+    help: str
+    description: str
+
+
+def _prepare_options(sub: argparse.ArgumentParser) -> None:
+    _overwrite_options(sub)
+    sub.add_argument("source", help="folder holding patch PNGs, searched recursively")
+    sub.add_argument("out", help="store folder to create")
+    sub.add_argument("--workers", type=int, default=None, help="decoding processes (default: all cores)")
+    sub.add_argument("--strict", action="store_true", help="fail on any rejected file or conflicting duplicate")
+
+
+def _synth_options(sub: argparse.ArgumentParser) -> None:
+    _overwrite_options(sub)
+    sub.add_argument("out", help="folder to create")
+    sub.add_argument("--patients", type=int, default=4, help="number of slides (default 4)")
+    sub.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    sub.add_argument("--first-index", type=int, default=0, help="first patient is 900000 + this (default 0)")
+    sub.add_argument("--doubled", action="store_true", help="also write every patch under IDC_regular_ps50_idx5/, like the Kaggle archive")
+
+
+def _demo_slides_options(sub: argparse.ArgumentParser) -> None:
+    _overwrite_options(sub)
+    sub.add_argument("out", help="folder to create")
+
+
+def _splits_options(sub: argparse.ArgumentParser) -> None:
+    _split_options(sub)
+    _overwrite_options(sub)
+    sub.add_argument("store", help="a store written by 'histoscreen prepare'")
+    sub.add_argument("--out", help="write the split(s) as CSV: patient,split,round")
+
+
+def _train_options(sub: argparse.ArgumentParser) -> None:
     from histoscreen.models import list_models
-    from histoscreen.runtime import EXPORT_FORMATS
-    from histoscreen.scoring.calibration import CONTEXT_MODELS
     from histoscreen.training import BALANCE_CHOICES, TrainConfig
 
-    quiet, overwrite, model = _quiet_options(), _overwrite_options(), _model_options()
-    split = _split_options()
+    _split_options(sub)
+    _threshold_options(sub)
+    _runtime_options(sub, workers=False, batch_size=False, backend=False)
+    sub.add_argument("store", help="a store written by 'histoscreen prepare'")
+    sub.add_argument("--out", required=True, help="model folder to create (or to resume)")
+    sub.add_argument("--arch", choices=list_models(), default=_default(TrainConfig, "architecture"), help="architecture (default %(default)s)")
+    sub.add_argument("--arch-kwargs", help='architecture options as JSON, e.g. \'{"widths": [16, 32, 48, 64]}\'')
+    sub.add_argument("--epochs", type=int, default=_default(TrainConfig, "epochs"),
+                     help="passes over the train patches; the best epoch on the val patients is kept (default %(default)s)")
+    sub.add_argument("--batch-size", type=int, default=_default(TrainConfig, "batch_size"),
+                     help="patches per optimiser step (default %(default)s)")
+    sub.add_argument("--lr", type=float, default=_default(TrainConfig, "learning_rate"), help="peak learning rate of AdamW (default %(default)s)")
+    sub.add_argument("--weight-decay", type=float, default=_default(TrainConfig, "weight_decay"),
+                     help="AdamW's decoupled weight decay (default %(default)s)")
+    sub.add_argument("--warmup-epochs", type=float, default=_default(TrainConfig, "warmup_epochs"),
+                     help="epochs of linear learning-rate warm-up before the cosine decay (default %(default)s)")
+    sub.add_argument("--balance", choices=BALANCE_CHOICES, default=_default(TrainConfig, "balance"),
+                     help="class imbalance: weighted loss (default), balanced sampling, or neither")
+    sub.add_argument("--stain-jitter", type=float, default=_default(TrainConfig, "stain_jitter"),
+                     help="HED stain jitter strength; 0 for none (default %(default)s)")
+    sub.add_argument("--border-smoothing", type=float, default=_default(TrainConfig, "border_smoothing"),
+                     help="train on (1-s)*label + s*(mean label of the 8 neighbours): soft targets near region borders (default %(default)s)")
+    sub.add_argument("--teacher", action="append", default=[], metavar="MODEL",
+                     help="a trained model to distil from (repeat for an ensemble); needs --distil-weight")
+    sub.add_argument("--distil-weight", type=float, default=_default(TrainConfig, "distil_weight"),
+                     help="train on (1-w)*label + w*(the teachers' probability) (default %(default)s)")
+    sub.add_argument("--seed", type=int, default=_default(TrainConfig, "seed"),
+                     help="seeds weights, shuffling and augmentation (default %(default)s)")
+    sub.add_argument("--max-train-patches", type=int, help="train on a seeded subsample of this many patches")
+    sub.add_argument("--resume", action="store_true", help="continue a killed run in OUT where it stopped")
+
+
+def _calibrate_options(sub: argparse.ArgumentParser) -> None:
+    from histoscreen.scoring.calibration import CONTEXT_MODELS
+
+    _model_options(sub)
+    _split_options(sub)
+    _threshold_options(sub)
+    _runtime_options(sub, workers=False, batch_size=False, backend=False)
+    _overwrite_options(sub)
+    sub.add_argument("store", help="a store written by 'histoscreen prepare'")
+    sub.add_argument("--out", required=True, help="model file (.safetensors) or folder to write")
+    sub.add_argument("--context-model", choices=CONTEXT_MODELS, default="blend",
+                     help="slide context: blend each patch with its neighbours' mean (default), or learn how to "
+                     "weigh its neighbours out to 8 patches and its slide's overall scores (what the shipped model uses)")
+
+
+def _evaluate_options(sub: argparse.ArgumentParser) -> None:
+    from histoscreen.data.splits import SPLIT_NAMES
+
+    _model_options(sub)
+    _split_options(sub)
+    _scoring_options(sub, CONTEXT_DEFAULT)
+    _runtime_options(sub, workers=False, batch_size=False, backend=True)
+    _overwrite_options(sub)
+    sub.add_argument("store", help="a store written by 'histoscreen prepare'")
+    sub.add_argument("--split", choices=SPLIT_NAMES, default="test", help="which patients of the split (default test)")
+    sub.add_argument("--out", required=True, help="folder for metrics.json, per_patient.csv and plots")
+    sub.add_argument("--bootstrap", type=int, default=1000, help="patient resamples for the 95%% intervals (default 1000)")
+
+
+def _scoring_run_options(sub: argparse.ArgumentParser, *, batch_size: bool) -> None:
+    """What predict and screen share: a model and its scoring run over slides, here or on Ray."""
+    _model_options(sub)
+    _scoring_options(sub, CONTEXT_DEFAULT)
+    _slide_options(sub)
+    _runtime_options(sub, workers=True, batch_size=batch_size, backend=True)
+    _engine_options(sub)
+    _overwrite_options(sub)
+
+
+def _predict_options(sub: argparse.ArgumentParser) -> None:
+    _scoring_run_options(sub, batch_size=True)
+    sub.add_argument("inputs", nargs="+", help="packed stores, folders of patch PNGs, PNG files, whole-slide images (.svs, .tif, .ndpi, .mrxs, ...)")
+    sub.add_argument("--out", required=True, help="CSV file to write")
+
+
+def _screen_options(sub: argparse.ArgumentParser) -> None:
+    _scoring_run_options(sub, batch_size=False)
+    sub.add_argument("inputs", nargs="+", help="Kaggle-layout folders (one patient or many), folders of named patches, stores, "
+                     "or whole-slide images (.svs, .tif, .ndpi, .mrxs, ...) and folders of them")
+    sub.add_argument("--out", required=True, help="report folder to create")
+    sub.add_argument("--um-per-px", type=float, help="pixel size in micrometres, to report region areas in mm²")
+    sub.add_argument("--labels", help="ground truth CSV with columns patient,x,y,label (else the labels in names)")
+    sub.add_argument("--ignore-name-labels", action="store_true", help="the class in file names is not ground truth")
+
+
+def _serve_options(sub: argparse.ArgumentParser) -> None:
+    _model_options(sub)
+    sub.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    sub.add_argument("--port", type=int, default=8000, help="port to listen on (default %(default)s)")
+    sub.add_argument("--data", help="folder for jobs, reviews, uploads and reports (default: ~/.local/share/histoscreen)")
+    sub.add_argument("--token", help="require 'Authorization: Bearer TOKEN' on every API call")
+    sub.add_argument("--parallel-jobs", dest="workers", type=int, default=1,
+                     help="jobs screened at once, each in a worker process of its own (default 1)")
+    sub.add_argument("--workers", dest="workers", type=int, default=argparse.SUPPRESS, help=argparse.SUPPRESS)  # its old name; --workers means decoding processes elsewhere
+    sub.add_argument("--max-upload-mb", type=int, default=4096, help="largest upload accepted (default 4096 MiB)")
+    sub.add_argument("--max-unzipped-mb", type=int, default=8192, help="largest total a zip may expand to (default 8192 MiB)")
+
+
+def _export_options(sub: argparse.ArgumentParser) -> None:
+    from histoscreen.runtime import EXPORT_FORMATS
+
+    _model_options(sub)
+    _overwrite_options(sub)
+    sub.add_argument("--format", choices=EXPORT_FORMATS, required=True,
+                     help="onnx (uint8 patches in, logits out) or torchscript (with a WSInfer/QuPath config.json)")
+    sub.add_argument("--out", required=True, help="file to write (e.g. model.onnx or torchscript_model.pt)")
+    sub.add_argument("--um-per-px", type=float, help="pixel size for config.json (default: the model's spacing_um_px)")
+
+
+COMMANDS = {
+    "prepare": Command(
+        _command_prepare, _prepare_options,
+        help="pack a folder of Kaggle-layout patch PNGs into a patch store",
+        description="Scan SOURCE (the Kaggle archive, IDC_regular_ps50_idx5/, one patient folder or a loose "
+        "folder of patches) and write a packed store to OUT. Invalid files are listed in OUT/rejects.csv.",
+    ),
+    "synth": Command(
+        _command_synth, _synth_options,
+        help="write SYNTHETIC H&E-like slides as patches in the Kaggle layout (for tests and demos)",
+        description="Generate synthetic whole-mount slides (patient ids from 900000) and cut them into 50x50 "
+        "patches in the Kaggle layout. Not real tissue.",
+    ),
+    "demo-slides": Command(
+        _command_demo_slides, _demo_slides_options,
+        help="write the three real val slides that ship with the package (for the demo)",
+        description="Write official val patients 8917, 8956 and 16896 of the Kaggle set (CC0), every patch recovered "
+        "for them, as Kaggle-layout PNGs. Stored in the package as lossy WebP mosaics, so pixels differ slightly from "
+        "the originals; these patients helped choose the shipped model, so they show the product, not its accuracy.",
+    ),
+    "splits": Command(
+        _command_splits, _splits_options,
+        help="show (and optionally save) a patient-level split of a store",
+        description="Show the patients and patches per split (every round of a k-fold scheme). Every split is by "
+        "patient and checked for overlap.",
+    ),
+    "train": Command(
+        _command_train, _train_options,
+        help="train an IDC model on a store's train patients, select and calibrate on its val patients",
+        description="Train on the train patients of a patient split, keep the epoch with the best val balanced "
+        "accuracy, then fit calibration, threshold and slide context on the val patients. Writes "
+        "OUT/model.safetensors + model.json, OUT/metrics.jsonl and a checkpoint every epoch (OUT/checkpoints).",
+    ),
+    "calibrate": Command(
+        _command_calibrate, _calibrate_options,
+        help="refit a model's calibration, thresholds and slide context on the val patients of a store",
+        description="Write a copy of MODEL whose calibration, thresholds and slide-context settings are fitted on the "
+        "val patients of STORE (for example a lab's own labelled patients in a csv split). The weights are unchanged.",
+    ),
+    "evaluate": Command(
+        _command_evaluate, _evaluate_options,
+        help="metrics with patient-bootstrap confidence intervals, per-patient table and plots",
+        description="Evaluate a model on the patients of one split of a store, at the model's own threshold.",
+    ),
+    "predict": Command(
+        _command_predict, _predict_options,
+        help="IDC probability and call for every patch of stores, folders, files or whole-slide images",
+        description="Write a CSV with one row per patch: path,patient,x,y,prob_idc,pred. Folders are searched "
+        "recursively; a patch present twice (as in the Kaggle archive) is predicted once; files that are not "
+        "valid patches are listed in OUT.rejects.csv. With slide context (the default) every patch is read before a row is written.",
+    ),
+    "screen": Command(
+        _command_screen, _screen_options,
+        help="screen a batch of slides: heatmaps, tumour burden, triage ranking, explanations, HTML report",
+        description="Rebuild every slide in INPUT from its patches, predict IDC, and write OUT/index.html "
+        "(open it from disk), slides.csv, slides.json, errors.csv and per-slide heatmaps, GeoJSON regions and "
+        "Grad-CAM explanations. A screening aid, not a diagnosis.",
+    ),
+    "serve": Command(
+        _command_serve, _serve_options,
+        help="the web app and REST API: upload, watch, rank, view and review screening jobs",
+        description="Serve the web app and REST API on this machine (localhost by default). Jobs, reviews, uploads "
+        "and reports live under --data; screening runs in worker processes. A screening aid, not a diagnosis.",
+    ),
+    "export": Command(
+        _command_export, _export_options,
+        help="export a model to ONNX or TorchScript (with a WSInfer/QuPath config.json)",
+        description="ONNX: uint8 patches (N x 50 x 50 x 3) in, IDC logits out, normalisation inside; the "
+        "metadata JSON is written beside it. TorchScript: normalised float patches in, two calibrated logits "
+        "(non-IDC, IDC) out, with config.json for QuPath's WSInfer extension.",
+    ),
+}
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The command line; with `command`, only that command's options are added (the others
+    keep their names and help, which is all `histoscreen --help` shows)."""
     parser = argparse.ArgumentParser(
         prog="histoscreen",
         description="Screen breast histopathology patches for invasive ductal carcinoma (IDC).",
     )
     parser.add_argument("--version", action="version", version=f"histoscreen {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    def command(name: str, run, parents: list, **texts) -> argparse.ArgumentParser:
-        sub = commands.add_parser(name, parents=[quiet, *parents], **texts)
-        sub.set_defaults(run=run)
-        return sub
-
-    prepare = command(
-        "prepare", _command_prepare, [overwrite],
-        help="pack a folder of Kaggle-layout patch PNGs into a patch store",
-        description="Scan SOURCE (the Kaggle archive, IDC_regular_ps50_idx5/, one patient folder or a loose "
-        "folder of patches) and write a packed store to OUT. Invalid files are listed in OUT/rejects.csv.",
-    )
-    prepare.add_argument("source", help="folder holding patch PNGs, searched recursively")
-    prepare.add_argument("out", help="store folder to create")
-    prepare.add_argument("--workers", type=int, default=None, help="decoding processes (default: all cores)")
-    prepare.add_argument("--strict", action="store_true", help="fail on any rejected file or conflicting duplicate")
-
-    synth = command(
-        "synth", _command_synth, [overwrite],
-        help="write SYNTHETIC H&E-like slides as patches in the Kaggle layout (for tests and demos)",
-        description="Generate synthetic whole-mount slides (patient ids from 900000) and cut them into 50x50 "
-        "patches in the Kaggle layout. Not real tissue.",
-    )
-    synth.add_argument("out", help="folder to create")
-    synth.add_argument("--patients", type=int, default=4, help="number of slides (default 4)")
-    synth.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    synth.add_argument("--first-index", type=int, default=0, help="first patient is 900000 + this (default 0)")
-    synth.add_argument("--doubled", action="store_true", help="also write every patch under IDC_regular_ps50_idx5/, like the Kaggle archive")
-
-    demo_slides = command(
-        "demo-slides", _command_demo_slides, [overwrite],
-        help="write the three real val slides that ship with the package (for the demo)",
-        description="Write official val patients 8917, 8956 and 16896 of the Kaggle set (CC0), every patch recovered "
-        "for them, as Kaggle-layout PNGs. Stored in the package as lossy WebP mosaics, so pixels differ slightly from "
-        "the originals; these patients helped choose the shipped model, so they show the product, not its accuracy.",
-    )
-    demo_slides.add_argument("out", help="folder to create")
-
-    splits = command(
-        "splits", _command_splits, [split, overwrite],
-        help="show (and optionally save) a patient-level split of a store",
-        description="Show the patients and patches per split (every round of a k-fold scheme). Every split is by "
-        "patient and checked for overlap.",
-    )
-    splits.add_argument("store", help="a store written by 'histoscreen prepare'")
-    splits.add_argument("--out", help="write the split(s) as CSV: patient,split,round")
-
-    train = command(
-        "train", _command_train,
-        [split, _threshold_options(), _runtime_options(workers=False, batch_size=False, backend=False)],
-        help="train an IDC model on a store's train patients, select and calibrate on its val patients",
-        description="Train on the train patients of a patient split, keep the epoch with the best val balanced "
-        "accuracy, then fit calibration, threshold and slide context on the val patients. Writes "
-        "OUT/model.safetensors + model.json, OUT/metrics.jsonl and a checkpoint every epoch (OUT/checkpoints).",
-    )
-    train.add_argument("store", help="a store written by 'histoscreen prepare'")
-    train.add_argument("--out", required=True, help="model folder to create (or to resume)")
-    train.add_argument("--arch", choices=list_models(), default=_default(TrainConfig, "architecture"), help="architecture (default %(default)s)")
-    train.add_argument("--arch-kwargs", help='architecture options as JSON, e.g. \'{"widths": [16, 32, 48, 64]}\'')
-    train.add_argument("--epochs", type=int, default=_default(TrainConfig, "epochs"),
-                       help="passes over the train patches; the best epoch on the val patients is kept (default %(default)s)")
-    train.add_argument("--batch-size", type=int, default=_default(TrainConfig, "batch_size"),
-                       help="patches per optimiser step (default %(default)s)")
-    train.add_argument("--lr", type=float, default=_default(TrainConfig, "learning_rate"), help="peak learning rate of AdamW (default %(default)s)")
-    train.add_argument("--weight-decay", type=float, default=_default(TrainConfig, "weight_decay"),
-                       help="AdamW's decoupled weight decay (default %(default)s)")
-    train.add_argument("--warmup-epochs", type=float, default=_default(TrainConfig, "warmup_epochs"),
-                       help="epochs of linear learning-rate warm-up before the cosine decay (default %(default)s)")
-    train.add_argument("--balance", choices=BALANCE_CHOICES, default=_default(TrainConfig, "balance"),
-                       help="class imbalance: weighted loss (default), balanced sampling, or neither")
-    train.add_argument("--stain-jitter", type=float, default=_default(TrainConfig, "stain_jitter"),
-                       help="HED stain jitter strength; 0 for none (default %(default)s)")
-    train.add_argument("--border-smoothing", type=float, default=_default(TrainConfig, "border_smoothing"),
-                       help="train on (1-s)*label + s*(mean label of the 8 neighbours): soft targets near region borders (default %(default)s)")
-    train.add_argument("--teacher", action="append", default=[], metavar="MODEL",
-                       help="a trained model to distil from (repeat for an ensemble); needs --distil-weight")
-    train.add_argument("--distil-weight", type=float, default=_default(TrainConfig, "distil_weight"),
-                       help="train on (1-w)*label + w*(the teachers' probability) (default %(default)s)")
-    train.add_argument("--seed", type=int, default=_default(TrainConfig, "seed"),
-                       help="seeds weights, shuffling and augmentation (default %(default)s)")
-    train.add_argument("--max-train-patches", type=int, help="train on a seeded subsample of this many patches")
-    train.add_argument("--resume", action="store_true", help="continue a killed run in OUT where it stopped")
-
-    calibrate = command(
-        "calibrate", _command_calibrate,
-        [model, split, _threshold_options(), _runtime_options(workers=False, batch_size=False, backend=False), overwrite],
-        help="refit a model's calibration, thresholds and slide context on the val patients of a store",
-        description="Write a copy of MODEL whose calibration, thresholds and slide-context settings are fitted on the "
-        "val patients of STORE (for example a lab's own labelled patients in a csv split). The weights are unchanged.",
-    )
-    calibrate.add_argument("store", help="a store written by 'histoscreen prepare'")
-    calibrate.add_argument("--out", required=True, help="model file (.safetensors) or folder to write")
-    calibrate.add_argument("--context-model", choices=CONTEXT_MODELS, default="blend",
-                           help="slide context: blend each patch with its neighbours' mean (default), or learn how to "
-                           "weigh its neighbours out to 8 patches and its slide's overall scores (what the shipped model uses)")
-
-    evaluate = command(
-        "evaluate", _command_evaluate,
-        [model, split, _scoring_options(CONTEXT_DEFAULT), _runtime_options(workers=False, batch_size=False, backend=True), overwrite],
-        help="metrics with patient-bootstrap confidence intervals, per-patient table and plots",
-        description="Evaluate a model on the patients of one split of a store, at the model's own threshold.",
-    )
-    evaluate.add_argument("store", help="a store written by 'histoscreen prepare'")
-    evaluate.add_argument("--split", choices=SPLIT_NAMES, default="test", help="which patients of the split (default test)")
-    evaluate.add_argument("--out", required=True, help="folder for metrics.json, per_patient.csv and plots")
-    evaluate.add_argument("--bootstrap", type=int, default=1000, help="patient resamples for the 95%% intervals (default 1000)")
-
-    predict = command(
-        "predict", _command_predict,
-        [model, _scoring_options(CONTEXT_DEFAULT), _slide_options(), _runtime_options(workers=True, batch_size=True, backend=True),
-         _engine_options(), overwrite],
-        help="IDC probability and call for every patch of stores, folders, files or whole-slide images",
-        description="Write a CSV with one row per patch: path,patient,x,y,prob_idc,pred. Folders are searched "
-        "recursively; a patch present twice (as in the Kaggle archive) is predicted once; files that are not "
-        "valid patches are listed in OUT.rejects.csv. With slide context (the default) every patch is read before a row is written.",
-    )
-    predict.add_argument("inputs", nargs="+", help="packed stores, folders of patch PNGs, PNG files, whole-slide images (.svs, .tif, .ndpi, .mrxs, ...)")
-    predict.add_argument("--out", required=True, help="CSV file to write")
-
-    screen = command(
-        "screen", _command_screen,
-        [model, _scoring_options(CONTEXT_DEFAULT), _slide_options(),
-         _runtime_options(workers=True, batch_size=False, backend=True), _engine_options(), overwrite],
-        help="screen a batch of slides: heatmaps, tumour burden, triage ranking, explanations, HTML report",
-        description="Rebuild every slide in INPUT from its patches, predict IDC, and write OUT/index.html "
-        "(open it from disk), slides.csv, slides.json, errors.csv and per-slide heatmaps, GeoJSON regions and "
-        "Grad-CAM explanations. A screening aid, not a diagnosis.",
-    )
-    screen.add_argument("inputs", nargs="+", help="Kaggle-layout folders (one patient or many), folders of named patches, stores, "
-                        "or whole-slide images (.svs, .tif, .ndpi, .mrxs, ...) and folders of them")
-    screen.add_argument("--out", required=True, help="report folder to create")
-    screen.add_argument("--um-per-px", type=float, help="pixel size in micrometres, to report region areas in mm²")
-    screen.add_argument("--labels", help="ground truth CSV with columns patient,x,y,label (else the labels in names)")
-    screen.add_argument("--ignore-name-labels", action="store_true", help="the class in file names is not ground truth")
-
-    serve = command(
-        "serve", _command_serve, [model],
-        help="the web app and REST API: upload, watch, rank, view and review screening jobs",
-        description="Serve the web app and REST API on this machine (localhost by default). Jobs, reviews, uploads "
-        "and reports live under --data; screening runs in worker processes. A screening aid, not a diagnosis.",
-    )
-    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
-    serve.add_argument("--port", type=int, default=8000, help="port to listen on (default %(default)s)")
-    serve.add_argument("--data", help="folder for jobs, reviews, uploads and reports (default: ~/.local/share/histoscreen)")
-    serve.add_argument("--token", help="require 'Authorization: Bearer TOKEN' on every API call")
-    serve.add_argument("--parallel-jobs", dest="workers", type=int, default=1,
-                       help="jobs screened at once, each in a worker process of its own (default 1)")
-    serve.add_argument("--workers", dest="workers", type=int, default=argparse.SUPPRESS, help=argparse.SUPPRESS)  # its old name; --workers means decoding processes elsewhere
-    serve.add_argument("--max-upload-mb", type=int, default=4096, help="largest upload accepted (default 4096 MiB)")
-    serve.add_argument("--max-unzipped-mb", type=int, default=8192, help="largest total a zip may expand to (default 8192 MiB)")
-
-    export = command(
-        "export", _command_export, [model, overwrite],
-        help="export a model to ONNX or TorchScript (with a WSInfer/QuPath config.json)",
-        description="ONNX: uint8 patches (N x 50 x 50 x 3) in, IDC logits out, normalisation inside; the "
-        "metadata JSON is written beside it. TorchScript: normalised float patches in, two calibrated logits "
-        "(non-IDC, IDC) out, with config.json for QuPath's WSInfer extension.",
-    )
-    export.add_argument("--format", choices=EXPORT_FORMATS, required=True,
-                        help="onnx (uint8 patches in, logits out) or torchscript (with a WSInfer/QuPath config.json)")
-    export.add_argument("--out", required=True, help="file to write (e.g. model.onnx or torchscript_model.pt)")
-    export.add_argument("--um-per-px", type=float, help="pixel size for config.json (default: the model's spacing_um_px)")
+    for name, spec in COMMANDS.items():
+        sub = commands.add_parser(name, help=spec.help, description=spec.description)
+        sub.set_defaults(run=spec.run)
+        if command is None or command == name:
+            _quiet_options(sub)
+            spec.options(sub)
     return parser
+
+
+def _named_command(argv: Sequence[str]) -> str | None:
+    """The command an argument list names: its first word that is not an option (the
+    top-level options, --help and --version, take no value)."""
+    return next((word for word in argv if not word.startswith("-")), None)
 
 
 def command_flags(parser: argparse.ArgumentParser, command: str) -> set[str]:
@@ -629,7 +686,8 @@ def phrase(error: HistoscreenError, flags: set[str]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(_named_command(argv) or "")
     args = parser.parse_args(argv)
     if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 alone speaks
         args.quiet = True

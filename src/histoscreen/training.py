@@ -31,12 +31,12 @@ from histoscreen.data.store import PatchStore
 from histoscreen.data.transforms import AugmentationDraw, Normalisation, augment
 from histoscreen.errors import InputError, ResumeMismatchError, RunExistsError, SettingError, UnsafeOutputError
 from histoscreen.models import count_flops, create_model
-from histoscreen.models.bundle import ModelMetadata, Scoring, Validation, load_model, read_safetensors, save_model
+from histoscreen.models.bundle import ModelMetadata, load_model, read_safetensors, save_model
 from histoscreen.models.registry import check_architecture_kwargs
 from histoscreen.progress import Progress, silent
 from histoscreen.runtime.device import machine_description, pick_device
-from histoscreen.runtime.forward import batched_logits
-from histoscreen.scoring.calibration import ThresholdRule, choose_threshold, fit_scoring
+from histoscreen.runtime.forward import batched_logits, fit_scoring_on
+from histoscreen.scoring.calibration import ThresholdRule, choose_threshold
 from histoscreen.scoring.context import neighbour_means
 from histoscreen.scoring.metrics import classification_metrics, sigmoid
 
@@ -449,25 +449,6 @@ def finalise(model, normalisation, data: TrainingData, config: TrainConfig, stat
     model_path = save_model(model.cpu(), metadata, out_dir / "model.safetensors")
     log(f"model: {model_path} (val: {_summary(validation.metrics['plain'])})")
     return TrainResult(model_path, metadata, state["history"])
-
-
-def fit_scoring_on(
-    model: torch.nn.Module,
-    normalisation: Normalisation,
-    val: PatchBatch,
-    *,
-    rule: ThresholdRule = ThresholdRule(),
-    context_model: str = "blend",
-    device: torch.device | None = None,
-) -> tuple[Scoring, Validation]:
-    """Run the model on labelled val patches (one view and the 8 dihedral ones) and fit the
-    calibration, thresholds and slide context on them (scoring.calibration.fit_scoring)."""
-    model.to(device or torch.device("cpu"))
-    plain = batched_logits(model, val.pixels, normalisation, device=device)
-    tta = batched_logits(model, val.pixels, normalisation, tta=True, device=device)
-    return fit_scoring(
-        val.labels, plain, tta, positions=val.positions, patients=val.patients, rule=rule, context_model=context_model
-    )
 
 
 def _summary(metrics: dict) -> str:

@@ -25,7 +25,7 @@ from histoscreen.constants import KAGGLE_DUPLICATE_FOLDER, PATCH_SIZE
 from histoscreen.data.grid import NO_SLIDE, UNKNOWN_COORDINATE, SlidePositions
 from histoscreen.data.naming import PatchName, grid_index, parse_patch_name, patient_sort_key
 from histoscreen.data.patch_files import check_name, decode_files, find_files
-from histoscreen.data.store import MANIFEST_FILE, PatchStore
+from histoscreen.data.store import PatchStore
 from histoscreen.errors import InputError, SettingError
 from histoscreen.problems import Problem
 

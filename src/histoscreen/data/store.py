@@ -10,7 +10,6 @@ Layout of a store folder:
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterable
 from pathlib import Path

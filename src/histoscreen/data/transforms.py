@@ -10,32 +10,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
 import torch
+
+from histoscreen.data.views import DIHEDRAL_VIEWS, Normalisation  # noqa: F401  (re-exported for training)
 
 # Ruifrok & Johnston's haematoxylin, eosin and DAB optical-density vectors (as in
 # scikit-image's rgb2hed), rows are stains.
 _RGB_FROM_HED = torch.tensor([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]])
 _HED_FROM_RGB = torch.linalg.inv(_RGB_FROM_HED)
 _MIN_INTENSITY = 1e-6
-
-DIHEDRAL_VIEWS = 8
-
-
-@dataclass(frozen=True)
-class Normalisation:
-    """Per-channel mean and std of RGB values scaled to [0, 1]."""
-
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-
-    @classmethod
-    def of(cls, patches: np.ndarray, sample: int = 20000, seed: int = 0) -> Normalisation:
-        """Estimate from up to `sample` patches of an N x H x W x 3 uint8 array."""
-        rng = np.random.default_rng(seed)
-        chosen = np.sort(rng.choice(len(patches), size=min(sample, len(patches)), replace=False))
-        values = patches[chosen].reshape(-1, 3).astype(np.float64) / 255.0
-        return cls(tuple(values.mean(0).round(6).tolist()), tuple(values.std(0).round(6).tolist()))
 
 
 def to_model_input(patches: torch.Tensor, normalisation: Normalisation) -> torch.Tensor:

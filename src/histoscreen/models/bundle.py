@@ -16,17 +16,17 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field, fields
 from importlib import resources
 from pathlib import Path
-
-import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save
+from typing import TYPE_CHECKING
 
 from histoscreen.atomic import atomic_write_bytes, atomic_write_text, check_output_file
 from histoscreen.constants import KAGGLE_UM_PER_PX
-from histoscreen.data.transforms import Normalisation
+from histoscreen.data.views import Normalisation
 from histoscreen.errors import HistoscreenError, ModelError
 from histoscreen.jsontext import read_json_text
 from histoscreen.models.registry import create_model
+
+if TYPE_CHECKING:
+    import torch
 
 WEIGHTS_SUFFIX = ".safetensors"
 METADATA_SUFFIX = ".json"
@@ -316,6 +316,8 @@ def save_model(
 ) -> Path:
     """Write NAME.safetensors and NAME.json; never over one of `inputs` (the model it was
     made from, say), nor over an existing model unless `overwrite`."""
+    from safetensors.torch import save
+
     weights, meta = model_paths(path)
     for existing in (weights, meta):
         check_output_file(existing, overwrite=overwrite, inputs=inputs)
@@ -328,6 +330,19 @@ def save_model(
 
 def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     """Load tensors from a safetensors file, refusing anything else (pickles included)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    check_safetensors_file(path)
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError, ValueError) as error:
+        raise ModelError(f"{path}: unreadable safetensors file ({error})") from None
+
+
+def check_safetensors_file(path: Path) -> None:
+    """Refuse a missing file or one that is not safetensors (a pickle above all) by its first
+    bytes, before anything reads it further."""
     if not path.is_file():
         raise ModelError(f"{path}: no such model file")
     with open(path, "rb") as handle:
@@ -340,10 +355,6 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
                 "as unpickling can run arbitrary code. Convert it to safetensors with metadata JSON."
             )
         raise ModelError(f"{path}: not a safetensors file")
-    try:
-        return load_file(path)
-    except (SafetensorError, OSError, ValueError) as error:
-        raise ModelError(f"{path}: unreadable safetensors file ({error})") from None
 
 
 def load_metadata(path: str | os.PathLike) -> ModelMetadata:
@@ -381,6 +392,8 @@ def load_model(path: str | os.PathLike) -> tuple[torch.nn.Module, ModelMetadata]
 def _check_tensors(path: Path, tensors: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], architecture: str) -> None:
     """Names, shapes, kinds of number and finiteness, before any is used: load_state_dict
     casts int64 weights to float without a word, and a NaN weight makes every call 'non-IDC'."""
+    import torch
+
     missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
     if missing or unexpected:
         described = "; ".join(part for part in (

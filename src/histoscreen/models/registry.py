@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
-
-from torch import nn
+from typing import TYPE_CHECKING
 
 from histoscreen.errors import SettingError
+
+if TYPE_CHECKING:
+    from torch import nn
+
+# The architectures that ship, imported (and so registered) when first asked for: importing
+# them imports torch, which a command that only reads a model's metadata never needs.
+_BUILTIN_MODULES = ("histoscreen.models.compact", "histoscreen.models.residual", "histoscreen.models.resnet")
 
 _FACTORIES: dict[str, Callable[..., nn.Module]] = {}
 
@@ -44,6 +51,7 @@ def check_architecture_kwargs(kwargs: dict) -> None:
 
 def create_model(name: str, **kwargs) -> nn.Module:
     """Build a registered architecture. Every model maps N x 3 x 50 x 50 to N IDC logits."""
+    _register_builtins()
     if name not in _FACTORIES:
         raise SettingError("architecture", f"{name!r} is not a known model; available: {', '.join(list_models())}")
     check_architecture_kwargs(kwargs)
@@ -51,4 +59,10 @@ def create_model(name: str, **kwargs) -> nn.Module:
 
 
 def list_models() -> list[str]:
+    _register_builtins()
     return sorted(_FACTORIES)
+
+
+def _register_builtins() -> None:
+    for module in _BUILTIN_MODULES:
+        importlib.import_module(module)

@@ -1,8 +1,13 @@
 """Report stage: writers. Tasks compute and return; these turn their results into files
 (CSV, JSON, HTML, GeoJSON, PNG), each output written atomically."""
 
-from histoscreen.report.evaluation import write_evaluation
-from histoscreen.report.predictions import write_predictions
-from histoscreen.report.screening import ScreeningReport, write_screening_report
+from histoscreen.lazy import lazy_exports
 
-__all__ = ["ScreeningReport", "write_evaluation", "write_predictions", "write_screening_report"]
+_EXPORTS = {
+    "write_evaluation": "histoscreen.report.evaluation",  # imports matplotlib: only when asked for
+    "write_predictions": "histoscreen.report.predictions",
+    "ScreeningReport": "histoscreen.report.screening",
+    "write_screening_report": "histoscreen.report.screening",
+}
+__all__ = sorted(_EXPORTS)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

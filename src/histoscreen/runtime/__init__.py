@@ -1,17 +1,14 @@
-"""Runtime stage: running a model on patches (torch or ONNX Runtime) and exporting it."""
+"""Runtime stage: running a model on patches (torch or ONNX Runtime) and exporting it.
 
-from histoscreen.runtime.device import machine_description, pick_device
-from histoscreen.runtime.export import EXPORT_FORMATS, export_model
-from histoscreen.runtime.forward import batched_logits, batched_view_logits
-from histoscreen.runtime.predictor import BACKENDS, Predictor
+Names are imported on first use: the ONNX path runs without importing torch."""
 
-__all__ = [
-    "BACKENDS",
-    "EXPORT_FORMATS",
-    "Predictor",
-    "batched_logits",
-    "batched_view_logits",
-    "export_model",
-    "machine_description",
-    "pick_device",
-]
+from histoscreen.lazy import lazy_exports
+
+_EXPORTS = {
+    **dict.fromkeys(("machine_description", "pick_device"), "histoscreen.runtime.device"),
+    **dict.fromkeys(("EXPORT_FORMATS", "export_model"), "histoscreen.runtime.export"),
+    **dict.fromkeys(("batched_logits", "batched_view_logits"), "histoscreen.runtime.forward"),
+    **dict.fromkeys(("BACKENDS", "Predictor"), "histoscreen.runtime.predictor"),
+}
+__all__ = sorted(_EXPORTS)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

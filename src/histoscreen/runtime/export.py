@@ -17,9 +17,43 @@ from histoscreen.constants import PATCH_SIZE
 from histoscreen.data.wsi import check_pixel_size_setting
 from histoscreen.errors import SettingError
 from histoscreen.models.bundle import load_model, model_paths
-from histoscreen.runtime.onnx import onnx_bytes
+from histoscreen.data.views import Normalisation
+from histoscreen.models.bundle import ModelMetadata
+from histoscreen.runtime.onnx import ONNX_OPSET
 
 EXPORT_FORMATS = ("onnx", "torchscript")
+
+
+class UInt8Model(nn.Module):
+    """uint8 N x 50 x 50 x 3 patches in, IDC logits out: normalisation inside the graph, so an
+    exported model needs nothing but the patches."""
+
+    def __init__(self, model: nn.Module, normalisation: Normalisation):
+        super().__init__()
+        self.model = model
+        self.register_buffer("mean", torch.tensor(normalisation.mean).view(1, 3, 1, 1) * 255)
+        self.register_buffer("std", torch.tensor(normalisation.std).view(1, 3, 1, 1) * 255)
+
+    def forward(self, patches: torch.Tensor) -> torch.Tensor:
+        images = (patches.permute(0, 3, 1, 2).float() - self.mean) / self.std
+        return self.model(images)
+
+
+def onnx_bytes(model: nn.Module, metadata: ModelMetadata) -> bytes:
+    """The model as ONNX, taking uint8 patches (N x 50 x 50 x 3) and giving logits (N)."""
+    wrapped = UInt8Model(model.cpu().eval(), metadata.normalisation).eval()
+    example = torch.zeros(2, PATCH_SIZE, PATCH_SIZE, 3, dtype=torch.uint8)
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():
+        # The TorchScript-based exporter is deprecated but needs no extra packages, and
+        # these models are plain feed-forward graphs it handles exactly.
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            wrapped, (example,), buffer, dynamo=False, opset_version=ONNX_OPSET,
+            input_names=["patches"], output_names=["logits"],
+            dynamic_axes={"patches": {0: "batch"}, "logits": {0: "batch"}},
+        )
+    return buffer.getvalue()
 
 
 class CalibratedTwoClass(nn.Module):

@@ -1,12 +1,15 @@
 """The one batched torch forward pass every stage uses: training's validation, calibration,
-prediction and screening. uint8 patches in, IDC logits out."""
+prediction and screening. uint8 patches in, IDC logits out; and a scoring fitted on them."""
 
 from __future__ import annotations
 
 import numpy as np
 import torch
 
+from histoscreen.data.sources import PatchBatch
 from histoscreen.data.transforms import DIHEDRAL_VIEWS, Normalisation, dihedral, to_model_input
+from histoscreen.models.bundle import Scoring, Validation
+from histoscreen.scoring.calibration import ThresholdRule, fit_scoring
 
 
 @torch.inference_mode()
@@ -44,3 +47,22 @@ def batched_logits(
     """Logits for N x 50 x 50 x 3 uint8 patches; with `tta`, the mean over the 8 dihedral views."""
     views = DIHEDRAL_VIEWS if tta else 1
     return batched_view_logits(model, patches, normalisation, views=views, batch_size=batch_size, device=device).mean(0)
+
+
+def fit_scoring_on(
+    model: torch.nn.Module,
+    normalisation: Normalisation,
+    val: PatchBatch,
+    *,
+    rule: ThresholdRule = ThresholdRule(),
+    context_model: str = "blend",
+    device: torch.device | None = None,
+) -> tuple[Scoring, Validation]:
+    """Run the model on labelled val patches (one view and the 8 dihedral ones) and fit the
+    calibration, thresholds and slide context on them (scoring.calibration.fit_scoring)."""
+    model.to(device or torch.device("cpu"))
+    plain = batched_logits(model, val.pixels, normalisation, device=device)
+    tta = batched_logits(model, val.pixels, normalisation, tta=True, device=device)
+    return fit_scoring(
+        val.labels, plain, tta, positions=val.positions, patients=val.patients, rule=rule, context_model=context_model
+    )

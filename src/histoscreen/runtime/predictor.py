@@ -5,33 +5,38 @@ app and Ray workers) share."""
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from histoscreen.constants import PATCH_SIZE
 from histoscreen.data.grid import SlidePositions
-from histoscreen.data.transforms import DIHEDRAL_VIEWS
+from histoscreen.data.views import DIHEDRAL_VIEWS
 from histoscreen.errors import ArgumentError, ModelError, SettingError
-from histoscreen.models.bundle import Calibration, load_model, model_paths, scoring_mode, shipped_model_path
-from histoscreen.runtime.device import pick_device
-from histoscreen.runtime.forward import batched_view_logits
+from histoscreen.models.bundle import (
+    Calibration, check_safetensors_file, load_metadata, load_model, model_paths, scoring_mode, shipped_model_path,
+)
+from histoscreen.runtime.device import device_name
 from histoscreen.runtime.onnx import onnx_runner
 from histoscreen.scoring.calibration import scored
 from histoscreen.scoring.context import CONTEXT_FEATURES
 from histoscreen.scoring.metrics import sigmoid
 
+if TYPE_CHECKING:
+    import torch
+
 BACKENDS = ("auto", "torch", "onnx")
 
 
-def resolve_backend(requested: str, device: torch.device) -> str:
+def resolve_backend(requested: str, device: str) -> str:
     """'auto' picks ONNX Runtime on the CPU (1.9x torch's speed for the shipped model here)
     and torch on CUDA."""
     if requested not in BACKENDS:
         raise SettingError("backend", f"{requested!r} is not one of {', '.join(BACKENDS)}")
     if requested == "auto":
-        return "onnx" if device.type == "cpu" else "torch"
+        return "onnx" if device == "cpu" else "torch"
     return requested
 
 
@@ -44,6 +49,9 @@ class Predictor:
     calibration and threshold apply; that needs every patch of a slide at once, with its
     position. A patch with no neighbours (a sparse slide, a file whose name gives no place)
     keeps its own score, put on the context scale.
+
+    On the ONNX path the torch model is loaded only when something asks for it (Grad-CAM, or
+    exporting the graph on a cache miss): a short `predict` runs without importing torch.
     """
 
     def __init__(
@@ -59,9 +67,15 @@ class Predictor:
         if batch_size < 1:
             raise SettingError("batch_size", f"must be at least 1, got {batch_size}")
         self.model_path = Path(model_path) if model_path is not None else shipped_model_path()
-        self.device = pick_device(device)
+        self.device = device_name(device)
         self.backend = resolve_backend(backend, self.device)
-        model, self.metadata = load_model(self.model_path)
+        self._model: torch.nn.Module | None = None
+        self._model_lock = threading.Lock()
+        if self.backend == "torch":
+            self._load_model()
+        else:  # the weights are read only if the ONNX graph is not cached; refuse a pickle now all the same
+            check_safetensors_file(model_paths(self.model_path)[0])
+            self.metadata = load_metadata(self.model_path)
         if context is None:  # the model's best scoring: with context whenever it has one
             context = self.metadata.scoring.has_context
         if context and not self.metadata.scoring.has_context:
@@ -75,14 +89,31 @@ class Predictor:
                 f"{self.model_path}: the learned slide context has {len(linear)} weights; this version of histoscreen "
                 f"computes {len(CONTEXT_FEATURES)} features and an intercept"
             )
-        self.model = model.to(self.device, memory_format=torch.channels_last)
         self.onnx = None
         if self.backend == "onnx":
-            self.onnx = onnx_runner(model, self.metadata, model_paths(self.model_path)[0], device=self.device)
-            self.model.to(self.device)  # exporting moved it to the CPU
+            self.onnx = onnx_runner(lambda: self.model.cpu(), self.metadata, model_paths(self.model_path)[0], device=self.device)
+            if self._model is not None:
+                self._model.to(self.device)  # exporting moved it to the CPU
         self.tta = tta
         self.context = context
         self.batch_size = batch_size
+
+    def _load_model(self) -> torch.nn.Module:
+        import torch
+
+        model, self.metadata = load_model(self.model_path)
+        self._model = model.to(self.device, memory_format=torch.channels_last)
+        return self._model
+
+    @property
+    def model(self) -> torch.nn.Module:
+        """The torch model, on the predictor's device, loaded on first use."""
+        with self._model_lock:
+            if self._model is None:
+                metadata = self.metadata
+                self._load_model()
+                self.metadata = metadata  # the scoring checked above stays the one in use
+            return self._model
 
     @property
     def patch_calibration(self) -> Calibration:
@@ -122,6 +153,8 @@ class Predictor:
         if self.onnx is not None:
             logits = self.onnx.view_logits(patches, views=views, batch_size=self.batch_size)
         else:
+            from histoscreen.runtime.forward import batched_view_logits
+
             logits = batched_view_logits(
                 self.model, patches, self.metadata.normalisation, views=views, batch_size=self.batch_size, device=self.device
             )

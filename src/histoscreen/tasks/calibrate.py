@@ -6,8 +6,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import replace
-
-import torch
+from typing import TYPE_CHECKING
 
 from histoscreen.data.naming import patient_sort_key
 from histoscreen.data.sources import StoreSource
@@ -17,7 +16,9 @@ from histoscreen.errors import InputError
 from histoscreen.scoring.calibration import ThresholdRule
 from histoscreen.models.bundle import ModelMetadata, load_model
 from histoscreen.runtime.device import pick_device
-from histoscreen.training import fit_scoring_on
+
+if TYPE_CHECKING:
+    import torch
 
 
 def calibrate(
@@ -29,6 +30,8 @@ def calibrate(
     context_model: str = "blend",
     device: str = "auto",
 ) -> tuple[torch.nn.Module, ModelMetadata]:
+    from histoscreen.runtime.forward import fit_scoring_on  # torch, imported only where it runs
+
     model, metadata = load_model(model_path)
     store = PatchStore(store_path)
     split = split_spec.resolve(store.patient_table())

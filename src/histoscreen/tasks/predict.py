@@ -17,7 +17,6 @@ import pandas as pd
 from histoscreen.data.inputs import SlideReading, open_sources
 from histoscreen.data.sources import NO_SLIDE, UNKNOWN_COORDINATE, PatchBatch, PatchSource
 from histoscreen.data.wsi import check_pixel_size_setting
-from histoscreen.errors import SettingError
 from histoscreen.problems import Problem
 from histoscreen.progress import Progress, silent
 from histoscreen.runtime.predictor import Predictor

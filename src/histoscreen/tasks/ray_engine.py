@@ -21,6 +21,7 @@ import numpy as np
 from histoscreen.data.sources import Conflict, PatchBatch, PatchSource, Shard
 from histoscreen.errors import HistoscreenError, SettingError
 from histoscreen.problems import Problem
+from histoscreen.runtime.device import set_threads
 from histoscreen.runtime.predictor import Predictor
 
 
@@ -72,9 +73,7 @@ class ShardWorker:
     """One actor: loads the model once, then scores the shards it is sent."""
 
     def __init__(self, predictor_options: dict, slide_options, threads: int):
-        import torch
-
-        torch.set_num_threads(threads)
+        set_threads(threads)
         self.predictor = Predictor(**predictor_options)
         self.slide_options = slide_options
 
