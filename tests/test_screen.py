@@ -248,3 +248,21 @@ def test_a_report_of_one_slide_says_one_slide(tiny_model, tmp_path):
     screen_to(tmp_path / "input", tmp_path / "report", model=tiny_model)
     index = (tmp_path / "report" / "index.html").read_text()
     assert "<h1>IDC screening: 1 slide</h1>" in index
+
+
+def test_progress_counts_each_slides_patches_as_they_are_scored(tiny_model, tmp_path):
+    """One whole-slide image is one slide: progress in slides alone sat at 0/1 for minutes."""
+    from histoscreen.report import write_screening_report
+    from histoscreen.tasks import Screening
+
+    synthesize(tmp_path / "input", patients=2, seed=8, first_index=72)
+    heard = []
+    screening = Screening([tmp_path / "input"], model=tiny_model)
+    screening.predictor.batch_size = 64  # several batches a slide
+    write_screening_report(screening, tmp_path / "report", progress=lambda *call: heard.append(call))
+    slides = [call for call in heard if call[0] == "screening slides"]
+    assert slides[0] == ("screening slides", 0, 2) and slides[-1] == ("screening slides", 2, 2)
+    for source, slide_id in screening.slides:
+        counts = [(done, total) for stage, done, total in heard if stage == f"slide {slide_id}"]
+        assert len(counts) > 2 and counts[-1][0] == counts[-1][1] == len(source.cells(slide_id)[0])
+        assert [done for done, _ in counts] == sorted({done for done, _ in counts})

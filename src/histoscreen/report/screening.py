@@ -37,6 +37,7 @@ from histoscreen.tables import write_csv
 from histoscreen.tasks.screen import Screening, SlideResult
 from histoscreen.tasks.slides import SlideSummary, rank_slides, regions_geojson, tiles_geojson
 
+SLIDES_STAGE = "screening slides"  # progress in slides; each slide's own stage counts its patches
 SLIDE_COLUMNS = [
     "rank", "patient", "patches", "idc_patches", "idc_fraction", "largest_region_patches", "largest_region_mm2",
     "confident_region_patches", "mean_prob", "max_prob", "uncertain",
@@ -101,13 +102,14 @@ def write_screening_report(
         # on 2 cores. At most two slides' results are held (one written, one scored), so
         # memory levels off with the batch's length.
         pending = None
+        progress(SLIDES_STAGE, 0, len(screening))
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="report-writer") as writer:
-            for number, result in enumerate(screening, start=1):
+            for number, result in enumerate(screening.results(progress), start=1):
                 writing = writer.submit(write_slide, result, partial, screening.settings, pages)
                 if pending is not None:
                     finish(*pending)
                 pending = (result, writing)
-                progress("screening slides", number, len(screening))
+                progress(SLIDES_STAGE, number, len(screening))
             if pending is not None:
                 finish(*pending)
         ranked = rank_slides(summaries)

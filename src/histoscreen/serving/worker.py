@@ -35,18 +35,24 @@ def die_with_parent(parent: int) -> None:
 
 
 def run_job(store: JobStore, job: Job, parent: int, model: str | None) -> None:
-    from histoscreen.report import write_screening_report
+    from histoscreen.report.screening import SLIDES_STAGE, write_screening_report
     from histoscreen.tasks import Screening
 
     folder = store.folder(job.id)
     last = 0.0
+    slides_done, slides = 0, 1
 
     def progress(stage: str, done: int, total: int) -> None:
-        nonlocal last
+        """Slides done, plus the share of the slide being scored (its patches)."""
+        nonlocal last, slides_done, slides
         if os.getppid() != parent:
             sys.exit(0)
+        if stage == SLIDES_STAGE:
+            slides_done, slides, share = done, max(total, 1), 0.0
+        else:
+            share = done / max(total, 1)
         if time.monotonic() - last >= PROGRESS_EVERY_S or done == total:
-            store.progress(job.id, done / max(total, 1))
+            store.progress(job.id, min((slides_done + share) / slides, 1.0))
             last = time.monotonic()
 
     try:

@@ -23,9 +23,9 @@ from histoscreen.data.naming import grid_index
 from histoscreen.data.sources import NO_LABEL, PatchBatch, PatchSource
 from histoscreen.data.wsi import TissueSettings, check_pixel_size_setting
 from histoscreen.problems import Problem
-from histoscreen.errors import InputError, ModelError, SettingError
+from histoscreen.progress import Progress, silent
+from histoscreen.errors import InputError, ModelError
 from histoscreen.runtime.predictor import Predictor
-from histoscreen.tasks.explain import grad_cam
 from histoscreen.tasks.ray_engine import RayEngine, RayPool
 from histoscreen.tasks.slides import (
     UNCERTAIN_MARGIN,
@@ -185,16 +185,21 @@ class Screening:
         return found + self.failures
 
     def __iter__(self) -> Iterator[SlideResult]:
-        for outcome in self._outcomes():
+        return self.results()
+
+    def results(self, progress: Progress = silent) -> Iterator[SlideResult]:
+        """The slides screened one by one; `progress` hears of each slide's patches as they
+        are scored (stage "slide ID"), with the local engine."""
+        for outcome in self._outcomes(progress):
             if isinstance(outcome, Problem):
                 self.failures.append(outcome)
             else:
                 yield outcome
 
-    def _outcomes(self) -> Iterator[SlideResult | Problem]:
+    def _outcomes(self, progress: Progress) -> Iterator[SlideResult | Problem]:
         if self.engine is None:
             for source, slide_id in self.slides:
-                yield screen_slide(self.predictor, self.options, source, slide_id)
+                yield screen_slide(self.predictor, self.options, source, slide_id, progress)
             return
         with RayPool(self.engine, self.predictor, self.options) as pool:
             shards = [(source.shard([slide_id]), slide_id) for source, slide_id in self.slides]
@@ -203,10 +208,12 @@ class Screening:
                 yield outcome.value
 
 
-def screen_slide(predictor: Predictor, options: SlideOptions, source: PatchSource, slide_id: str) -> SlideResult | Problem:
+def screen_slide(
+    predictor: Predictor, options: SlideOptions, source: PatchSource, slide_id: str, progress: Progress = silent
+) -> SlideResult | Problem:
     """One slide screened, or the problem that stopped it: one broken slide must not stop the batch."""
     try:
-        result = _screen_slide(predictor, options, source, slide_id)
+        result = _screen_slide(predictor, options, source, slide_id, progress)
     except ModelError:
         raise  # the model, not the slide: every slide would fail the same way
     except Exception as error:
@@ -214,7 +221,9 @@ def screen_slide(predictor: Predictor, options: SlideOptions, source: PatchSourc
     return result if result is not None else Problem(slide_id, "slide has no readable patches")
 
 
-def _screen_slide(predictor: Predictor, options: SlideOptions, source: PatchSource, slide_id: str) -> SlideResult | None:
+def _screen_slide(
+    predictor: Predictor, options: SlideOptions, source: PatchSource, slide_id: str, progress: Progress
+) -> SlideResult | None:
     """Score one slide batch by batch (the pixels of a batch are dropped once it is scored
     and painted into the slide's picture), then judge every patch with its neighbours and
     summarise the slide. Memory follows the batch, not the slide."""
@@ -229,6 +238,7 @@ def _screen_slide(predictor: Predictor, options: SlideOptions, source: PatchSour
         disagree.append(batch_disagree)
         canvas.paint(batch)
         parts.append(batch.without_pixels())
+        progress(f"slide {slide_id}", sum(len(part) for part in parts), len(xs))
     slide = PatchBatch.concatenate(parts)
     if not len(slide):
         return None
@@ -251,6 +261,8 @@ def _screen_slide(predictor: Predictor, options: SlideOptions, source: PatchSour
     chosen = [(int(i), "most suspicious") for i in suspicious] + [(int(i), "uncertain") for i in doubtful[: options.explained_per_kind]]
     rows = [row for row, _ in chosen]
     pixels = source.read_cells(slide_id, slide.xs[rows], slide.ys[rows])
+    from histoscreen.tasks.explain import grad_cam  # torch: imported where it runs
+
     cams = grad_cam(predictor.model, pixels, predictor.metadata.normalisation)
     explanations = [Explanation(row, kind, patch, cam) for (row, kind), patch, cam in zip(chosen, pixels, cams)]
     return SlideResult(slide, grid, canvas.image(), canvas.reduction, probabilities, uncertain, disagree, threshold, summary,
