@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 import zipfile
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -148,3 +149,13 @@ def screen_to(inputs, out, **options):
 
     inputs = [inputs] if not isinstance(inputs, (list, tuple)) else inputs
     return write_screening_report(Screening(inputs, **options), out)
+
+
+def wait_done(client, job_id: str, timeout: float = 180) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job = client.get(f"/api/jobs/{job_id}").json()
+        if job["status"] in ("done", "failed"):
+            return job
+        time.sleep(0.2)
+    raise AssertionError(f"job {job_id} did not finish: {job}")

@@ -27,11 +27,12 @@ def stitch(batch: PatchBatch) -> np.ndarray:
 
 def write_pyramid_tiff(
     path: Path, level0: np.ndarray, mpp: float, *, levels: int = 4, compression: str = "jpeg", quality: int = 90,
-    tile: int = 256, with_resolution: bool = True, description: str | None = None,
+    tile: int = 256, with_resolution: bool = True, description: str | None = None, mpp_y: float | None = None,
 ) -> Path:
     """`level0` (H x W x 3 uint8) as a tiled pyramid, each level half the one before (area
     averaged), with resolution tags giving `mpp` µm/px at level 0; `description` is level 0's
-    ImageDescription (an Aperio-style one makes OpenSlide read it as Aperio)."""
+    ImageDescription (an Aperio-style one makes OpenSlide read it as Aperio); `mpp_y`, when
+    given, makes the pixels taller than wide."""
     import tifffile
 
     options = {"compressionargs": {"level": quality}} if compression == "jpeg" else {}
@@ -41,7 +42,8 @@ def write_pyramid_tiff(
             resolution = {}
             if with_resolution:
                 per_cm = 1e4 / (mpp * 2**level)
-                resolution = {"resolution": (per_cm, per_cm), "resolutionunit": "CENTIMETER"}
+                per_cm_y = 1e4 / ((mpp_y or mpp) * 2**level)
+                resolution = {"resolution": (per_cm, per_cm_y), "resolutionunit": "CENTIMETER"}
             extra = {"description": description, "metadata": None} if description is not None and level == 0 else {}
             writer.write(image, tile=(tile, tile), compression=compression, photometric="rgb",
                          subfiletype=0 if level == 0 else 1, **resolution, **options, **extra)

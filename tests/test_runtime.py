@@ -40,7 +40,7 @@ def test_onnx_export_round_trip(which, tiny_model, synthetic_store, tmp_path):
 
 
 def test_torchscript_export_round_trip_with_wsinfer_config(synthetic_store, tmp_path):
-    written = export_model(shipped_model_path(), tmp_path / "wsinfer" / "torchscript_model.pt", format="torchscript", um_per_px=4.0)
+    written = export_model(shipped_model_path(), tmp_path / "wsinfer" / "torchscript_model.pt", format="torchscript", mpp=4.0)
     assert [p.name for p in written] == ["torchscript_model.pt", "config.json"]
     config = json.loads((tmp_path / "wsinfer" / "config.json").read_text())
     model, metadata = load_model(shipped_model_path())

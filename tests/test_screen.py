@@ -114,7 +114,7 @@ def screened_batch(tiny_model, tmp_path_factory):
     victim = sorted((root / "input" / "900020").rglob("*.png"))[7]
     victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
     (root / "input" / "900077" / "0").mkdir(parents=True)
-    result = screen_to(root / "input", root / "report", model=tiny_model, um_per_px=0.25)
+    result = screen_to(root / "input", root / "report", model=tiny_model, mpp=0.25)
     return result, root / "report", victim
 
 
@@ -248,6 +248,16 @@ def test_a_report_of_one_slide_says_one_slide(tiny_model, tmp_path):
     screen_to(tmp_path / "input", tmp_path / "report", model=tiny_model)
     index = (tmp_path / "report" / "index.html").read_text()
     assert "<h1>IDC screening: 1 slide</h1>" in index
+
+
+def test_patch_screening_gives_areas_in_mm2_at_the_models_spacing_by_default(tiny_model, tmp_path):
+    from histoscreen.models import load_metadata
+
+    synthesize(tmp_path / "input", patients=1, seed=8, first_index=71, idc_fractions=[0.4])
+    [slide] = screen_to(tmp_path / "input", tmp_path / "report", model=tiny_model).slides
+    spacing = load_metadata(tiny_model).spacing_um_px
+    assert spacing == 4.0 and slide.largest_region_patches > 0
+    assert slide.largest_region_mm2 == pytest.approx(slide.largest_region_patches * (50 * spacing / 1000) ** 2)
 
 
 def test_progress_counts_each_slides_patches_as_they_are_scored(tiny_model, tmp_path):

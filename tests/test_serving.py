@@ -25,7 +25,7 @@ from fastapi.testclient import TestClient  # noqa: E402
 
 from histoscreen.data import synthesize  # noqa: E402
 from histoscreen.serving.app import ServeSettings, create_app  # noqa: E402
-from conftest import screen_to  # noqa: E402
+from conftest import screen_to, wait_done  # noqa: E402
 
 CHROMIUM = Path("/usr/bin/chromium")
 
@@ -43,16 +43,6 @@ def slides(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("serve") / "slides"
     synthesize(folder, patients=3, seed=17, first_index=60, idc_fractions=[0.3, 0.0, 0.1])
     return folder
-
-
-def wait_done(client, job_id: str, timeout: float = 120) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        job = client.get(f"/api/jobs/{job_id}").json()
-        if job["status"] in ("done", "failed"):
-            return job
-        time.sleep(0.2)
-    raise AssertionError(f"job {job_id} did not finish: {job}")
 
 
 def test_the_whole_flow_gives_what_the_command_line_gives(slides, tiny_model, tmp_path):

@@ -19,7 +19,7 @@ pytest.importorskip("tifffile", reason="tifffile writes the test slides")
 
 from histoscreen.data import PatchBatch, open_sources, synthesize  # noqa: E402
 from histoscreen.tasks import Screening  # noqa: E402
-from conftest import screen_to, shared_data_folder  # noqa: E402
+from conftest import screen_to, shared_data_folder, wait_done  # noqa: E402
 from slide_files import stitch, upscale, write_claimed_tiff, write_pyramid_tiff  # noqa: E402
 from test_screen import point_in_polygon  # noqa: E402
 
@@ -116,11 +116,12 @@ def test_pixel_size_from_the_flag_or_a_clear_error_and_broken_files_do_not_stop_
     assert [s.patient for s in report.slides] == ["good"]
     with open(tmp_path / "report" / "errors.csv", newline="") as handle:
         problems = {Path(r["where"]).name: r["problem"] for r in csv.DictReader(handle)}
-    assert "gives no pixel size" in problems["no-mpp.tif"] and "slide_mpp" in problems["no-mpp.tif"]
+    assert "this slide has no pixel size" in problems["no-mpp.tif"] and "give its pixel size (mpp" in problems["no-mpp.tif"]
     assert "not a slide OpenSlide can read" in problems["not-a-slide.ndpi"]
     assert "truncated.svs" in problems  # refused at opening, or while reading its tiles
-    overridden, problems = screened([folder / "no-mpp.tif"], model=tiny_model, slide_mpp=2.0)
+    overridden, problems = screened([folder / "no-mpp.tif"], model=tiny_model, mpp=2.0)
     assert problems == [] and overridden["no-mpp"].reading["slide_um_per_px"] == 2.0
+    assert overridden["no-mpp"].reading["slide_um_per_px_from"] == "given by the user"
 
 
 def test_geojson_for_qupath_is_in_level_0_pixels_and_covers_the_idc_tiles(synthetic_slide_image, tiny_model, tmp_path):
@@ -180,8 +181,40 @@ def test_a_slide_given_twice_in_a_batch_is_screened_once_and_the_second_reported
     assert screened_from_file == (problem["where"] != str(slide_file))
 
 
-def aperio_description(mpp: str) -> str:
-    return f"Aperio Image Library v12.0.15\r\n2000x2000 [0,0 2000x2000] (256x256) JPEG/RGB Q=70|AppMag = 10|MPP = {mpp}"
+def aperio_description(mpp: str | None, app_mag: int = 10) -> str:
+    """level 0's ImageDescription as an Aperio scanner writes it (MPP left out with None)."""
+    fields = f"|AppMag = {app_mag}" + (f"|MPP = {mpp}" if mpp is not None else "")
+    return f"Aperio Image Library v12.0.15\r\n2000x2000 [0,0 2000x2000] (256x256) JPEG/RGB Q=70{fields}"
+
+
+def test_pixel_size_from_aperio_metadata_or_estimated_from_the_objective_and_refused_when_not_square(
+    synthetic_slide_image, tiny_model, tmp_path
+):
+    folder = tmp_path / "slides"
+    folder.mkdir()
+    image = upscale(synthetic_slide_image, 2)  # 2 µm/px
+    write_pyramid_tiff(folder / "measured.svs", image, 2.0, compression="zlib", with_resolution=False,
+                       description=aperio_description("2.0", app_mag=20))  # MPP wins over the objective's 0.5
+    write_pyramid_tiff(folder / "objective-only.svs", image, 2.0, compression="zlib", with_resolution=False,
+                       description=aperio_description(None, app_mag=5))  # 10 µm / 5x = 2 µm/px
+    write_pyramid_tiff(folder / "tall-pixels.tif", image, 2.0, mpp_y=2.4, compression="zlib")
+    write_pyramid_tiff(folder / "nearly-square.tif", image, 2.0, mpp_y=2.04, compression="zlib")
+    results, problems = screened(sorted(folder.iterdir()), model=tiny_model)
+    assert sorted(results) == ["measured", "nearly-square", "objective-only"]
+    readings = {name: result.reading for name, result in results.items()}
+    assert readings["measured"]["slide_um_per_px"] == pytest.approx(2.0) and not readings["measured"]["slide_um_per_px_estimated"]
+    assert "mpp-x" in readings["measured"]["slide_um_per_px_from"]
+    assert readings["objective-only"]["slide_um_per_px"] == pytest.approx(2.0) and readings["objective-only"]["slide_um_per_px_estimated"]
+    assert "ESTIMATED from the objective power" in readings["objective-only"]["slide_um_per_px_from"]
+    assert readings["nearly-square"]["slide_um_per_px"] == pytest.approx((2.0 * 2.04) ** 0.5, rel=1e-4)
+    assert calls_by_place(results["objective-only"]) == calls_by_place(results["measured"])
+    [problem] = problems
+    assert Path(problem.where).name == "tall-pixels.tif"
+    assert "pixels are not square (openslide.mpp-x and mpp-y give 2 x 2.4 µm)" in problem.reason, problem.reason
+
+    screen_to(folder / "objective-only.svs", tmp_path / "report", model=tiny_model)
+    page = (tmp_path / "report" / "slides" / "objective-only.html").read_text()
+    assert '<strong class="warning">ESTIMATED from the objective power (openslide.objective-power = 5x' in page
 
 
 def test_one_slide_with_bad_metadata_is_one_line_and_the_rest_are_screened(synthetic_slide_image, tiny_model, tmp_path):
@@ -208,7 +241,7 @@ def test_one_slide_with_bad_metadata_is_one_line_and_the_rest_are_screened(synth
     json.loads(slides_json, parse_constant=lambda name: pytest.fail(f"slides.json holds {name}"))
 
 
-@pytest.mark.parametrize("flag, value", [("--slide-mpp", "inf"), ("--slide-mpp", "1e6"), ("--slide-mpp", "nan"), ("--um-per-px", "inf")])
+@pytest.mark.parametrize("flag, value", [("--mpp", "inf"), ("--mpp", "1e6"), ("--slide-mpp", "nan"), ("--um-per-px", "inf")])
 def test_pixel_size_options_that_no_scanner_gives_are_refused(capsys, synthetic_slide_image, tiny_model, tmp_path, flag, value):
     from histoscreen.cli import main
 
@@ -217,7 +250,7 @@ def test_pixel_size_options_that_no_scanner_gives_are_refused(capsys, synthetic_
     captured = capsys.readouterr()
     assert code == 2 and captured.out == "", captured
     [line] = captured.err.strip().splitlines()
-    assert flag in line and "must be a pixel size from 0.05 to 50 µm/px" in line, line
+    assert "--mpp " in line and "must be a pixel size from 0.05 to 50 µm/px" in line, line  # the old names are aliases of --mpp
     assert not (tmp_path / "r").exists()
 
 
@@ -259,4 +292,32 @@ def test_a_lone_slide_that_cannot_be_read_says_why(capsys, synthetic_slide_image
     write_pyramid_tiff(tmp_path / "no-mpp.tif", upscale(synthetic_slide_image, 2), 2.0, compression="zlib", with_resolution=False)
     code = main(["screen", "-q", str(tmp_path / "no-mpp.tif"), "--model", str(tiny_model), "--out", str(tmp_path / "r")])
     [line] = capsys.readouterr().err.strip().splitlines()
-    assert code == 2 and "no-mpp.tif: the slide gives no pixel size" in line and "no patch files named" not in line, line
+    assert code == 2 and "no-mpp.tif: this slide has no pixel size" in line and "no patch files named" not in line, line
+    assert line.endswith("pass --mpp (µm per level-0 pixel)"), line
+
+
+def test_the_web_app_takes_the_pixel_size_as_a_form_field_and_refuses_fields_it_does_not_read(synthetic_slide_image, tiny_model, tmp_path):
+    pytest.importorskip("fastapi", reason="the [serve] extra is not installed")
+    from fastapi.testclient import TestClient
+
+    from histoscreen.serving.app import ServeSettings, create_app
+
+    slide = write_pyramid_tiff(tmp_path / "no-mpp.tif", upscale(synthetic_slide_image, 2), 2.0, compression="zlib", with_resolution=False)
+    data = tmp_path / "data"
+    with TestClient(create_app(ServeSettings(data=data, model=str(tiny_model))), base_url="http://127.0.0.1:8000") as client:
+        def submit(**fields):
+            return client.post("/api/jobs", files={"file": ("no-mpp.tif", slide.read_bytes(), "image/tiff")}, data=fields)
+
+        for fields, words in (({"slide_mpp": "2"}, "unknown form field 'slide_mpp'"), ({"mpp": "inf"}, "mpp must be a pixel size"),
+                              ({"mpp": "0.001"}, "mpp must be a pixel size from 0.05 to 50")):
+            answer = submit(**fields)
+            assert answer.status_code == 422 and words in answer.text, (fields, answer.text)
+        assert client.get("/api/jobs").json() == []
+        without, given = submit().json()["id"], submit(mpp="2.0").json()["id"]
+        jobs = {job_id: wait_done(client, job_id) for job_id in (without, given)}
+    assert jobs[without]["status"] == "failed" and "this slide has no pixel size" in jobs[without]["error"]
+    assert "give its pixel size (mpp, µm per level-0 pixel)" in jobs[without]["error"] and str(data) not in jobs[without]["error"]
+    assert jobs[given]["status"] == "done", jobs[given]
+    [reading] = json.loads((data / "jobs" / given / "report" / "slides.json").read_text())["whole_slide_reading"].values()
+    assert reading["slide_um_per_px"] == 2.0 and reading["slide_um_per_px_from"] == "given by the user"
+

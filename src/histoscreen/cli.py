@@ -110,8 +110,12 @@ def _runtime_options(group: argparse.ArgumentParser, *, workers: bool, batch_siz
 def _slide_options(group: argparse.ArgumentParser) -> None:
     from histoscreen.data.wsi import TissueSettings
 
-    group.add_argument("--slide-mpp", type=float,
-                       help="whole-slide images: µm per level-0 pixel, when the file's metadata lacks it or is wrong")
+    group.add_argument("--mpp", type=float,
+                       help="µm per pixel of the inputs: whole-slide images' level 0, where the file's metadata lacks it "
+                       "or is wrong; patches' own, for areas in mm² (default: the model's spacing)")
+    # the old names of --mpp, kept working
+    for alias in ("--slide-mpp", "--um-per-px"):
+        group.add_argument(alias, dest="mpp", type=float, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     group.add_argument("--min-tissue", type=float, default=_default(TissueSettings, "min_tissue"),
                        help="whole-slide images: share of a tile that must be tissue to screen it (default %(default)s)")
 
@@ -345,7 +349,7 @@ def _command_predict(args: argparse.Namespace, progress: Progress) -> list[str]:
     check_output_file(Path(args.out), overwrite=args.overwrite, inputs=[*args.inputs, *_model_files(args.model)])
     predictions = predict(
         args.inputs, model=args.model, tta=args.tta, context=args.context, batch_size=args.batch_size,
-        workers=args.workers, device=args.device, backend=args.backend, slide_mpp=args.slide_mpp, engine=_engine(args),
+        workers=args.workers, device=args.device, backend=args.backend, mpp=args.mpp, engine=_engine(args),
         progress=progress,
     )
     if predictions.rows.empty:  # nothing to write is a failed run, as it is for screen
@@ -362,9 +366,9 @@ def _command_screen(args: argparse.Namespace, progress: Progress) -> list[str]:
     from histoscreen.tasks import Screening
 
     screening = Screening(
-        args.inputs, model=args.model, tta=args.tta, context=args.context, um_per_px=args.um_per_px,
+        args.inputs, model=args.model, tta=args.tta, context=args.context, mpp=args.mpp,
         labels_csv=args.labels, use_name_labels=not args.ignore_name_labels, device=args.device, backend=args.backend,
-        workers=args.workers, slide_mpp=args.slide_mpp, tissue=TissueSettings(min_tissue=args.min_tissue),
+        workers=args.workers, tissue=TissueSettings(min_tissue=args.min_tissue),
         engine=_engine(args),
     )
     return write_screening_report(screening, args.out, overwrite=args.overwrite, progress=progress).lines()
@@ -400,7 +404,7 @@ def _command_export(args: argparse.Namespace, progress: Progress) -> list[str]:
     from histoscreen.models import shipped_model_path
     from histoscreen.runtime import export_model
 
-    written = export_model(args.model or shipped_model_path(), args.out, format=args.format, um_per_px=args.um_per_px,
+    written = export_model(args.model or shipped_model_path(), args.out, format=args.format, mpp=args.mpp,
                            overwrite=args.overwrite)
     return [f"written: {path}" for path in written]
 
@@ -536,7 +540,6 @@ def _screen_options(sub: argparse.ArgumentParser) -> None:
     sub.add_argument("inputs", nargs="+", help="Kaggle-layout folders (one patient or many), folders of named patches, stores, "
                      "or whole-slide images (.svs, .tif, .ndpi, .mrxs, ...) and folders of them")
     sub.add_argument("--out", required=True, help="report folder to create")
-    sub.add_argument("--um-per-px", type=float, help="pixel size in micrometres, to report region areas in mm²")
     sub.add_argument("--labels", help="ground truth CSV with columns patient,x,y,label (else the labels in names)")
     sub.add_argument("--ignore-name-labels", action="store_true", help="the class in file names is not ground truth")
 
@@ -562,7 +565,8 @@ def _export_options(sub: argparse.ArgumentParser) -> None:
     sub.add_argument("--format", choices=EXPORT_FORMATS, required=True,
                      help="onnx (uint8 patches in, logits out) or torchscript (with a WSInfer/QuPath config.json)")
     sub.add_argument("--out", required=True, help="file to write (e.g. model.onnx or torchscript_model.pt)")
-    sub.add_argument("--um-per-px", type=float, help="pixel size for config.json (default: the model's spacing_um_px)")
+    sub.add_argument("--mpp", type=float, help="µm per pixel for config.json (default: the model's spacing_um_px)")
+    sub.add_argument("--um-per-px", dest="mpp", type=float, default=argparse.SUPPRESS, help=argparse.SUPPRESS)  # its old name
 
 
 COMMANDS = {
@@ -682,6 +686,10 @@ def phrase(error: HistoscreenError, flags: set[str]) -> str:
         return f"{error.path} already exists; choose another path{hint}"
     if isinstance(error, RunExistsError):
         return f"{error.path} holds a training run already; pass --resume to continue it or choose another folder"
+    if "--mpp" in flags:
+        from histoscreen.data.wsi import GIVE_MPP
+
+        return str(error).replace(GIVE_MPP, "pass --mpp (µm per level-0 pixel)")
     return str(error)
 
 

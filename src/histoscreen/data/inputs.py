@@ -18,11 +18,11 @@ from histoscreen.problems import Problem
 
 @dataclass(frozen=True)
 class SlideReading:
-    """How whole-slide images are cut into tiles: the model's µm/px, the slide's own when its
-    metadata lacks it (or is wrong), and how tissue is found."""
+    """How whole-slide images are cut into tiles: the model's µm/px, the slide's own (`mpp`)
+    when its metadata lacks it (or is wrong), and how tissue is found."""
 
     spacing_um_px: float
-    slide_mpp: float | None = None
+    mpp: float | None = None
     tissue: TissueSettings = field(default_factory=TissueSettings)
 
 
@@ -70,7 +70,7 @@ def open_sources(
             problems.append(Problem(slide_file, "a whole-slide image, but no model resolution was given to tile it"))
             continue
         try:
-            sources.append(WholeSlideSource(slide_file, spacing_um_px=slides.spacing_um_px, slide_mpp_override=slides.slide_mpp,
+            sources.append(WholeSlideSource(slide_file, spacing_um_px=slides.spacing_um_px, mpp=slides.mpp,
                                             tissue=slides.tissue, workers=workers))
         except HistoscreenError as error:
             problems.append(Problem(slide_file, str(error).removeprefix(f"{slide_file}: ")))

@@ -5,9 +5,11 @@ Reading goes through OpenSlide (the `[wsi]` extra: openslide-python and openslid
 ships the library), so Aperio .svs, generic and pyramidal TIFF, Hamamatsu .ndpi, MIRAX
 .mrxs, Leica .scn, Ventana .bif and Philips TIFF all work.
 
-- Resolution: the slide's µm/px comes from its metadata (openslide.mpp-x, else the TIFF
-  resolution tags) or from `slide_mpp`. Tiles are read from the pyramid level nearest the
-  model's spacing that is not coarser, and resampled to it with area averaging.
+- Resolution: the slide's µm/px (`mpp`) is the one given, else its metadata's
+  (openslide.mpp-x and -y, aperio.MPP, the TIFF resolution tags), else an estimate from the
+  objective power (10 µm / power: 40x is 0.25 µm/px), which the report says is one. Pixels
+  must be square within 5%. Tiles are read from the pyramid level nearest the model's
+  spacing that is not coarser, and resampled to it with area averaging.
 - Grid: laid from the slide's origin at model resolution, 50 px a cell, so tile (column c,
   row r) is named like a Kaggle patch at x = 50c + 1, y = 50r + 1, and slide context,
   burden and regions work exactly as for patches. `level0_per_grid_px` maps back to the
@@ -80,29 +82,61 @@ def _openslide():
     return openslide
 
 
-def _number(properties: dict, key: str, path: Path) -> float:
+GIVE_MPP = "give its pixel size (mpp, µm per level-0 pixel)"
+MAX_ANISOTROPY = 1.05  # mpp-x / mpp-y: beyond it a tile of square cells would distort the tissue
+
+
+@dataclass(frozen=True)
+class PixelSize:
+    """A slide's µm per level-0 pixel and where it came from, as the report says it."""
+
+    mpp: float
+    source: str
+    estimated: bool = False
+
+
+def _number(properties: dict, key: str, path: Path, what: str = "pixel size") -> float:
     try:
         value = float(properties[key])
     except (TypeError, ValueError):
         value = math.nan
     if not math.isfinite(value) or value <= 0:
-        raise InputError(f"{path}: its metadata gives {key} = {properties[key]!r}, not a positive pixel size; pass slide_mpp")
+        raise InputError(f"{path}: its metadata gives {key} = {properties[key]!r}, not a positive {what}; {GIVE_MPP}")
     return value
 
 
-def slide_mpp(properties: dict, path: Path) -> float | None:
-    """µm per level-0 pixel from a slide's metadata, or None when it gives none."""
-    for key in ("openslide.mpp-x", "aperio.MPP"):  # OpenSlide leaves mpp-x out when aperio.MPP is no number
-        if properties.get(key):
-            return _number(properties, key, path)
+def _square(x: float, y: float, names: str, path: Path) -> float:
+    """One pixel size for pixels that are square, or near enough (their geometric mean keeps areas)."""
+    if max(x, y) / min(x, y) > MAX_ANISOTROPY:
+        raise InputError(f"{path}: its pixels are not square ({names} give {x:g} x {y:g} µm); histoscreen reads square pixels only")
+    return math.sqrt(x * y)
+
+
+def slide_pixel_size(properties: dict, path: Path) -> PixelSize | None:
+    """µm per level-0 pixel from a slide's metadata, or None when it gives none: measured
+    (mpp-x and -y, aperio.MPP, TIFF resolution) first, else estimated from the objective."""
+    if properties.get("openslide.mpp-x"):
+        x = _number(properties, "openslide.mpp-x", path)
+        y = _number(properties, "openslide.mpp-y", path) if properties.get("openslide.mpp-y") else x
+        return PixelSize(_square(x, y, "openslide.mpp-x and mpp-y", path), "openslide.mpp-x/mpp-y in the slide's metadata")
+    if properties.get("aperio.MPP"):  # OpenSlide leaves mpp-x out when aperio.MPP is no number
+        return PixelSize(_number(properties, "aperio.MPP", path), "aperio.MPP in the slide's metadata")
     unit = properties.get("tiff.ResolutionUnit")
     if properties.get("tiff.XResolution") and unit in ("centimeter", "inch"):
-        return (1e4 if unit == "centimeter" else 25400.0) / _number(properties, "tiff.XResolution", path)
+        per_unit = 1e4 if unit == "centimeter" else 25400.0
+        x = per_unit / _number(properties, "tiff.XResolution", path)
+        y = per_unit / _number(properties, "tiff.YResolution", path) if properties.get("tiff.YResolution") else x
+        return PixelSize(_square(x, y, "the TIFF X and Y resolutions", path), "the TIFF resolution tags")
+    for key in ("openslide.objective-power", "aperio.AppMag"):
+        if properties.get(key):
+            power = _number(properties, key, path, what="objective power")
+            return PixelSize(10.0 / power, f"ESTIMATED from the objective power ({key} = {power:g}x, taken as 10 µm / power); "
+                             "the slide gives no measured pixel size, so areas may be off by 10-20%", estimated=True)
     return None
 
 
 def check_pixel_size_setting(name: str, value: float | None) -> None:
-    """A pixel size given as an option (slide_mpp, um_per_px): a finite number a scanner gives."""
+    """A pixel size given as an option (mpp): a finite number a scanner gives."""
     low, high = MPP_RANGE
     if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value) and low <= value <= high):
         raise SettingError(name, f"must be a pixel size from {low:g} to {high:g} µm/px, got {value}")
@@ -112,7 +146,7 @@ def check_pixel_size(mpp: float, spacing_um_px: float, where: str) -> None:
     """Refuse a pixel size no scanner gives, or one too coarse for the model to see cells."""
     low, high = MPP_RANGE
     if not (math.isfinite(mpp) and low <= mpp <= high):
-        raise InputError(f"{where}: a pixel size of {mpp:g} µm/px is outside {low:g}-{high:g} µm/px; check its metadata or pass slide_mpp")
+        raise InputError(f"{where}: a pixel size of {mpp:g} µm/px is outside {low:g}-{high:g} µm/px; check its metadata or {GIVE_MPP}")
     if mpp > spacing_um_px * COARSEST_VS_MODEL:
         raise InputError(f"{where}: {mpp:g} µm/px is coarser than the model can read (it needs {spacing_um_px:g} µm/px, "
                          f"at most {spacing_um_px * COARSEST_VS_MODEL:g})")
@@ -156,7 +190,7 @@ class WholeSlideSource(PatchSource):
         path: str | os.PathLike,
         *,
         spacing_um_px: float,
-        slide_mpp_override: float | None = None,
+        mpp: float | PixelSize | None = None,
         tissue: TissueSettings = TissueSettings(),
         workers: int | None = None,
         band_tiles: int = 512,
@@ -174,10 +208,14 @@ class WholeSlideSource(PatchSource):
         except (openslide.OpenSlideError, OSError) as error:
             raise InputError(f"{self.path}: not a slide OpenSlide can read ({error})") from None
         with slide:
-            mpp = slide_mpp_override or slide_mpp(dict(slide.properties), self.path)
             if mpp is None:
-                raise InputError(f"{self.path}: the slide gives no pixel size (no openslide.mpp-x, no TIFF resolution); pass slide_mpp")
-            self.mpp = float(mpp)
+                pixel_size = slide_pixel_size(dict(slide.properties), self.path)
+            else:  # a Ray worker's shard passes on how the pixel size was found
+                pixel_size = mpp if isinstance(mpp, PixelSize) else PixelSize(float(mpp), "given by the user")
+            if pixel_size is None:
+                raise InputError(f"{self.path}: this slide has no pixel size (no mpp-x, TIFF resolution or objective power "
+                                 f"in its metadata); {GIVE_MPP}")
+            self.mpp, self.pixel_size = float(pixel_size.mpp), pixel_size
             self.spacing = self.grid_um_per_px = float(spacing_um_px)
             check_pixel_size(self.mpp, self.spacing, str(self.path))
             width0, height0 = slide.dimensions
@@ -307,7 +345,7 @@ class WholeSlideSource(PatchSource):
 
     def shard(self, slides: Sequence[str]) -> Shard:
         tiles = len(self) if "_tiles" in self.__dict__ else 0  # not worth finding the tissue here just to count
-        return WholeSlideShard(str(self.path), self.spacing, self.mpp, self.tissue, self.band_tiles, tiles)
+        return WholeSlideShard(str(self.path), self.spacing, self.pixel_size, self.tissue, self.band_tiles, tiles)
 
     def read_cells(self, slide_id: str, xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
         columns, rows = (np.asarray(xs) - COORD_ORIGIN) // GRID_STEP, (np.asarray(ys) - COORD_ORIGIN) // GRID_STEP
@@ -318,6 +356,8 @@ class WholeSlideSource(PatchSource):
     def settings(self) -> dict:
         return {
             "slide_um_per_px": self.mpp,
+            "slide_um_per_px_from": self.pixel_size.source,
+            "slide_um_per_px_estimated": self.pixel_size.estimated,
             "model_um_per_px": self.spacing,
             "level": self.level,
             "level_downsample": self.level_downsample,
@@ -334,7 +374,7 @@ class WholeSlideShard(Shard):
 
     path: str
     spacing_um_px: float
-    slide_mpp: float
+    mpp: PixelSize
     tissue: TissueSettings
     band_tiles: int
     tiles: int = 0
@@ -344,7 +384,7 @@ class WholeSlideShard(Shard):
         return self.tiles
 
     def open(self, workers: int | None = None) -> PatchSource:
-        return WholeSlideSource(self.path, spacing_um_px=self.spacing_um_px, slide_mpp_override=self.slide_mpp,
+        return WholeSlideSource(self.path, spacing_um_px=self.spacing_um_px, mpp=self.mpp,
                                 tissue=self.tissue, workers=workers, band_tiles=self.band_tiles)
 
 

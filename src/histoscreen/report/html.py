@@ -30,6 +30,7 @@ img.thumb { max-height: 90px; max-width: 160px; }
 img.view { max-width: 100%; }
 .pictures { display: flex; flex-wrap: wrap; gap: 1rem; }
 .pictures > div { flex: 1 1 480px; }
+.warning { color: #8a1010; }
 """
 
 
@@ -137,8 +138,11 @@ def write_slide_page(
     read_note = ""
     if reading:
         tissue = reading["tissue"]
+        pixel_size_from = escape(reading.get("slide_um_per_px_from", "from the slide's metadata"))
+        if reading.get("slide_um_per_px_estimated"):
+            pixel_size_from = f'<strong class="warning">{pixel_size_from}</strong>'
         read_note = (
-            f"<p>Read from the whole-slide image at {reading['slide_um_per_px']:.3g} µm/px: pyramid level {reading['level']} "
+            f"<p>Read from the whole-slide image at {reading['slide_um_per_px']:.3g} µm/px ({pixel_size_from}): pyramid level {reading['level']} "
             f"(downsample {reading['level_downsample']:.3g}), resampled by area averaging to the model's "
             f"{reading['model_um_per_px']:.3g} µm/px; {reading['tissue_tiles']:,} tiles of 50 px with tissue. Tissue: "
             f"{escape(tissue['method'])} on a {tissue['mask_um_per_px']:.3g} µm/px image (saturation above "

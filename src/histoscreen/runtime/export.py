@@ -72,13 +72,13 @@ class CalibratedTwoClass(nn.Module):
 
 
 def export_model(
-    model_path: str | os.PathLike, out: str | os.PathLike, *, format: str, um_per_px: float | None = None, overwrite: bool = False
+    model_path: str | os.PathLike, out: str | os.PathLike, *, format: str, mpp: float | None = None, overwrite: bool = False
 ) -> list[Path]:
     """Write the model as ONNX (uint8 patches in, logits out, plus its metadata JSON) or as
     TorchScript with a WSInfer config.json beside it. Returns the files written."""
     if format not in EXPORT_FORMATS:
         raise SettingError("format", f"{format!r} is not one of {', '.join(EXPORT_FORMATS)}")
-    check_pixel_size_setting("um_per_px", um_per_px)
+    check_pixel_size_setting("mpp", mpp)
     model, metadata = load_model(model_path)
     out = Path(out)
     for written in (out, out.with_suffix(".json") if format == "onnx" else out.parent / "config.json"):
@@ -103,7 +103,7 @@ def export_model(
         "num_classes": 2,
         "class_names": list(metadata.class_names),
         "patch_size_pixels": PATCH_SIZE,
-        "spacing_um_px": um_per_px if um_per_px is not None else metadata.spacing_um_px,
+        "spacing_um_px": mpp if mpp is not None else metadata.spacing_um_px,
         "transform": [
             {"name": "Resize", "arguments": {"size": PATCH_SIZE}},
             {"name": "ToTensor"},

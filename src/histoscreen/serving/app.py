@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from fastapi import APIRouter, FastAPI, File, Form, Request, UploadFile
+from fastapi import APIRouter, Depends, FastAPI, File, Form, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
@@ -34,7 +34,8 @@ from starlette.exceptions import HTTPException
 
 from histoscreen import __version__
 from histoscreen.atomic import child_path
-from histoscreen.errors import HistoscreenError
+from histoscreen.data.wsi import check_pixel_size_setting
+from histoscreen.errors import HistoscreenError, SettingError
 from histoscreen.serving import pages
 from histoscreen.serving.jobs import VERDICTS, JobStore
 from histoscreen.serving.uploads import UploadError, extract_patches, slide_file_name, slug, upload_kind
@@ -90,6 +91,21 @@ class BodyTooLarge(HTTPException):
 
     def __init__(self, limit: int):
         super().__init__(413, f"the request passed {limit:,} bytes; refused")
+
+
+SUBMIT_FIELDS = frozenset({"file", "name", "mpp"})
+
+
+def only_form_fields(known: frozenset[str]):
+    """A dependency refusing a form with fields the endpoint does not read: one it ignored
+    (slide_mpp for mpp, say) would screen with settings nobody asked for, without a word."""
+
+    async def check(request: Request) -> None:
+        unknown = sorted(set((await request.form()).keys()) - known)  # the form FastAPI parsed already
+        if unknown:
+            raise HTTPException(422, f"unknown form field {unknown[0]!r}; this endpoint takes {', '.join(sorted(known))}")
+
+    return check
 
 
 def _host_name(value: str) -> str:
@@ -278,8 +294,12 @@ def create_app(settings: ServeSettings) -> FastAPI:
                 "running": store.count("running"), "workers": alive, "workers_expected": expected, "worker_restarts": restarts["count"]}
         return JSONResponse(body, status_code=200 if alive == expected else 503)
 
-    @api.post("/jobs", status_code=201)
-    def submit(file: UploadFile = File(...), name: str = Form("")) -> dict:
+    @api.post("/jobs", status_code=201, dependencies=[Depends(only_form_fields(SUBMIT_FIELDS))])
+    def submit(file: UploadFile = File(...), name: str = Form(""), mpp: float | None = Form(None)) -> dict:
+        try:
+            check_pixel_size_setting("mpp", mpp)
+        except SettingError as error:
+            raise HTTPException(422, f"mpp {error.problem}") from None
         if store.count("queued") >= settings.max_queued:
             raise HTTPException(503, f"the queue holds {settings.max_queued} jobs already; try again later", headers={"Retry-After": "60"})
         job_id = store.new_id()
@@ -296,7 +316,8 @@ def create_app(settings: ServeSettings) -> FastAPI:
                 upload.unlink()
             else:
                 os.replace(upload, folder / "input" / slide_file_name(file.filename or "", name))
-            store.add(job_id, name.strip()[:200] or slug(Path((file.filename or "upload").replace("\\", "/")).stem, "upload"), kind)
+            store.add(job_id, name.strip()[:200] or slug(Path((file.filename or "upload").replace("\\", "/")).stem, "upload"), kind,
+                      {"mpp": mpp} if mpp is not None else None)
         except BaseException:
             shutil.rmtree(folder, ignore_errors=True)
             raise
@@ -424,7 +445,8 @@ def create_app(settings: ServeSettings) -> FastAPI:
 
         def opened():
             spacing = load_metadata(settings.model or shipped_model_path()).spacing_um_px
-            return open_sources([store.folder(job_id) / "input"], slides=SlideReading(spacing), workers=1)
+            reading = SlideReading(spacing, store.screening_options(job_id).get("mpp"))
+            return open_sources([store.folder(job_id) / "input"], slides=reading, workers=1)
 
         for source in sources.get_or_make(job_id, opened):
             if slide in source.slide_ids():

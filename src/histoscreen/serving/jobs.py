@@ -7,6 +7,7 @@ is one short transaction, so a killed process never leaves a half-written job.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import secrets
@@ -18,9 +19,12 @@ from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
+from histoscreen.atomic import atomic_write_text
+
 JOB_ID = re.compile(r"[0-9a-f]{13}-[0-9a-f]{12}")  # what new_id makes
 
 JOB_STATES = ("queued", "running", "done", "failed")
+OPTIONS_FILE = "options.json"  # in a job's folder, beside input/ and report/
 VERDICTS = ("agree", "disagree", "needs second look")
 
 SCHEMA = """
@@ -97,7 +101,17 @@ class JobStore:
         # time-ordered and unguessable: newest-first listing, no enumeration of others' jobs
         return f"{int(time.time() * 1000):013x}-{secrets.token_hex(6)}"
 
-    def add(self, job_id: str, name: str, kind: str) -> Job:
+    def screening_options(self, job_id: str) -> dict:
+        """What the submitter asked of the screening (today: the pixel size, `mpp`)."""
+        try:
+            return json.loads((self.folder(job_id) / OPTIONS_FILE).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return {}
+
+    def add(self, job_id: str, name: str, kind: str, options: dict | None = None) -> Job:
+        """Queue a job whose input is in place; its `options` are written before it can be claimed."""
+        if options:
+            atomic_write_text(self.folder(job_id) / OPTIONS_FILE, json.dumps(options))
         with self._connect() as db:
             db.execute("insert into jobs (id, name, kind, status, created) values (?, ?, ?, 'queued', ?)", (job_id, name, kind, now()))
         return self.get(job_id)

@@ -37,6 +37,8 @@ def home() -> str:
   <div id="drop" tabindex="0">Drop a <b>.zip of patch PNGs</b> (Kaggle layout) or a <b>whole-slide image</b> (.svs, .tif, .ndpi, ...) here,
   or <label class="button">choose a file<input id="file" type="file" hidden></label></div>
   <label>Name (optional) <input id="name" maxlength="200"></label>
+  <label title="µm per level-0 pixel; only needed when a slide's metadata lacks it or is wrong">Pixel size, µm/px (optional)
+    <input id="mpp" type="number" step="any" min="0.05" max="50" inputmode="decimal"></label>
   <progress id="upload-progress" max="1" value="0" hidden></progress> <span id="upload-status" role="status"></span>
 </section>
 <section><h2>Jobs</h2>

@@ -56,7 +56,7 @@ def run_job(store: JobStore, job: Job, parent: int, model: str | None) -> None:
             last = time.monotonic()
 
     try:
-        screening = Screening([folder / "input"], model=model)
+        screening = Screening([folder / "input"], model=model, mpp=store.screening_options(job.id).get("mpp"))
         write_screening_report(screening, folder / "report", overwrite=True, progress=progress)
     except HistoscreenError as error:
         store.finish(job.id, str(error).replace(str(folder / "input") + os.sep, ""))  # paths as inside the upload

@@ -61,12 +61,13 @@ def predict(
     workers: int | None = None,
     device: str = "auto",
     backend: str = "auto",
-    slide_mpp: float | None = None,
+    mpp: float | None = None,
     engine: RayEngine | None = None,
     progress: Progress = silent,
 ) -> Predictions:
     """Predict every patch of `inputs` (packed stores, folders searched recursively, PNG
-    files). Files that are not valid patches become problems, never fatal.
+    files, whole-slide images). Files that are not valid patches become problems, never fatal.
+    `mpp` is whole-slide images' µm per level-0 pixel, where their metadata lacks it or is wrong.
 
     Patches are scored batch by batch and their pixels dropped; calls are made once all
     are scored, since with `context` a patch's neighbours may come later. A `predictor`,
@@ -77,8 +78,8 @@ def predict(
     started = time.perf_counter()
     if predictor is None:
         predictor = Predictor(model, tta=tta, context=context, device=device, batch_size=batch_size, backend=backend)
-    check_pixel_size_setting("slide_mpp", slide_mpp)
-    reading = SlideReading(predictor.metadata.spacing_um_px, slide_mpp)
+    check_pixel_size_setting("mpp", mpp)
+    reading = SlideReading(predictor.metadata.spacing_um_px, mpp)
     sources = open_sources(inputs, named_only=False, workers=workers, slides=reading)
     total = sum(len(source) for source in sources)
     scored: list[PatchBatch] = []

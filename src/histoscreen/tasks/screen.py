@@ -112,7 +112,7 @@ class SlideOptions:
 
     truth: dict[tuple[str, int, int], int] | None = None  # from a labels CSV
     use_name_labels: bool = True
-    um_per_px: float | None = None
+    patch_um_per_px: float | None = None  # of patch inputs (a slide file's grid knows its own)
     explained_per_kind: int = EXPLAINED_PER_KIND
 
 
@@ -122,7 +122,9 @@ class Screening:
 
     `context` (blend each patch with its neighbours on the slide) defaults to on when the
     model has a slide-context calibration. Ground truth comes from `labels_csv`, else from
-    the class in the file names unless `use_name_labels` is False.
+    the class in the file names unless `use_name_labels` is False. `mpp` is the inputs' µm
+    per pixel: a whole-slide image's level 0 (where its metadata lacks it or is wrong), or the
+    patches' own (default: the model's spacing, 4 µm/px for the Kaggle set), for areas in mm².
     """
 
     def __init__(
@@ -132,23 +134,23 @@ class Screening:
         model: str | os.PathLike | None = None,
         tta: bool = False,
         context: bool | None = None,
-        um_per_px: float | None = None,
         labels_csv: str | os.PathLike | None = None,
         use_name_labels: bool = True,
         device: str = "auto",
         backend: str = "auto",
         workers: int | None = None,
-        slide_mpp: float | None = None,
+        mpp: float | None = None,
         tissue: TissueSettings = TissueSettings(),
         explained_per_kind: int = EXPLAINED_PER_KIND,
         engine: RayEngine | None = None,
     ):
-        check_pixel_size_setting("um_per_px", um_per_px)
-        check_pixel_size_setting("slide_mpp", slide_mpp)
+        check_pixel_size_setting("mpp", mpp)
         self.predictor = Predictor(model, tta=tta, context=context, device=device, backend=backend)
-        self.options = SlideOptions(read_labels_csv(labels_csv) if labels_csv else None, use_name_labels, um_per_px, explained_per_kind)
+        spacing = self.predictor.metadata.spacing_um_px
+        patch_um_per_px = mpp if mpp is not None else spacing
+        self.options = SlideOptions(read_labels_csv(labels_csv) if labels_csv else None, use_name_labels, patch_um_per_px, explained_per_kind)
         self.engine = engine
-        reading = SlideReading(self.predictor.metadata.spacing_um_px, slide_mpp, tissue)
+        reading = SlideReading(spacing, mpp, tissue)
         self.sources: list[PatchSource] = open_sources(inputs, named_only=True, workers=workers, slides=reading)
         self.failures: list[Problem] = []
         self.slides: list[tuple[PatchSource, str]] = []
@@ -170,8 +172,8 @@ class Screening:
         self.settings = {
             **self.predictor.settings(),
             "uncertain_margin": UNCERTAIN_MARGIN,
-            "um_per_px": um_per_px,
-            "slide_mpp": slide_mpp,
+            "mpp": mpp,
+            "patch_um_per_px": patch_um_per_px,
             "inputs": [str(Path(i).resolve()) for i in inputs],
         }
 
@@ -253,7 +255,7 @@ def _screen_slide(
     summary = summarise_slide(
         slide_id, grid, probabilities, threshold, views_disagree=disagree,
         labels=slide.labels if slide.has_labels else None,
-        um_per_px=options.um_per_px if options.um_per_px is not None else source.grid_um_per_px,
+        um_per_px=source.grid_um_per_px if source.grid_um_per_px is not None else options.patch_um_per_px,
     )
     uncertain = uncertain_patches(probabilities, threshold, disagree)
     suspicious = np.argsort(-probabilities)[: options.explained_per_kind]

@@ -77,6 +77,8 @@ function upload(file) {
   const form = new FormData();
   form.append("file", file);
   form.append("name", document.getElementById("name").value);
+  const mpp = document.getElementById("mpp").value.trim();
+  if (mpp) form.append("mpp", mpp);
   const request = new XMLHttpRequest();
   request.open("POST", "/api/jobs");
   for (const [key, value] of Object.entries(authHeaders())) request.setRequestHeader(key, value);
