@@ -126,6 +126,30 @@ def test_every_slide_page_shows_the_rank_the_index_gives(screened_batch):
         assert f'<th class="left">rank</th><td>{summary.rank}</td>' in page, summary.patient
 
 
+def test_every_page_says_which_model_which_threshold_and_when_and_the_index_explains_its_columns(screened_batch, tiny_model):
+    import hashlib
+    import re
+
+    from histoscreen import __version__
+
+    result, report, _ = screened_batch
+    settings = json.loads((report / "slides.json").read_text())["settings"]
+    digest = hashlib.sha256((tiny_model / "model.safetensors").read_bytes()).hexdigest()
+    assert settings["weights_sha256"] == digest
+    for page in [report / "index.html", *(report / "slides").glob("*.html")]:
+        [line] = re.findall(r'<p class="provenance">(.*?)</p>', page.read_text())
+        assert f"<code>{tiny_model.name}/model.safetensors</code> (weights sha256 <code>{digest[:12]}</code>)" in line, page
+        assert f"histoscreen {__version__}" in line and f"IDC threshold {settings['threshold']:.3f} (with slide context)" in line
+        assert re.search(r"screened \d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC", line), line
+    index = (report / "index.html").read_text()
+    terms = re.findall(r"<dt>(.*?)</dt>", index)
+    assert {"largest confident region", "burden", "mean p, max p", "uncertain, to review", "agreement"} <= set(terms)
+    [head] = re.findall(r"<thead><tr>(.*?)</tr></thead>", index)
+    column = re.findall(r"<th>(.*?)</th>", head).index("largest confident region (patches)")
+    keys = [int(re.findall(r"<td[^>]*>(.*?)</td>", row)[column].replace(",", "")) for row in re.findall(r'<tr class="slide">(.*?)</tr>', index)]
+    assert keys == [s.confident_region_patches for s in result.slides] == sorted(keys, reverse=True) and keys[0] > 0
+
+
 def test_ranking_follows_the_known_tumour_sizes(screened_batch):
     result, _, _ = screened_batch
     assert [s.patient for s in result.slides] == ["900021", "900020", "900022"]

@@ -30,6 +30,7 @@ if TYPE_CHECKING:
 
 WEIGHTS_SUFFIX = ".safetensors"
 METADATA_SUFFIX = ".json"
+DEFAULT_WEIGHTS_NAME = f"model{WEIGHTS_SUFFIX}"  # of a model given as a folder
 MODEL_FORMAT = "histoscreen-model"
 MODEL_FORMAT_VERSION = 2
 SHIPPED_MODEL_NAME = "idc-residual"
@@ -304,7 +305,7 @@ def model_paths(path: str | os.PathLike) -> tuple[Path, Path]:
     """(weights, metadata) for a model given as a folder, its weights file or its .json."""
     path = Path(path)
     if path.is_dir():
-        path = path / f"model{WEIGHTS_SUFFIX}"
+        path = path / DEFAULT_WEIGHTS_NAME
     if path.suffix == METADATA_SUFFIX:
         return path.with_suffix(WEIGHTS_SUFFIX), path
     return path, path.with_suffix(METADATA_SUFFIX)

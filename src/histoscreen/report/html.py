@@ -5,6 +5,7 @@ from __future__ import annotations
 from html import escape
 from pathlib import Path
 
+from histoscreen.models.bundle import DEFAULT_WEIGHTS_NAME, model_paths
 from histoscreen.problems import Problem
 from histoscreen.tasks.slides import SlideSummary
 
@@ -31,15 +32,54 @@ img.view { max-width: 100%; }
 .pictures { display: flex; flex-wrap: wrap; gap: 1rem; }
 .pictures > div { flex: 1 1 480px; }
 .warning { color: #8a1010; }
+.provenance { font-size: .85rem; color: #444; }
+.legend { font-size: .85rem; margin: 1rem 0; max-width: 60rem; }
+.legend dt { font-weight: 600; float: left; clear: left; width: 13rem; }
+.legend dd { margin: 0 0 .3rem 13.5rem; }
 """
 
 
-def _page(title: str, body: str) -> str:
+def _page(title: str, body: str, settings: dict) -> str:
     return (
         "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
         f"<title>{escape(title)}</title><style>{STYLE}</style></head><body>\n"
-        f"<p class=\"disclaimer\">{escape(DISCLAIMER)}</p>\n{body}\n</body></html>\n"
+        f"<p class=\"disclaimer\">{escape(DISCLAIMER)}</p>\n{_provenance(settings)}\n{body}\n</body></html>\n"
     )
+
+
+def _provenance(settings: dict) -> str:
+    """Which model, exactly, judged these slides, with which threshold and when: on every
+    page, since a page is printed or passed on alone."""
+    weights = model_paths(settings["model"])[0]
+    model = f"{weights.parent.name}/{weights.name}" if weights.name == DEFAULT_WEIGHTS_NAME else weights.name  # a folder model: its folder
+    digest = settings.get("weights_sha256", "")[:12]
+    scoring = "with slide context" if settings.get("context") else "each patch alone"
+    parts = [
+        f"Model <code>{escape(model)}</code>" + (f" (weights sha256 <code>{escape(digest)}</code>)" if digest else ""),
+        f"histoscreen {escape(str(settings.get('histoscreen_version', '')))}",
+        f"IDC threshold {settings['threshold']:.3f} ({scoring}{', dihedral TTA' if settings.get('tta') else ''})",
+    ]
+    if settings.get("started"):
+        parts.append(f"screened {escape(settings['started'].replace('T', ' ').replace('+00:00', ' UTC'))}")
+    return f'<p class="provenance">{" · ".join(parts)}</p>'
+
+
+LEGEND = (
+    ("rank", "most suspicious first: by the largest confident region, then burden, then max p"),
+    ("largest confident region", "the ranking key: the largest group of touching IDC patches (4-connected) "
+     "that are all above the threshold and none uncertain, in patches"),
+    ("burden", "IDC patches / patches screened (the tumour burden estimate)"),
+    ("largest region", "the largest group of touching IDC patches, uncertain ones included (in mm² where the pixel size is known)"),
+    ("mean p, max p", "the mean and the highest calibrated IDC probability over the slide's patches"),
+    ("uncertain, to review", "patches within 0.1 of the threshold, or with TTA whose 8 views fall on both sides of it: look at these"),
+    ("agreement", "with ground truth only: the share of patches whose call matches their label"),
+)
+
+
+def _legend(labelled: bool) -> str:
+    items = "".join(f"<dt>{escape(term)}</dt><dd>{escape(text)}</dd>" for term, text in LEGEND
+                    if labelled or term != "agreement")
+    return f'<details class="legend" open><summary>What the columns mean</summary><dl>{items}</dl></details>'
 
 
 def _percent(value: float | None) -> str:
@@ -64,8 +104,8 @@ def _region(summary: SlideSummary) -> str:
 
 def write_index(folder: Path, slides: list[SlideSummary], errors: list[Problem], settings: dict) -> None:
     labelled = any(s.true_idc_fraction is not None for s in slides)
-    header = ["rank", "slide", "thumbnail", "patches", "IDC patches", "burden", "largest region (patches)",
-              "mean p", "max p", "flags"]
+    header = ["rank", "slide", "thumbnail", "largest confident region (patches)", "patches", "IDC patches", "burden",
+              "largest region (patches)", "mean p", "max p", "flags"]
     if labelled:
         header += ["true burden", "sensitivity", "specificity", "agreement"]
     rows = []
@@ -75,6 +115,7 @@ def write_index(folder: Path, slides: list[SlideSummary], errors: list[Problem],
             f"<td>{s.rank}</td>",
             f'<td class="left"><a href="{link}">{escape(s.patient)}</a></td>',
             f'<td class="left"><a href="{link}"><img class="thumb" src="slides/{escape(s.patient)}/thumbnail.png" alt="slide {escape(s.patient)}"></a></td>',
+            f"<td>{s.confident_region_patches:,}</td>",
             f"<td>{s.patches:,}</td>",
             f"<td>{s.idc_patches:,}</td>",
             f"<td>{_percent(s.idc_fraction)}</td>",
@@ -101,9 +142,9 @@ def write_index(folder: Path, slides: list[SlideSummary], errors: list[Problem],
         f"Machine-readable: <a href=\"slides.csv\">slides.csv</a>, <a href=\"slides.json\">slides.json</a>, "
         f"<a href=\"errors.csv\">errors.csv</a>.</p>"
         f'<table id="slides"><thead><tr>{"".join(f"<th>{h}</th>" for h in header)}</tr></thead>'
-        f"<tbody>{''.join(rows)}</tbody></table>{problems}"
+        f"<tbody>{''.join(rows)}</tbody></table>{_legend(labelled)}{problems}"
     )
-    (folder / "index.html").write_text(_page("IDC screening report", body))
+    (folder / "index.html").write_text(_page("IDC screening report", body, settings))
 
 
 def write_slide_page(
@@ -113,6 +154,7 @@ def write_slide_page(
     patient = escape(summary.patient)
     facts = [
         ("rank", f"{summary.rank}"),
+        ("largest confident region (the ranking key)", f"{summary.confident_region_patches:,} patches"),
         ("patches screened", f"{summary.patches:,}"),
         ("IDC patches", f"{summary.idc_patches:,}"),
         ("tumour burden (IDC patches / patches)", _percent(summary.idc_fraction)),
@@ -162,7 +204,7 @@ def write_slide_page(
         f"{' or whose dihedral views disagree' if settings['tta'] else ''}): each patch, then its Grad-CAM "
         f'overlay, where brighter means more evidence for IDC.</p><div class="gallery">{figures}</div>'
     )
-    (folder / "slides" / f"{summary.patient}.html").write_text(_page(f"Slide {summary.patient}", body))
+    (folder / "slides" / f"{summary.patient}.html").write_text(_page(f"Slide {summary.patient}", body, settings))
 
 
 def _context_note(settings: dict) -> str:

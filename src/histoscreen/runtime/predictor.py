@@ -4,6 +4,7 @@ app and Ray workers) share."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import threading
 from pathlib import Path
@@ -136,9 +137,11 @@ class Predictor:
                 "batch_size": self.batch_size, "backend": self.backend}
 
     def settings(self) -> dict:
-        """What decides the calls, for reports."""
+        """What decides the calls, for reports: the model file and the digest of its weights
+        (which model, exactly), the backend, the scoring and its threshold."""
         patch = self.patch_calibration
-        settings = {"model": str(self.model_path), "backend": self.backend, "tta": self.tta, "context": self.context,
+        weights = model_paths(self.model_path)[0]
+        settings = {"model": str(self.model_path), "weights_sha256": file_sha256(weights), "backend": self.backend, "tta": self.tta, "context": self.context,
                     "threshold": self.threshold, "temperature": patch.temperature, "bias": patch.bias}
         if self.context:
             context, calibration = self.metadata.scoring.context, self.context_calibration
@@ -200,6 +203,14 @@ class Predictor:
         """Calibrated probabilities, and which patches' views disagree (see above)."""
         logits, disagree = self.patch_logits_with_disagreement(patches)
         return self.finish(logits, positions), disagree
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _check_patches(patches: np.ndarray) -> None:

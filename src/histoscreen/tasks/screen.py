@@ -13,10 +13,12 @@ import csv
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 
+from histoscreen import __version__
 from histoscreen.constants import GRID_STEP, PATCH_NAME_HINT
 from histoscreen.data.inputs import SlideReading, open_sources
 from histoscreen.data.naming import grid_index
@@ -171,6 +173,8 @@ class Screening:
             raise InputError(f"{', '.join(str(i) for i in inputs)}: no patch files named {PATCH_NAME_HINT}")
         self.settings = {
             **self.predictor.settings(),
+            "histoscreen_version": __version__,
+            "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "uncertain_margin": UNCERTAIN_MARGIN,
             "mpp": mpp,
             "patch_um_per_px": patch_um_per_px,
