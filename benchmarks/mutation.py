@@ -109,7 +109,8 @@ def workspace(tests_ref: str | None) -> Path:
 
 
 def tests_pass(folder: Path, tests: list[str], timeout: float) -> bool:
-    environment = {"PYTHONPATH": str(folder / "src"), "PATH": str(Path(sys.executable).parent) + ":/usr/bin:/bin"}
+    environment = {"PYTHONPATH": str(folder / "src"), "PATH": str(Path(sys.executable).parent) + ":/usr/bin:/bin",
+                   "HISTOSCREEN_CACHE": str(folder / "onnx-cache")}  # a mutant's graphs must never reach the user's cache
     command = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests]
     try:
         result = subprocess.run(command, cwd=folder, env=environment, capture_output=True, timeout=timeout)

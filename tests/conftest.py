@@ -7,8 +7,9 @@ import os
 import shutil
 import subprocess
 import sys
-import zipfile
+import tempfile
 import time
+import zipfile
 from collections import Counter
 from pathlib import Path
 
@@ -17,6 +18,16 @@ import pytest
 from histoscreen.data import synthesize
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def pytest_configure(config):
+    """A fresh ONNX graph cache for the session, never the user's: a graph that other code
+    (a benchmark's mutant, an older version) left there must not decide a test."""
+    os.environ["HISTOSCREEN_CACHE"] = config._histoscreen_cache = tempfile.mkdtemp(prefix="histoscreen-test-cache-")
+
+
+def pytest_unconfigure(config):
+    shutil.rmtree(getattr(config, "_histoscreen_cache", ""), ignore_errors=True)
 
 
 def shared_data_folder() -> Path | None:
