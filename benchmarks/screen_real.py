@@ -80,7 +80,7 @@ def main() -> None:
           f"shipped model{' with TTA' if args.tta else ''}, {'each patch alone' if args.no_context else 'slide context'}")
     print(f"{'variant':40s} {'seconds':>8s} {'patches/s':>10s} {'peak anon MiB':>14s}")
     print(f"{'baseline: predict (CSV only)':40s} {predict_s:8.1f} {files / predict_s:10,.0f} {predict_mib:14.0f}")
-    print(f"{'screen (report, heatmaps, Grad-CAM)':40s} {screen_s:8.1f} {files / screen_s:10,.0f} {screen_mib:14.0f}")
+    print(f"{'screen (report, heatmaps, explanations)':40s} {screen_s:8.1f} {files / screen_s:10,.0f} {screen_mib:14.0f}")
     print(f"screen takes {screen_s / predict_s:.2f}x the time of predict; report size {report_mib:.1f} MiB "
           f"({report_mib / max(len(slides), 1):.2f} MiB per slide)")
     from histoscreen.scoring.slides import SlideBurden, slide_figures

@@ -27,3 +27,13 @@ def test_startup_benchmark_runs():
     assert result.returncode == 0, result.stderr[-2000:]
     for row in ("python -c pass (baseline)", "histoscreen --help", "predict (1 patch, ONNX)", "target one-patch predict"):
         assert row in result.stdout
+
+
+def test_explanations_benchmark_quick_mode_runs():
+    result = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "explanations.py"), "--quick"],
+        capture_output=True, text=True, timeout=600, cwd=REPO / "benchmarks",
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    for row in ("Grad-CAM, last stage (7 x 7)", "occlusion, 10 px squares, stride 5", "SYNTHETIC", "ring hidden"):
+        assert row in result.stdout

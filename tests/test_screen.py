@@ -300,3 +300,25 @@ def test_progress_counts_each_slides_patches_as_they_are_scored(tiny_model, tmp_
         counts = [(done, total) for stage, done, total in heard if stage == f"slide {slide_id}"]
         assert len(counts) > 2 and counts[-1][0] == counts[-1][1] == len(source.cells(slide_id)[0])
         assert [done for done, _ in counts] == sorted({done for done, _ in counts})
+
+
+def test_occlusion_maps_light_where_the_score_comes_from_and_nowhere_else():
+    """A scorer that reads only the red of pixels 20-29 x 30-39: hiding anything else changes nothing."""
+    from histoscreen.data.views import Normalisation
+    from histoscreen.tasks.explain import occlusion_maps
+
+    def redness_there(patches: np.ndarray) -> np.ndarray:
+        return patches[:, 20:30, 30:40, 0].mean(axis=(1, 2)).astype(np.float64)
+
+    patches = np.full((3, 50, 50, 3), 200, dtype=np.uint8)
+    patches[1] = 90  # hiding with the (grey) mean colour raises its score: no evidence for IDC anywhere
+    maps = occlusion_maps(redness_there, patches, Normalisation((0.5, 0.5, 0.5), (0.2, 0.2, 0.2)))
+    assert maps.shape == (3, 50, 50) and maps.dtype == np.float32
+    inside = np.zeros((50, 50), dtype=bool)
+    inside[20:30, 30:40] = True
+    reach = np.zeros((50, 50), dtype=bool)
+    reach[10:40, 20:50] = True  # the squares that overlap the read pixels
+    for evidence in maps[[0, 2]]:
+        assert evidence[inside].min() > 0.5 and evidence.max() == pytest.approx(1.0)
+        assert (evidence[~reach] == 0).all()
+    assert (maps[1] == 0).all()

@@ -417,7 +417,7 @@ def test_the_pages_in_a_headless_browser(slides, tiny_model, tmp_path):
             page.mouse.click(box["x"] + point[0], box["y"] + point[1])
             page.wait_for_selector("body[data-picked]", timeout=30_000)
             assert "p(IDC)" in page.inner_text("#picked-facts")
-            assert page.eval_on_selector("#picked-cam", "img => img.complete && img.naturalWidth") == 200
+            assert page.eval_on_selector("#picked-evidence", "img => img.complete && img.naturalWidth") == 200
             page.fill("#note", "nests look in situ")
             page.click(".verdicts button[data-verdict='disagree']")
             # locators, not wait_for_function: its string predicates are eval, which the page's CSP forbids
@@ -498,3 +498,24 @@ def test_finders_resource_forks_in_a_zip_are_skipped_not_refused(tmp_path, slide
         assert answer.status_code == 201, answer.text
     extracted = sorted(p.name for p in (data / "jobs" / answer.json()["id"] / "input").rglob("*.png"))
     assert extracted == sorted(p.name for p in good)
+
+
+@pytest.mark.skipif(not CHROMIUM.exists(), reason="Debian's chromium is not installed")
+def test_the_api_docs_render_offline_with_every_outside_request_blocked(tmp_path):
+    from playwright.sync_api import expect, sync_playwright
+
+    with served(ServeSettings(data=tmp_path / "data", start_workers=False)) as port:
+        url = f"http://127.0.0.1:{port}"
+        outside, refused_scripts = [], []
+        with sync_playwright() as playwright:
+            browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=["--no-sandbox", "--disable-gpu"])
+            page = browser.new_page()
+            page.route("**/*", lambda route: route.continue_() if route.request.url.startswith((url, "data:"))
+                       else (outside.append(route.request.url), route.abort()))
+            page.on("console", lambda message: refused_scripts.append(message.text) if "Content Security Policy" in message.text else None)
+            page.goto(f"{url}/docs")
+            expect(page.locator(".opblock-summary-path", has_text="/api/jobs").first).to_be_visible(timeout=20_000)
+            assert page.locator(".opblock").count() >= 10
+            expect(page.locator(".info .title")).to_contain_text("histoscreen")
+            browser.close()
+    assert outside == [] and refused_scripts == [], (outside, refused_scripts)

@@ -625,7 +625,7 @@ COMMANDS = {
         help="screen a batch of slides: heatmaps, tumour burden, triage ranking, explanations, HTML report",
         description="Rebuild every slide in INPUT from its patches, predict IDC, and write OUT/index.html "
         "(open it from disk), slides.csv, slides.json, errors.csv and per-slide heatmaps, GeoJSON regions and "
-        "Grad-CAM explanations. A screening aid, not a diagnosis.",
+        "explanations (where each explained patch's evidence for IDC is). A screening aid, not a diagnosis.",
     ),
     "serve": Command(
         _command_serve, _serve_options,

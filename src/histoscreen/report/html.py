@@ -201,8 +201,11 @@ def write_slide_page(
         f'<a href="{patient}/tiles.geojson">tiles.geojson</a>. '
         f'Every patch with its probability and call: <a href="{patient}/patches.csv">patches.csv</a>.</p>'
         f"<h2>Explained patches</h2><p>The most suspicious patches and the uncertain ones (within 0.1 of the threshold"
-        f"{' or whose dihedral views disagree' if settings['tta'] else ''}): each patch, then its Grad-CAM "
-        f'overlay, where brighter means more evidence for IDC.</p><div class="gallery">{figures}</div>'
+        f"{' or whose dihedral views disagree' if settings['tta'] else ''}): each patch, then where its evidence for "
+        "IDC is: each 10 px square of the patch was hidden in turn, and the brighter a place, the more hiding it "
+        "lowered the IDC score (occlusion sensitivity). Bright patch borders are the model's own habit, not the "
+        "map's: hiding a patch's outer 5 px lowers this model's IDC score far more than hiding its centre "
+        f'(benchmarks/explanations.py).</p><div class="gallery">{figures}</div>'
     )
     (folder / "slides" / f"{summary.patient}.html").write_text(_page(f"Slide {summary.patient}", body, settings))
 

@@ -87,8 +87,8 @@ def heatmap_image(
     canvas.save(path)
 
 
-def cam_overlay(patch: np.ndarray, cam: np.ndarray) -> np.ndarray:
-    """A patch with its Grad-CAM map over it (inferno, half opacity)."""
+def evidence_overlay(patch: np.ndarray, cam: np.ndarray) -> np.ndarray:
+    """A patch with its evidence map over it (inferno, half opacity)."""
     from matplotlib import colormaps
 
     heat = colormaps["inferno"](cam)[..., :3] * 255
@@ -109,9 +109,9 @@ def probability_overlay(grid: SlideGrid, probabilities: np.ndarray, path: Path) 
 
 
 def explanation_figure(patch: np.ndarray, cam: np.ndarray, path: Path, scale: int = 4) -> None:
-    """The patch beside its Grad-CAM overlay, both enlarged `scale` times without smoothing
+    """The patch beside its evidence overlay, both enlarged `scale` times without smoothing
     so the nuclei stay crisp; the page carries the caption."""
-    overlay = cam_overlay(patch, cam)
+    overlay = evidence_overlay(patch, cam)
     gap = np.full((patch.shape[0], 3, 3), 255, dtype=np.uint8)
     pair = np.concatenate([patch, gap, overlay], axis=1)
     Image.fromarray(pair).resize((pair.shape[1] * scale, pair.shape[0] * scale), Image.Resampling.NEAREST).save(path)

@@ -166,6 +166,6 @@ def write_slide(result: SlideResult, report_folder: Path, settings: dict, pages:
         caption = f"{explanation.kind}: x={slide.xs[row]}, y={slide.ys[row]}, p(IDC) {result.probabilities[row]:.2f}"
         if slide.labels[row] != NO_LABEL:
             caption += f", true {'IDC' if slide.labels[row] == 1 else 'non-IDC'}"
-        explanation_figure(explanation.pixels, explanation.cam, folder / "explained" / name)
+        explanation_figure(explanation.pixels, explanation.evidence, folder / "explained" / name)
         gallery.append({"file": f"explained/{name}", "kind": explanation.kind, "caption": caption})
     pages[result.patient] = {"gallery": gallery, "has_truth": slide.has_labels, "reading": result.reading}

@@ -51,7 +51,7 @@ class Predictor:
     position. A patch with no neighbours (a sparse slide, a file whose name gives no place)
     keeps its own score, put on the context scale.
 
-    On the ONNX path the torch model is loaded only when something asks for it (Grad-CAM, or
+    On the ONNX path the torch model is loaded only when something asks for it (Grad-CAM, training, or
     exporting the graph on a cache miss): a short `predict` runs without importing torch.
     """
 

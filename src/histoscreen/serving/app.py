@@ -93,6 +93,14 @@ class BodyTooLarge(HTTPException):
         super().__init__(413, f"the request passed {limit:,} bytes; refused")
 
 
+def swagger_ui_folder() -> Path:
+    """Swagger UI's files (5.x: OpenAPI 3.1, which FastAPI writes), from the fastapi-offline
+    wheel of the [serve] extra: /docs works offline, as the README promises for every page."""
+    from importlib import resources
+
+    return Path(str(resources.files("fastapi_offline") / "static"))
+
+
 SUBMIT_FIELDS = frozenset({"file", "name", "mpp"})
 
 
@@ -245,7 +253,9 @@ def create_app(settings: ServeSettings) -> FastAPI:
             except subprocess.TimeoutExpired:
                 worker.kill()
 
-    app = FastAPI(title="histoscreen", version=__version__, lifespan=lifespan,
+    # docs_url=None: FastAPI's own /docs loads Swagger UI from a CDN and runs an inline script;
+    # ours serves the assets of the fastapi-offline wheel and starts them from static/docs.js
+    app = FastAPI(title="histoscreen", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
                   description="Batch screening of breast histopathology for invasive ductal carcinoma. A screening aid, not a diagnosis.")
     app.add_middleware(Guard, settings=settings)
 
@@ -462,19 +472,19 @@ def create_app(settings: ServeSettings) -> FastAPI:
         patch_row(job_id, slide, x, y)
         return Response(png_bytes(patch_pixels(job_id, slide, x, y)), media_type="image/png")
 
-    @api.get("/jobs/{job_id}/slides/{slide}/gradcam.png")
-    def gradcam_png(job_id: str, slide: str, x: int, y: int) -> Response:
-        from histoscreen.report.pictures import cam_overlay
+    @api.get("/jobs/{job_id}/slides/{slide}/evidence.png")
+    def evidence_png(job_id: str, slide: str, x: int, y: int) -> Response:
+        from histoscreen.report.pictures import evidence_overlay
         from histoscreen.runtime import Predictor
-        from histoscreen.tasks.explain import grad_cam
+        from histoscreen.tasks.explain import explanation_maps
 
         patch_row(job_id, slide, x, y)
         pixels = patch_pixels(job_id, slide, x, y)
-        predictor = predictors.get_or_make("model", lambda: Predictor(settings.model, backend="torch"))
-        cam = grad_cam(predictor.model, pixels[None], predictor.metadata.normalisation)[0]
-        return Response(png_bytes(cam_overlay(pixels, cam)), media_type="image/png")
+        predictor = predictors.get_or_make("model", lambda: Predictor(settings.model))
+        evidence = explanation_maps(predictor, pixels[None])[0]
+        return Response(png_bytes(evidence_overlay(pixels, evidence)), media_type="image/png")
 
-    # after patch.png and gradcam.png, which this pattern would otherwise catch
+    # after patch.png and evidence.png, which this pattern would otherwise catch
     @api.get("/jobs/{job_id}/slides/{slide}/{picture}.png")
     def picture(job_id: str, slide: str, picture: str) -> Response:
         if picture not in ("overlay", "heatmap", "truth", "thumbnail"):
@@ -486,6 +496,11 @@ def create_app(settings: ServeSettings) -> FastAPI:
 
     app.include_router(api)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    app.mount("/docs-assets", StaticFiles(directory=swagger_ui_folder()), name="docs-assets")
+
+    @app.get("/docs", response_class=HTMLResponse, include_in_schema=False)
+    def api_docs() -> str:
+        return pages.api_docs()
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     def home() -> str:

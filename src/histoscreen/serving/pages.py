@@ -30,6 +30,18 @@ def _page(title: str, body: str, page: str, **data: str) -> str:
 """
 
 
+def api_docs() -> str:
+    """The OpenAPI reference, by Swagger UI served from this server (nothing from a CDN)."""
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>API · histoscreen {__version__}</title>
+<link rel="stylesheet" href="/docs-assets/swagger-ui.css"></head>
+<body><div id="swagger-ui"></div>
+<script src="/docs-assets/swagger-ui-bundle.js"></script>
+<script src="/static/docs.js"></script>
+</body></html>
+"""
+
+
 def home() -> str:
     return _page("Screening jobs", """
 <section class="upload">
@@ -72,9 +84,9 @@ def slide(job_id: str, slide_id: str) -> str:
       <label><input id="overlay-on" type="checkbox" checked> show</label>
       <label>opacity <input id="overlay-opacity" type="range" min="0" max="1" step="0.05" value="0.7"></label>
     </fieldset>
-    <section id="picked"><h2>Patch</h2><p id="picked-hint">Click the slide to see a patch, its probability and its Grad-CAM.</p>
+    <section id="picked"><h2>Patch</h2><p id="picked-hint">Click the slide to see a patch, its probability and where its evidence for IDC is.</p>
       <div class="pair" id="picked-pair" hidden><figure><img id="picked-patch" alt="patch"><figcaption>patch</figcaption></figure>
-      <figure><img id="picked-cam" alt="Grad-CAM"><figcaption>Grad-CAM (bright: evidence for IDC)</figcaption></figure></div><p id="picked-facts"></p></section>
+      <figure><img id="picked-evidence" alt="evidence map"><figcaption>Evidence (bright: hiding this part lowers the IDC score most)</figcaption></figure></div><p id="picked-facts"></p></section>
     <section id="review"><h2>Review</h2>
       <div class="verdicts"><button data-verdict="agree">agree</button><button data-verdict="disagree">disagree</button>
       <button data-verdict="needs second look">needs second look</button></div>

@@ -1,5 +1,5 @@
 """What the slide viewer needs: Deep Zoom tiles of a screened slide's picture, and single
-patches (with their Grad-CAM) read again from the job's input on request."""
+patches (with their evidence maps) read again from the job's input on request."""
 
 from __future__ import annotations
 

@@ -28,6 +28,7 @@ from histoscreen.problems import Problem
 from histoscreen.progress import Progress, silent
 from histoscreen.errors import InputError, ModelError
 from histoscreen.runtime.predictor import Predictor
+from histoscreen.tasks.explain import explanation_maps
 from histoscreen.tasks.ray_engine import RayEngine, RayPool
 from histoscreen.tasks.slides import (
     UNCERTAIN_MARGIN,
@@ -43,12 +44,12 @@ EXPLAINED_PER_KIND = 4
 
 @dataclass(frozen=True)
 class Explanation:
-    """A patch shown to the pathologist with its Grad-CAM map."""
+    """A patch shown to the pathologist with its evidence map (tasks/explain.py)."""
 
     row: int  # index of the patch in its slide
     kind: str  # "most suspicious" or "uncertain"
     pixels: np.ndarray  # 50 x 50 x 3
-    cam: np.ndarray  # 50 x 50 in [0, 1]
+    evidence: np.ndarray  # 50 x 50 in [0, 1]: how much hiding each part lowers the IDC score
 
 
 @dataclass
@@ -267,9 +268,7 @@ def _screen_slide(
     chosen = [(int(i), "most suspicious") for i in suspicious] + [(int(i), "uncertain") for i in doubtful[: options.explained_per_kind]]
     rows = [row for row, _ in chosen]
     pixels = source.read_cells(slide_id, slide.xs[rows], slide.ys[rows])
-    from histoscreen.tasks.explain import grad_cam  # torch: imported where it runs
-
-    cams = grad_cam(predictor.model, pixels, predictor.metadata.normalisation)
-    explanations = [Explanation(row, kind, patch, cam) for (row, kind), patch, cam in zip(chosen, pixels, cams)]
+    maps = explanation_maps(predictor, pixels)
+    explanations = [Explanation(row, kind, patch, evidence) for (row, kind), patch, evidence in zip(chosen, pixels, maps)]
     return SlideResult(slide, grid, canvas.image(), canvas.reduction, probabilities, uncertain, disagree, threshold, summary,
                        explanations, source.level0_per_grid_px, source.level0_size, source.settings())

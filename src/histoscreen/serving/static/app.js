@@ -262,7 +262,7 @@ async function pick(base, x, y) {
     facts.textContent = `p(IDC) ${patch.prob_idc.toFixed(3)}: ${patch.pred ? "IDC" : "non-IDC"}`
       + `${patch.uncertain ? ", uncertain" : ""}${patch.label === null ? "" : `; true ${patch.label ? "IDC" : "non-IDC"}`}`;
     await Promise.all([imageInto(document.getElementById("picked-patch"), `${base}/patch.png?x=${x}&y=${y}`),
-      imageInto(document.getElementById("picked-cam"), `${base}/gradcam.png?x=${x}&y=${y}`)]);
+      imageInto(document.getElementById("picked-evidence"), `${base}/evidence.png?x=${x}&y=${y}`)]);
     document.getElementById("picked-pair").hidden = false;
     document.body.dataset.picked = `${x},${y}`;
   } catch (error) {
