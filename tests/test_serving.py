@@ -409,7 +409,8 @@ def test_the_pages_in_a_headless_browser(slides, tiny_model, tmp_path):
                 const view = await (await fetch(`${base}/view`)).json();
                 const patch = (await (await fetch(`${base}/patches`)).json())[0];
                 const column = (patch.x - 1 - view.origin[0]) / 50, row = (patch.y - 1 - view.origin[1]) / 50;
-                const image = new OpenSeadragon.Point((column + 0.5) * view.cell_px, (row + 0.5) * view.cell_px);
+                const image = new OpenSeadragon.Point(view.base.offset[0] + (column + 0.5) * view.base.cell_px,
+                                                      view.base.offset[1] + (row + 0.5) * view.base.cell_px);
                 const on = window.histoscreenViewer.world.getItemAt(0).imageToViewerElementCoordinates(image);
                 return [on.x, on.y];
             }""")

@@ -153,6 +153,13 @@ def test_geojson_for_qupath_is_in_level_0_pixels_and_covers_the_idc_tiles(synthe
         assert sum(point_in_polygon(*centre, rings) for rings in polygons) == int(called)
         assert ring[1][0] - ring[0][0] == pytest.approx(min(200, width - ring[0][0]))  # 50 model px at 4 µm = 200 level-0 px at 1 µm
     assert idc_tiles == report.slides[0].idc_patches > 0
+    with open(folder / "patches.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    corners = [tile["geometry"]["coordinates"][0][0] for tile in detections]
+    assert [[float(r["x_level0"]), float(r["y_level0"])] for r in rows] == corners  # the GeoJSON's frame, row for row
+    assert all(float(r["x_level0"]) == (int(r["x"]) - 1) * 4 for r in rows)  # 4 µm/px grid over a 1 µm/px level 0
+    page = (tmp_path / "report" / "slides" / "slide.html").read_text()
+    assert re.search(r"x=\d+, y=\d+ \(level 0: \d+, \d+ px\)", page)
 
 
 def test_predict_reads_slide_files_too(synthetic_slide_image, tiny_model, tmp_path):
@@ -302,7 +309,8 @@ def test_the_web_app_takes_the_pixel_size_as_a_form_field_and_refuses_fields_it_
 
     from histoscreen.serving.app import ServeSettings, create_app
 
-    slide = write_pyramid_tiff(tmp_path / "no-mpp.tif", upscale(synthetic_slide_image, 2), 2.0, compression="zlib", with_resolution=False)
+    image = upscale(synthetic_slide_image, 2)
+    slide = write_pyramid_tiff(tmp_path / "no-mpp.tif", image, 2.0, compression="zlib", with_resolution=False)
     data = tmp_path / "data"
     with TestClient(create_app(ServeSettings(data=data, model=str(tiny_model))), base_url="http://127.0.0.1:8000") as client:
         def submit(**fields):
@@ -315,9 +323,42 @@ def test_the_web_app_takes_the_pixel_size_as_a_form_field_and_refuses_fields_it_
         assert client.get("/api/jobs").json() == []
         without, given = submit().json()["id"], submit(mpp="2.0").json()["id"]
         jobs = {job_id: wait_done(client, job_id) for job_id in (without, given)}
+        viewer_shows_level_0_with_the_heatmap_over_the_geojson_pixels(client, given, image)
     assert jobs[without]["status"] == "failed" and "this slide has no pixel size" in jobs[without]["error"]
     assert "give its pixel size (mpp, µm per level-0 pixel)" in jobs[without]["error"] and str(data) not in jobs[without]["error"]
     assert jobs[given]["status"] == "done", jobs[given]
     [reading] = json.loads((data / "jobs" / given / "report" / "slides.json").read_text())["whole_slide_reading"].values()
     assert reading["slide_um_per_px"] == 2.0 and reading["slide_um_per_px_from"] == "given by the user"
+
+
+def viewer_shows_level_0_with_the_heatmap_over_the_geojson_pixels(client, job_id: str, image: np.ndarray) -> None:
+    """The viewer's deepest zoom is the slide's own level 0, and an IDC cell of the heatmap
+    overlay lies on the same level-0 pixels as its square in tiles.geojson."""
+    base = f"/api/jobs/{job_id}/slides/no-mpp"
+    view = client.get(f"{base}/view").json()
+    height, width = image.shape[:2]
+    assert view["base"]["source"] == "slide" and view["base"]["size"] == [width, height]
+    cell, (offset_x, offset_y) = view["base"]["cell_px"], view["base"]["offset"]
+    assert cell == 100  # 50 model px at 4 µm/px over a 2 µm/px level 0
+    tiles = client.get(f"{base}/tiles.geojson").json()["features"]
+    idc = [t for t in tiles if t["properties"]["classification"]["name"] == "IDC"]
+    patches = {(p["x_level0"], p["y_level0"]): p for p in client.get(f"{base}/patches").json()}
+    assert idc and len(patches) == len(tiles)
+    for tile in idc:
+        left, top = tile["geometry"]["coordinates"][0][0]
+        patch = patches[(left, top)]
+        column, row = (patch["x"] - 1 - view["origin"][0]) // 50, (patch["y"] - 1 - view["origin"][1]) // 50
+        assert (offset_x + column * cell, offset_y + row * cell) == (left, top)  # where the overlay draws this cell
+    descriptor = client.get(f"{base}/mosaic.dzi").text
+    assert f'Width="{width}"' in descriptor and f'Height="{height}"' in descriptor
+    deepest = max(int(level) for level in range(40) if client.get(f"{base}/mosaic_files/{level}/0_0.jpeg").status_code == 200)
+    left, top = idc[len(idc) // 2]["geometry"]["coordinates"][0][0]
+    x, y = int(left + cell // 2), int(top + cell // 2)
+    column, row = x // 254, y // 254
+    answer = client.get(f"{base}/mosaic_files/{deepest}/{column}_{row}.jpeg")
+    assert answer.status_code == 200
+    tile = np.asarray(Image.open(io.BytesIO(answer.content)).convert("RGB")).astype(int)
+    x0, y0 = column * 254 - (1 if column else 0), row * 254 - (1 if row else 0)  # 1 px of overlap on inner edges
+    served = tile[y - y0 - 4 : y - y0 + 4, x - x0 - 4 : x - x0 + 4]
+    assert np.abs(served - image[y - 4 : y + 4, x - 4 : x + 4].astype(int)).mean() < 12  # level-0 pixels, JPEG-compressed
 

@@ -35,8 +35,11 @@ from histoscreen.report.pictures import (
 )
 from histoscreen.tables import write_csv
 from histoscreen.tasks.screen import Screening, SlideResult
-from histoscreen.tasks.slides import SlideSummary, rank_slides, regions_geojson, tiles_geojson
+from histoscreen.tasks.slides import SlideSummary, level0_corners, rank_slides, regions_geojson, tiles_geojson
 
+# x, y: the cell's name on the model's grid (as Kaggle patch names); x_level0, y_level0: its
+# top-left corner in the slide's level-0 pixels, as in the GeoJSON (what QuPath shows)
+PATCH_COLUMNS = ["x", "y", "x_level0", "y_level0", "prob_idc", "pred", "uncertain", "label"]
 SLIDES_STAGE = "screening slides"  # progress in slides; each slide's own stage counts its patches
 SLIDE_COLUMNS = [
     "rank", "patient", "patches", "idc_patches", "idc_fraction", "largest_region_patches", "largest_region_mm2",
@@ -125,6 +128,11 @@ def write_screening_report(
     return ScreeningReport(out_dir, ranked, problems, patches, time.perf_counter() - started)
 
 
+def _number(value: float) -> str:
+    """A level-0 coordinate as written: whole numbers without a decimal point."""
+    return f"{value:.2f}".rstrip("0").rstrip(".")
+
+
 def write_slide(result: SlideResult, report_folder: Path, settings: dict, pages: dict[str, dict]) -> None:
     """Everything of one slide: pictures, patch table, regions, explanations; what its page
     needs goes into `pages` (the page waits for the slide's rank)."""
@@ -139,14 +147,16 @@ def write_slide(result: SlideResult, report_folder: Path, settings: dict, pages:
     if slide.has_labels:
         heatmap_image(mosaic, grid, slide.labels, 0.5, folder / "truth.png", reduction=reduction,
                       title=f"{result.patient}: ground truth (IDC = 1, outlined)", values_label="true label")
+    scale = result.level0_per_grid_px
+    lefts, tops = level0_corners(slide.xs, slide.ys, scale)
     write_csv(
-        folder / "patches.csv", ["x", "y", "prob_idc", "pred", "uncertain", "label"],
+        folder / "patches.csv", PATCH_COLUMNS,
         (
-            [int(x), int(y), f"{p:.6f}", int(call), int(doubt), "" if label == NO_LABEL else int(label)]
-            for x, y, p, call, doubt, label in zip(slide.xs, slide.ys, result.probabilities, result.calls, result.uncertain, slide.labels)
+            [int(x), int(y), _number(left), _number(top), f"{p:.6f}", int(call), int(doubt), "" if label == NO_LABEL else int(label)]
+            for x, y, left, top, p, call, doubt, label in zip(
+                slide.xs, slide.ys, lefts, tops, result.probabilities, result.calls, result.uncertain, slide.labels)
         ),
     )
-    scale = result.level0_per_grid_px
     bounds = result.level0_size
     geojson = regions_geojson(grid, result.calls, result.probabilities, result.patient, scale=scale, bounds=bounds)
     (folder / "regions.geojson").write_text(json.dumps(geojson) + "\n")
@@ -155,7 +165,9 @@ def write_slide(result: SlideResult, report_folder: Path, settings: dict, pages:
     # for the web viewer: the heatmap as one pixel per cell, and how cells map onto mosaic.jpg
     probability_overlay(grid, result.probabilities, folder / "overlay.png")
     view = {"mosaic": [mosaic.shape[1], mosaic.shape[0]], "cell_px": 50 / reduction, "grid": list(grid.extent),
-            "origin": list(grid.pixel_origin), "threshold": threshold}
+            "origin": list(grid.pixel_origin), "threshold": threshold,
+            # a whole-slide image: its level-0 size, and level-0 pixels per model pixel (the viewer shows level 0)
+            "level0": {"size": list(result.level0_size), "per_grid_px": scale} if result.level0_size else None}
     (folder / "view.json").write_text(json.dumps(view) + "\n")
 
     (folder / "explained").mkdir()
@@ -163,7 +175,8 @@ def write_slide(result: SlideResult, report_folder: Path, settings: dict, pages:
     for explanation in result.explanations:
         row = explanation.row
         name = f"x{slide.xs[row]}_y{slide.ys[row]}.png"
-        caption = f"{explanation.kind}: x={slide.xs[row]}, y={slide.ys[row]}, p(IDC) {result.probabilities[row]:.2f}"
+        caption = (f"{explanation.kind}: x={slide.xs[row]}, y={slide.ys[row]} (level 0: {_number(lefts[row])}, "
+                   f"{_number(tops[row])} px), p(IDC) {result.probabilities[row]:.2f}")
         if slide.labels[row] != NO_LABEL:
             caption += f", true {'IDC' if slide.labels[row] == 1 else 'non-IDC'}"
         explanation_figure(explanation.pixels, explanation.evidence, folder / "explained" / name)

@@ -34,12 +34,13 @@ from starlette.exceptions import HTTPException
 
 from histoscreen import __version__
 from histoscreen.atomic import child_path
+from histoscreen.constants import GRID_STEP
 from histoscreen.data.wsi import check_pixel_size_setting
 from histoscreen.errors import HistoscreenError, SettingError
 from histoscreen.serving import pages
 from histoscreen.serving.jobs import VERDICTS, JobStore
 from histoscreen.serving.uploads import UploadError, extract_patches, slide_file_name, slug, upload_kind
-from histoscreen.serving.viewer import DeepZoom, LeastRecentlyUsed, png_bytes
+from histoscreen.serving.viewer import DeepZoom, LeastRecentlyUsed, SlideDeepZoom, png_bytes
 
 PROBLEM_JSON = "application/problem+json"
 STATIC = Path(__file__).resolve().parent / "static"
@@ -394,7 +395,8 @@ def create_app(settings: ServeSettings) -> FastAPI:
     @api.get("/jobs/{job_id}/slides/{slide}/patches")
     def patches(job_id: str, slide: str) -> list[dict]:
         with open(slide_folder(job_id, slide) / "patches.csv", newline="") as handle:
-            return [{"x": int(r["x"]), "y": int(r["y"]), "prob_idc": float(r["prob_idc"]), "pred": int(r["pred"]),
+            return [{"x": int(r["x"]), "y": int(r["y"]), "x_level0": float(r["x_level0"]), "y_level0": float(r["y_level0"]),
+                     "prob_idc": float(r["prob_idc"]), "pred": int(r["pred"]),
                      "uncertain": int(r["uncertain"]), "label": int(r["label"]) if r["label"] else None}
                     for r in csv.DictReader(handle)]
 
@@ -416,10 +418,32 @@ def create_app(settings: ServeSettings) -> FastAPI:
         folder = slide_folder(job_id, slide)
         row = next(r for r in slides(job_id) if r["patient"] == slide)
         gallery = sorted(p.name for p in (folder / "explained").glob("*.png"))
-        return {**json.loads((folder / "view.json").read_text()), "slide": row, "explained": gallery}
+        payload = json.loads((folder / "view.json").read_text())
+        return {**payload, "base": viewer_base(job_id, slide, payload), "slide": row, "explained": gallery}
 
-    def pyramid(job_id: str, slide: str) -> DeepZoom:
-        return pyramids.get_or_make((job_id, slide), lambda: DeepZoom(slide_folder(job_id, slide) / "mosaic.jpg"))
+    def slide_file(job_id: str, slide: str) -> Path | None:
+        """The whole-slide image a slide was screened from, when the job's input is one."""
+        from histoscreen.data.wsi import is_slide_file
+
+        found = [p for p in (store.folder(job_id) / "input").iterdir() if p.stem == slide and p.is_file() and is_slide_file(p)]
+        return found[0] if found else None
+
+    def viewer_base(job_id: str, slide: str, view: dict) -> dict:
+        """The picture the viewer shows and where the grid's cells lie on it: the slide file
+        itself at level 0 (its pixels, as the GeoJSON's), or the report's mosaic."""
+        level0 = view.get("level0")
+        if level0 and slide_file(job_id, slide) is not None:
+            scale = level0["per_grid_px"]
+            return {"source": "slide", "size": level0["size"], "cell_px": GRID_STEP * scale,
+                    "offset": [origin * scale for origin in view["origin"]]}
+        return {"source": "mosaic", "size": view["mosaic"], "cell_px": view["cell_px"], "offset": [0, 0]}
+
+    def pyramid(job_id: str, slide: str) -> DeepZoom | SlideDeepZoom:
+        def make():
+            path = slide_file(job_id, slide)
+            return SlideDeepZoom(path) if path is not None else DeepZoom(slide_folder(job_id, slide) / "mosaic.jpg")
+
+        return pyramids.get_or_make((job_id, slide), make)
 
     @api.get("/jobs/{job_id}/slides/{slide}/mosaic.dzi")
     def dzi(job_id: str, slide: str) -> Response:

@@ -1,4 +1,5 @@
-"""What the slide viewer needs: Deep Zoom tiles of a screened slide's picture, and single
+"""What the slide viewer needs: Deep Zoom tiles of a screened slide (the whole-slide image
+itself down to level 0, or the report's mosaic for a slide made of patches), and single
 patches (with their evidence maps) read again from the job's input on request."""
 
 from __future__ import annotations
@@ -49,6 +50,32 @@ class DeepZoom:
             return None
         buffer = io.BytesIO()
         image.crop((left, top, min(left + DZI_TILE, image.width), min(top + DZI_TILE, image.height))).save(buffer, "JPEG", quality=88)
+        return buffer.getvalue()
+
+
+class SlideDeepZoom:
+    """Deep Zoom tiles of a whole-slide image file, its level 0 at the deepest zoom
+    (openslide-python's DeepZoomGenerator), so a pathologist can look at cells."""
+
+    def __init__(self, path: Path):
+        import openslide
+        from openslide.deepzoom import DeepZoomGenerator
+
+        self.slide = openslide.OpenSlide(str(path))
+        # 254 + 2 px of overlap: tiles of 256, as OpenSeadragon draws best
+        self.generator = DeepZoomGenerator(self.slide, tile_size=DZI_TILE - 2, overlap=1, limit_bounds=False)
+        self.width, self.height = self.slide.dimensions
+
+    def descriptor(self) -> str:
+        return self.generator.get_dzi("jpeg")
+
+    def tile(self, level: int, column: int, row: int) -> bytes | None:
+        try:
+            image = self.generator.get_tile(level, (column, row))
+        except ValueError:  # a level or an address outside the slide
+            return None
+        buffer = io.BytesIO()
+        image.convert("RGB").save(buffer, "JPEG", quality=88)
         return buffer.getvalue()
 
 

@@ -306,6 +306,12 @@ def _scaled(point: tuple[int, int], scale: float, bounds: tuple[int, int] | None
     return [x, y] if bounds is None else [min(x, bounds[0]), min(y, bounds[1])]
 
 
+def level0_corners(xs: np.ndarray, ys: np.ndarray, scale: float) -> tuple[np.ndarray, np.ndarray]:
+    """The top-left corners of the cells named x, y (on the model's grid, 1-based) in the
+    slide's level-0 pixels: the frame the GeoJSON is in and QuPath shows."""
+    return (np.round((np.asarray(xs) - COORD_ORIGIN) * scale, 2), np.round((np.asarray(ys) - COORD_ORIGIN) * scale, 2))
+
+
 def regions_geojson(
     grid: SlideGrid, mask: np.ndarray, probabilities: np.ndarray, patient: str, *, scale: float = 1.0,
     bounds: tuple[int, int] | None = None,

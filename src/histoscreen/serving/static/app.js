@@ -217,8 +217,9 @@ async function startSlide() {
   const shown = document.getElementById("overlay-on");
   viewer.addOnceHandler("open", () => {
     viewer.addTiledImage({
-      tileSource: { type: "image", url: overlayUrl }, x: 0, y: 0,
-      width: (view.grid[1] * view.cell_px) / view.mosaic[0], opacity: shown.checked ? Number(opacity.value) : 0,
+      // one overlay pixel per grid cell, laid over the cells' place on the base picture
+      tileSource: { type: "image", url: overlayUrl }, x: view.base.offset[0] / view.base.size[0], y: view.base.offset[1] / view.base.size[0],
+      width: (view.grid[1] * view.base.cell_px) / view.base.size[0], opacity: shown.checked ? Number(opacity.value) : 0,
       success: (event) => {
         const overlay = event.item;
         const apply = () => overlay.setOpacity(shown.checked ? Number(opacity.value) : 0);
@@ -231,8 +232,8 @@ async function startSlide() {
   viewer.addHandler("canvas-click", (event) => {
     if (!event.quick) return;
     const point = viewer.world.getItemAt(0).viewerElementToImageCoordinates(event.position);
-    const column = Math.floor(point.x / view.cell_px);
-    const rowIndex = Math.floor(point.y / view.cell_px);
+    const column = Math.floor((point.x - view.base.offset[0]) / view.base.cell_px);
+    const rowIndex = Math.floor((point.y - view.base.offset[1]) / view.base.cell_px);
     if (column < 0 || rowIndex < 0) return;
     pick(base, view.origin[0] + column * 50 + 1, view.origin[1] + rowIndex * 50 + 1);
   });
