@@ -139,12 +139,22 @@ def main() -> None:
         print(f"{label:58} {tiles:12,} {seconds:8.1f} {tiles / seconds:8,.0f} {peak:9.0f}")
     print(f"full slide vs quarter: x{rows[1][1] / rows[0][1]:.2f} tiles, x{rows[1][3] / rows[0][3]:.2f} peak memory; "
           f"full slide vs store: x{(rows[1][1] / rows[1][2]) / (rows[3][1] / rows[3][2]):.2f} tiles/s")
-    steady_state(slide)
+    steady = steady_state(slide)
+    _, batch_tiles, batch_seconds, _ = rows[2]
+    peak = max(row[3] for row in rows)
+
+    def verdict(met: bool) -> str:
+        return "met" if met else "NOT met"
+
+    print(f"target steady state (read + score) >= 1,500 tiles/s: {steady:,.0f}, {verdict(steady >= 1500)}")
+    print(f"target a batch of {args.batch} slides >= 1,000 tiles/s end to end: {batch_tiles / batch_seconds:,.0f}, "
+          f"{verdict(batch_tiles / batch_seconds >= 1000)}")
+    print(f"target peak memory < 1.5 GiB: {peak:,.0f} MiB, {verdict(peak < 1536)}")
 
 
-def steady_state(slide: Path) -> None:
+def steady_state(slide: Path) -> float:
     """Without the fixed costs of a run (start-up, model, report): finding tissue, reading
-    tiles, reading and scoring them, in this process."""
+    tiles, reading and scoring them, in this process; returns read-and-scored tiles/s."""
     import time
 
     from histoscreen.data.wsi import WholeSlideSource
@@ -164,6 +174,7 @@ def steady_state(slide: Path) -> None:
     scored = time.perf_counter()
     print(f"steady state, full slide: tissue found in {found - started:.1f} s; tiles read at {tiles / (read - found):,.0f}/s, "
           f"read and scored at {tiles / (scored - read):,.0f}/s")
+    return tiles / (scored - read)
 
 
 if __name__ == "__main__":

@@ -107,7 +107,7 @@ def test_the_whole_flow_gives_what_the_command_line_gives(slides, tiny_model, tm
 
 
 def test_every_api_call_needs_the_token_when_one_is_set(tmp_path):
-    settings = ServeSettings(data=tmp_path / "data", token="s3cret", start_workers=False)
+    settings = ServeSettings(data=tmp_path / "data", token="s3cret-token-42", start_workers=False)
     app = create_app(settings)
     routes = [(method.upper(), path) for path, operations in app.openapi()["paths"].items() for method in operations]
     assert len(routes) >= 15 and all(path.startswith("/api/") for _, path in routes)  # every API route, from the app itself
@@ -120,7 +120,7 @@ def test_every_api_call_needs_the_token_when_one_is_set(tmp_path):
             assert refused.headers["www-authenticate"] == "Bearer"
             wrong = client.request(method, path, headers={"Authorization": "Bearer s3cre"})
             assert wrong.status_code == 401, (method, path)
-        assert client.get("/api/health", headers={"Authorization": "Bearer s3cret"}).json()["status"] == "ok"
+        assert client.get("/api/health", headers={"Authorization": "Bearer s3cret-token-42"}).json()["status"] == "ok"
         assert client.get("/").status_code == 200  # the page shell holds no data; its API calls need the token
 
 
@@ -167,8 +167,8 @@ def streamed_post(port: int, path: str, headers: dict, megabytes: int, start: by
 
 def test_the_guard_answers_before_any_body_is_read(tmp_path):
     data = tmp_path / "data"
-    settings = ServeSettings(data=data, token="s3cret", start_workers=False, max_upload_bytes=1 << 20)
-    auth = {"Authorization": "Bearer s3cret"}
+    settings = ServeSettings(data=data, token="s3cret-token-42", start_workers=False, max_upload_bytes=1 << 20)
+    auth = {"Authorization": "Bearer s3cret-token-42"}
     multipart = {"Content-Type": "multipart/form-data; boundary=b"}
 
     def written() -> list[str]:
@@ -520,3 +520,17 @@ def test_the_api_docs_render_offline_with_every_outside_request_blocked(tmp_path
             expect(page.locator(".info .title")).to_contain_text("histoscreen")
             browser.close()
     assert outside == [] and refused_scripts == [], (outside, refused_scripts)
+
+
+@pytest.mark.parametrize("token", ["", "short", "a token with spaces", "tab\tseparated-token", "nul\x00in-the-token"])
+def test_a_token_that_would_be_no_secret_is_refused_before_serving(tmp_path, token):
+    from histoscreen.errors import SettingError
+
+    with pytest.raises(SettingError, match="must be at least 12 printable characters without spaces"):
+        ServeSettings(data=tmp_path / "data", token=token, start_workers=False)
+    if "\x00" in token:
+        return  # no process takes a NUL in its arguments
+    result = subprocess.run([sys.executable, "-m", "histoscreen.cli", "serve", "--data", str(tmp_path / "data"), "--token", token,
+                             "--port", str(free_port())], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and "--token must be at least 12" in result.stderr, result
+    assert not (tmp_path / "data").exists()

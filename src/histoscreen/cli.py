@@ -382,18 +382,15 @@ def _command_serve(args: argparse.Namespace, progress: Progress) -> list[str]:
         from histoscreen.serving.jobs import default_data_folder
     except ImportError:
         raise HistoscreenError("the web app needs the [serve] extra: pip install 'histoscreen[serve]'") from None
-    for name in ("workers", "max_upload_mb", "max_unzipped_mb"):
-        if getattr(args, name) < 1:
-            raise SettingError(name, f"must be at least 1, got {getattr(args, name)}")
     loopback = args.host in LOOPBACK_HOSTS
-    if not loopback and not args.token:
-        print(f"histoscreen serve: warning: listening on {args.host} without --token: anyone who can reach this machine "
-              "can upload slides and read every report", file=sys.stderr)
     settings = ServeSettings(
         data=Path(args.data) if args.data else default_data_folder(), token=args.token, model=args.model,
         max_upload_bytes=args.max_upload_mb << 20, max_unzipped_bytes=args.max_unzipped_mb << 20, workers=args.workers,
         allowed_hosts=LOOPBACK_HOSTS if loopback else None,  # on a loopback bind, a foreign Host is DNS rebinding
     )
+    if not loopback and not args.token:
+        print(f"histoscreen serve: warning: listening on {args.host} without --token: anyone who can reach this machine "
+              "can upload slides and read every report", file=sys.stderr)
     if not args.quiet:
         print(f"histoscreen: http://{args.host}:{args.port}/ (API docs at /docs); data in {settings.data}", file=sys.stderr)
     uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level="warning")

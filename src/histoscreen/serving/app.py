@@ -47,6 +47,7 @@ STATIC = Path(__file__).resolve().parent / "static"
 GIB = 1 << 30
 SUPERVISE_EVERY_S = 1.0
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+MIN_TOKEN_CHARACTERS = 12
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,17 @@ class ServeSettings:
     workers: int = 1
     start_workers: bool = True
     allowed_hosts: tuple[str, ...] | None = LOOPBACK_HOSTS  # Host names answered; None: any (a public bind)
+
+    def __post_init__(self) -> None:
+        """The one check of a server's settings, whoever makes them (the CLI, a test, a script)."""
+        if self.token is not None and (len(self.token) < MIN_TOKEN_CHARACTERS or not self.token.isprintable()
+                                       or any(c.isspace() for c in self.token)):
+            # an empty token made 'Authorization: Bearer ' a valid key
+            raise SettingError("token", f"must be at least {MIN_TOKEN_CHARACTERS} printable characters without spaces, "
+                               "e.g. python -c 'import secrets; print(secrets.token_urlsafe())'")
+        for name, value, unit in (("parallel_jobs", self.workers, 1), ("max_upload_mb", self.max_upload_bytes, 1 << 20), ("max_unzipped_mb", self.max_unzipped_bytes, 1 << 20)):
+            if value < unit:
+                raise SettingError(name, f"must be at least 1, got {value // unit}")
 
 
 class Review(BaseModel):
