@@ -34,3 +34,6 @@ SYNTHETIC_PATIENT_BASE = 900000
 # Micrometres per pixel of the Kaggle patches: slides scanned at 40x (about 0.25 um/px)
 # and downsampled 16 times to 2.5x (Janowczyk & Madabhushi 2016). Approximate.
 KAGGLE_UM_PER_PX = 4.0
+
+# The ONNX opset models are exported at (part of the graph cache's key).
+ONNX_OPSET = 17

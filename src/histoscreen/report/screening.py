@@ -34,7 +34,8 @@ from histoscreen.report.pictures import (
     shrink,
 )
 from histoscreen.tables import write_csv
-from histoscreen.tasks.screen import Screening, SlideResult
+from histoscreen.tasks.screen import Screening
+from histoscreen.tasks.steps import SlideResult
 from histoscreen.tasks.slides import SlideSummary, level0_corners, rank_slides, regions_geojson, tiles_geojson
 
 # x, y: the cell's name on the model's grid (as Kaggle patch names); x_level0, y_level0: its

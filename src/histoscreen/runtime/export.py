@@ -13,13 +13,12 @@ import torch
 from torch import nn
 
 from histoscreen.atomic import atomic_write_bytes, atomic_write_text, check_output_file
-from histoscreen.constants import PATCH_SIZE
+from histoscreen.constants import ONNX_OPSET, PATCH_SIZE
 from histoscreen.data.wsi import check_pixel_size_setting
 from histoscreen.errors import SettingError
 from histoscreen.models.bundle import load_model, model_paths
 from histoscreen.data.views import Normalisation
 from histoscreen.models.bundle import ModelMetadata
-from histoscreen.runtime.onnx import ONNX_OPSET
 
 EXPORT_FORMATS = ("onnx", "torchscript")
 

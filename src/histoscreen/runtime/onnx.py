@@ -23,6 +23,7 @@ import numpy as np
 import onnxruntime
 
 from histoscreen.atomic import atomic_write_bytes
+from histoscreen.constants import ONNX_OPSET
 from histoscreen.data.views import dihedral_nhwc
 from histoscreen.models.bundle import ModelMetadata
 from histoscreen.runtime.device import thread_budget
@@ -30,7 +31,6 @@ from histoscreen.runtime.device import thread_budget
 if TYPE_CHECKING:
     from torch import nn
 
-ONNX_OPSET = 17
 
 
 def cache_folder() -> Path:

@@ -8,19 +8,20 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
 
 from histoscreen.data.inputs import SlideReading, open_sources
-from histoscreen.data.sources import NO_SLIDE, UNKNOWN_COORDINATE, PatchBatch, PatchSource
+from histoscreen.data.sources import NO_SLIDE, UNKNOWN_COORDINATE, PatchBatch
 from histoscreen.data.wsi import check_pixel_size_setting
 from histoscreen.problems import Problem
 from histoscreen.progress import Progress, silent
 from histoscreen.runtime.predictor import Predictor
 from histoscreen.tasks.ray_engine import RayEngine, RayPool
+from histoscreen.tasks.steps import scored_batches
 
 PREDICTION_COLUMNS = ["path", "patient", "x", "y", "prob_idc", "pred"]
 
@@ -120,9 +121,3 @@ def predict(
     return Predictions(
         rows, predictor.settings(), [str(i) for i in inputs], problems, sum(s.duplicates for s in sources), time.perf_counter() - started
     )
-
-
-def scored_batches(predictor: Predictor, source: PatchSource) -> Iterator[tuple[np.ndarray, PatchBatch]]:
-    """Each batch of a source with its raw logits, its pixels dropped once scored."""
-    for batch in source.batches(batch_size=predictor.batch_size):
-        yield predictor.patch_logits(batch.pixels), batch.without_pixels()

@@ -23,6 +23,7 @@ from histoscreen.errors import HistoscreenError, SettingError
 from histoscreen.problems import Problem
 from histoscreen.runtime.device import set_threads
 from histoscreen.runtime.predictor import Predictor
+from histoscreen.tasks.steps import scored_batches, screen_slide
 
 
 @dataclass(frozen=True)
@@ -79,8 +80,6 @@ class ShardWorker:
 
     def predict(self, shard: Shard) -> ShardOutcome:
         """The raw logits of a shard's patches and their places (no pixels), in reading order."""
-        from histoscreen.tasks.predict import scored_batches
-
         source = shard.open(workers=1)
         logits, parts = [], []
         for batch_logits, batch in scored_batches(self.predictor, source):
@@ -91,8 +90,6 @@ class ShardWorker:
 
     def screen(self, shard: Shard, slide_id: str) -> ShardOutcome:
         """One slide screened (a SlideResult), or the Problem that stopped it."""
-        from histoscreen.tasks.screen import screen_slide
-
         source = shard.open(workers=1)
         return ShardOutcome.of(screen_slide(self.predictor, self.slide_options, source, slide_id), source)
 

@@ -9,114 +9,24 @@ One unreadable patch or one broken slide becomes a problem, never the end of the
 
 from __future__ import annotations
 
-import csv
 import os
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-import numpy as np
 
 from histoscreen import __version__
-from histoscreen.constants import GRID_STEP, PATCH_NAME_HINT
+from histoscreen.constants import PATCH_NAME_HINT
 from histoscreen.data.inputs import SlideReading, open_sources
-from histoscreen.data.naming import grid_index
-from histoscreen.data.sources import NO_LABEL, PatchBatch, PatchSource
+from histoscreen.data.sources import PatchSource
 from histoscreen.data.wsi import TissueSettings, check_pixel_size_setting
 from histoscreen.problems import Problem
+from histoscreen.errors import InputError
 from histoscreen.progress import Progress, silent
-from histoscreen.errors import InputError, ModelError
 from histoscreen.runtime.predictor import Predictor
-from histoscreen.tasks.explain import explanation_maps
 from histoscreen.tasks.ray_engine import RayEngine, RayPool
-from histoscreen.tasks.slides import (
-    UNCERTAIN_MARGIN,
-    MosaicCanvas,
-    SlideGrid,
-    SlideSummary,
-    summarise_slide,
-    uncertain_patches,
-)
-
-EXPLAINED_PER_KIND = 4
-
-
-@dataclass(frozen=True)
-class Explanation:
-    """A patch shown to the pathologist with its evidence map (tasks/explain.py)."""
-
-    row: int  # index of the patch in its slide
-    kind: str  # "most suspicious" or "uncertain"
-    pixels: np.ndarray  # 50 x 50 x 3
-    evidence: np.ndarray  # 50 x 50 in [0, 1]: how much hiding each part lowers the IDC score
-
-
-@dataclass
-class SlideResult:
-    """One screened slide: where its patches are (their pixels were dropped once scored),
-    the calibrated probability and call of each, its picture, and what a pathologist reads
-    off them."""
-
-    slide: PatchBatch  # places, sizes and labels of every patch scored; no pixels
-    grid: SlideGrid
-    mosaic: np.ndarray  # the slide's picture over the grid, shrunk `reduction` times
-    reduction: int
-    probabilities: np.ndarray
-    uncertain: np.ndarray  # bool per patch: near the threshold, or dihedral views disagree
-    views_disagree: np.ndarray  # bool per patch (always False without TTA)
-    threshold: float
-    summary: SlideSummary
-    explanations: list[Explanation]
-    level0_per_grid_px: float = 1.0  # slide pixels per grid pixel (whole-slide images: level 0)
-    level0_size: tuple[int, int] | None = None  # the slide file's (width, height)
-    reading: dict = field(default_factory=dict)  # how the source read it (whole-slide images)
-
-    @property
-    def patient(self) -> str:
-        return self.summary.patient
-
-    @property
-    def calls(self) -> np.ndarray:
-        return self.probabilities >= self.threshold
-
-
-def read_labels_csv(path: str | os.PathLike) -> dict[tuple[str, int, int], int]:
-    """Ground truth from a CSV with columns patient,x,y,label (label 0 or 1)."""
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"{path}: no such labels file")
-    labels = {}
-    try:
-        with open(path, newline="", encoding="utf-8") as handle:
-            reader = csv.DictReader(handle)
-            if reader.fieldnames is None or not {"patient", "x", "y", "label"} <= set(reader.fieldnames):
-                raise InputError(f"{path}: needs columns patient,x,y,label")
-            for line, row in enumerate(reader, start=2):
-                try:
-                    label = int(row["label"])
-                    key = (row["patient"].strip(), int(row["x"]), int(row["y"]))
-                except (ValueError, TypeError, AttributeError):
-                    raise InputError(f"{path}, line {line}: x, y and label must be whole numbers") from None
-                if label not in (0, 1):
-                    raise InputError(f"{path}, line {line}: label must be 0 or 1, got {label}")
-                labels[key] = label
-    except UnicodeDecodeError as error:
-        raise InputError(f"{path}: not UTF-8 text ({error.reason} at byte {error.start})") from None
-    except csv.Error as error:  # a field past the csv module's 128 KiB limit, a NUL byte
-        raise InputError(f"{path}: not a readable CSV ({error})") from None
-    return labels
-
-
-@dataclass(frozen=True)
-class SlideOptions:
-    """What screening a slide needs besides the model and the patches; the same here and on a
-    Ray worker."""
-
-    truth: dict[tuple[str, int, int], int] | None = None  # from a labels CSV
-    use_name_labels: bool = True
-    patch_um_per_px: float | None = None  # of patch inputs (a slide file's grid knows its own)
-    explained_per_kind: int = EXPLAINED_PER_KIND
+from histoscreen.tasks.slides import UNCERTAIN_MARGIN
+from histoscreen.tasks.steps import EXPLAINED_PER_KIND, SlideOptions, SlideResult, read_labels_csv, screen_slide
 
 
 class Screening:
@@ -213,62 +123,3 @@ class Screening:
             for (source, _), outcome in zip(self.slides, pool.map("screen", shards)):
                 outcome.absorb_into(source)  # what reading the shard found, as if read here
                 yield outcome.value
-
-
-def screen_slide(
-    predictor: Predictor, options: SlideOptions, source: PatchSource, slide_id: str, progress: Progress = silent
-) -> SlideResult | Problem:
-    """One slide screened, or the problem that stopped it: one broken slide must not stop the batch."""
-    try:
-        result = _screen_slide(predictor, options, source, slide_id, progress)
-    except ModelError:
-        raise  # the model, not the slide: every slide would fail the same way
-    except Exception as error:
-        return Problem(slide_id, f"screening failed: {type(error).__name__}: {error}")
-    return result if result is not None else Problem(slide_id, "slide has no readable patches")
-
-
-def _screen_slide(
-    predictor: Predictor, options: SlideOptions, source: PatchSource, slide_id: str, progress: Progress
-) -> SlideResult | None:
-    """Score one slide batch by batch (the pixels of a batch are dropped once it is scored
-    and painted into the slide's picture), then judge every patch with its neighbours and
-    summarise the slide. Memory follows the batch, not the slide."""
-    xs, ys = source.cells(slide_id)
-    if not len(xs):
-        return None
-    canvas = MosaicCanvas(SlideGrid.from_cells(grid_index(ys), grid_index(xs)))
-    parts, logits, disagree = [], [], []
-    for batch in source.batches(batch_size=predictor.batch_size, slides=[slide_id]):
-        batch_logits, batch_disagree = predictor.patch_logits_with_disagreement(batch.pixels)
-        logits.append(batch_logits)
-        disagree.append(batch_disagree)
-        canvas.paint(batch)
-        parts.append(batch.without_pixels())
-        progress(f"slide {slide_id}", sum(len(part) for part in parts), len(xs))
-    slide = PatchBatch.concatenate(parts)
-    if not len(slide):
-        return None
-    if options.truth is not None:
-        slide.labels = np.array([options.truth.get((p, int(x), int(y)), NO_LABEL) for p, x, y in zip(slide.patients, slide.xs, slide.ys)])
-    elif not options.use_name_labels:
-        slide.labels = np.full(len(slide), NO_LABEL)
-    disagree = np.concatenate(disagree)
-    probabilities = predictor.finish(np.concatenate(logits), slide.positions)
-    grid = SlideGrid.of(slide, origin=(canvas.origin[0] // GRID_STEP, canvas.origin[1] // GRID_STEP))
-    threshold = predictor.threshold
-    summary = summarise_slide(
-        slide_id, grid, probabilities, threshold, views_disagree=disagree,
-        labels=slide.labels if slide.has_labels else None,
-        um_per_px=source.grid_um_per_px if source.grid_um_per_px is not None else options.patch_um_per_px,
-    )
-    uncertain = uncertain_patches(probabilities, threshold, disagree)
-    suspicious = np.argsort(-probabilities)[: options.explained_per_kind]
-    doubtful = [i for i in np.argsort(np.abs(probabilities - threshold)) if uncertain[i] and i not in suspicious]
-    chosen = [(int(i), "most suspicious") for i in suspicious] + [(int(i), "uncertain") for i in doubtful[: options.explained_per_kind]]
-    rows = [row for row, _ in chosen]
-    pixels = source.read_cells(slide_id, slide.xs[rows], slide.ys[rows])
-    maps = explanation_maps(predictor, pixels)
-    explanations = [Explanation(row, kind, patch, evidence) for (row, kind), patch, evidence in zip(chosen, pixels, maps)]
-    return SlideResult(slide, grid, canvas.image(), canvas.reduction, probabilities, uncertain, disagree, threshold, summary,
-                       explanations, source.level0_per_grid_px, source.level0_size, source.settings())
