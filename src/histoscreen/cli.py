@@ -232,28 +232,18 @@ def _command_splits(args: argparse.Namespace, progress: Progress) -> list[str]:
     import pandas as pd
 
     from histoscreen.tables import write_frame
-    from histoscreen.data import PatchStore
-    from histoscreen.data.splits import SPLIT_NAMES
+    from histoscreen.tasks.splits import describe_splits
 
-    store = PatchStore(args.store)
-    spec = _split_spec(args)
-    table = store.patient_table()
-    splits = spec.kfold_rounds(table) if spec.scheme == "kfold" else [spec.resolve(table)]
-    by_patient = table.set_index("patient")
+    summaries = describe_splits(args.store, _split_spec(args))
     lines = []
-    for split in splits:
-        lines.append(f"{split.name}:")
-        for name in SPLIT_NAMES:
-            members = [p for p in split.patients(name) if p in by_patient.index]
-            patches = int(by_patient.loc[members, "patches"].sum()) if members else 0
-            idc = int(by_patient.loc[members, "idc_patches"].sum()) if members else 0
-            lines.append(f"  {name:5s} {len(members):4d} patients  {patches:8,d} patches  {idc:7,d} IDC")
-        unassigned = [p for p in store.patients if split.split_of(p) is None]
-        if unassigned:
-            lines.append(f"  not in any split: {len(unassigned)} patients")
+    for summary in summaries:
+        lines.append(f"{summary.split.name}:")
+        lines += [f"  {p.name:5s} {p.patients:4d} patients  {p.patches:8,d} patches  {p.idc_patches:7,d} IDC" for p in summary.parts]
+        if summary.unassigned:
+            lines.append(f"  not in any split: {summary.unassigned} patients")
     if args.out:
         check_output_file(Path(args.out), overwrite=args.overwrite, inputs=[args.store])
-        write_frame(Path(args.out), pd.concat([s.to_frame().assign(round=s.name) for s in splits]))
+        write_frame(Path(args.out), pd.concat([summary.to_frame() for summary in summaries]))
         lines.append(f"written: {args.out}")
     return lines
 
