@@ -84,11 +84,8 @@ def adapt(model: Path, pixels, labels, patients, positions, complete, lab, args)
     rule = ThresholdRule(**procedure["threshold_rule"]) if procedure else ThresholdRule()  # as `train` fitted it
     print(f"its scoring: context {'on' if metadata.scoring.has_context else 'off'}, threshold rule {rule.describe()}")
 
-    def subset(rows: np.ndarray) -> SlidePositions:
-        return SlidePositions(positions.slides[rows], positions.columns[rows], positions.rows[rows], positions.known[rows])
-
     def probabilities(scoring, rows: np.ndarray) -> tuple[np.ndarray, float]:
-        return scored(scoring, scoring.plain.calibrated(raw[rows]), subset(rows), tta=False, context=True)
+        return scored(scoring, scoring.plain.calibrated(raw[rows]), positions.take(rows), tta=False, context=True)
 
     def call(scoring, rows: np.ndarray, threshold: float | None = None) -> dict:
         found, own = probabilities(scoring, rows)
@@ -106,7 +103,7 @@ def adapt(model: Path, pixels, labels, patients, positions, complete, lab, args)
             if min(labels[fit].sum(), (1 - labels[fit]).sum()) < 1:
                 continue  # no scoring can be fitted on one class; `calibrate` refuses it too
             draws += 1
-            scoring, _ = fit_scoring(labels[fit], raw[fit], raw[fit], positions=subset(fit), rule=rule, context_model="blend")
+            scoring, _ = fit_scoring(labels[fit], raw[fit], raw[fit], positions=positions.take(fit), rule=rule, context_model="blend")
             rest = ~fit
             before.append(call(metadata.scoring, rest))
             after.append(call(scoring, rest))

@@ -243,3 +243,67 @@ def test_each_patients_learned_context_estimate_never_sees_its_own_labels():
     after = _learned_without_each_patient(logits, positions, features, flipped, patients)
     np.testing.assert_array_equal(before[held], after[held])
     assert not np.allclose(before[~held], after[~held])  # the others learned from the flipped labels
+
+
+def test_calibrating_on_a_labs_own_patients_says_what_the_refit_is_worth_before_use(tiny_model, synthetic_store, tmp_path):
+    """--split-scheme all: every patient calibrates, and the model carries the figures there
+    of the model it started from and of the refit, each patient called by a fit on the others."""
+    from histoscreen.tasks.calibrate import call_figures
+
+    result = histoscreen("calibrate", str(synthetic_store), "--model", str(tiny_model), "--out", str(tmp_path / "lab"),
+                         "--split-scheme", "all")
+    assert result.returncode == 0, result.stderr
+    _, metadata = load_model(tmp_path / "lab")
+    estimate = metadata.validation.estimate
+    assert metadata.validation.split == "all/val" and len(metadata.validation.patients) == estimate["patients"] == 6
+    assert f"on these 6 patients, the model you started from: balanced accuracy {estimate['before']['balanced_accuracy']:.4f}" in result.stdout
+    assert f"this refit (each patient called by a refit on the others): balanced accuracy {estimate['after']['balanced_accuracy']:.4f}" in result.stdout
+    better = estimate["after"]["balanced_accuracy"] > estimate["before"]["balanced_accuracy"]
+    assert ("warning: the refit is not estimated to be better" in result.stdout) != (better and len(estimate["after"]["under_called"]) <= len(estimate["before"]["under_called"]))
+
+    # "before" is the starting model's own calls on these patches, as predict makes them
+    from histoscreen.data import PatchStore, StoreSource
+    from histoscreen.runtime import Predictor
+    from histoscreen.scoring.slides import complete_slides
+
+    patches = StoreSource(PatchStore(synthetic_store)).read_all()
+    calls = Predictor(tiny_model, backend="torch").probabilities(patches.pixels, patches.positions) >= Predictor(tiny_model).threshold
+    expected = call_figures(patches.labels.astype(int), calls, patches.patients.astype(str),
+                            complete_slides(patches.positions, patches.labels))
+    assert estimate["before"]["balanced_accuracy"] == pytest.approx(expected["balanced_accuracy"], abs=1e-6)
+
+
+def test_each_patients_refit_call_comes_from_a_fit_without_that_patient():
+    from histoscreen.data import SlidePositions
+    from histoscreen.scoring.calibration import fit_scoring, refitted_per_patient, scored
+
+    rng = np.random.default_rng(3)
+    patients = np.repeat(np.array(["a", "b", "c", "d", "e"]), 60)
+    labels = (rng.random(len(patients)) < 0.4).astype(int)
+    logits = np.where(labels == 1, 1.0, -1.0) * rng.uniform(0.2, 2.0, len(labels)) + rng.normal(0, 1.0, len(labels))
+    logits[patients == "c"] += 1.5  # a patient whose logits run high: its own threshold would differ
+    xs, ys = np.tile(np.arange(60) % 10 * 50 + 1, 5), np.tile(np.arange(60) // 10 * 50 + 1, 5)
+    positions = SlidePositions.of(patients, xs, ys)
+    calls = refitted_per_patient(labels, logits, positions, patients)
+    held = patients == "c"
+    scoring, _ = fit_scoring(labels[~held], logits[~held], logits[~held], positions=positions.take(~held))
+    probabilities, threshold = scored(scoring, scoring.plain.calibrated(logits[held]), positions.take(held), tta=False, context=True)
+    assert np.array_equal(calls[held], probabilities >= threshold)
+    everyone, _ = fit_scoring(labels, logits, logits, positions=positions)
+    with_c, threshold_c = scored(everyone, everyone.plain.calibrated(logits[held]), positions.take(held), tta=False, context=True)
+    assert not np.array_equal(calls[held], with_c >= threshold_c)  # a fit that saw patient c calls it otherwise
+
+
+@pytest.mark.parametrize("patients, idc_fractions, words", [
+    (4, [0.3, 0.3, 0.3, 0.3], "4 patients; calibrating on a lab's own needs at least 5"),
+    (5, [0.3, 0.0, 0.0, 0.0, 0.0], "every IDC patch is one patient's"),
+])
+def test_calibrating_on_too_few_lab_patients_is_refused_with_the_reason(tiny_model, tmp_path, patients, idc_fractions, words):
+    from histoscreen.data import prepare, synthesize
+
+    synthesize(tmp_path / "slides", patients=patients, seed=4, first_index=50, idc_fractions=idc_fractions)
+    prepare(tmp_path / "slides", tmp_path / "store")
+    result = histoscreen("calibrate", str(tmp_path / "store"), "--model", str(tiny_model), "--out", str(tmp_path / "lab"),
+                         "--split-scheme", "all")
+    assert result.returncode == 2 and words in result.stderr, result.stderr
+    assert not (tmp_path / "lab").exists()

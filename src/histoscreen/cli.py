@@ -143,7 +143,8 @@ def _split_options(group: argparse.ArgumentParser) -> None:
     from histoscreen.data.splits import SPLIT_SCHEMES, SplitSpec
 
     group.add_argument("--split-scheme", choices=SPLIT_SCHEMES, default=_default(SplitSpec, "scheme"),
-                       help="official 84/29/49 patient lists (default), a k-fold round, or --split-csv")
+                       help="official 84/29/49 patient lists (default), a k-fold round, --split-csv, or all (every patient "
+                       "is a val patient: calibrate on a lab's own labelled patients)")
     group.add_argument("--extra-to-train", action="store_true", help="official: add patients outside the lists to train")
     group.add_argument("--folds", type=int, default=_default(SplitSpec, "folds"),
                        help="kfold: number of folds (default %(default)s); official test patients are left out")
@@ -307,7 +308,27 @@ def _command_calibrate(args: argparse.Namespace, progress: Progress) -> list[str
         f"model: {path}",
         f"calibrated on {len(metadata.validation.patients)} {metadata.validation.split} patients",
         *_validation_lines(metadata),
+        *_estimate_lines(metadata.validation.estimate),
     ]
+
+
+def _estimate_lines(estimate: dict | None) -> list[str]:
+    """What the refit is worth on the lab's patients, and a warning when it is not better."""
+    if estimate is None:
+        return []
+
+    def described(figures: dict) -> str:
+        return (f"balanced accuracy {figures['balanced_accuracy']:.4f}, sensitivity {figures['sensitivity']:.4f}, "
+                f"specificity {figures['specificity']:.4f}, IDC slides under-called {len(figures['under_called'])} of "
+                f"{figures['complete_slides']} complete slides")
+
+    before, after = estimate["before"], estimate["after"]
+    lines = [f"on these {estimate['patients']} patients, the model you started from: {described(before)}",
+             f"on these {estimate['patients']} patients, this refit (each patient called by a refit on the others): {described(after)}"]
+    if after["balanced_accuracy"] <= before["balanced_accuracy"] or len(after["under_called"]) > len(before["under_called"]):
+        lines.append("warning: the refit is not estimated to be better on these patients than the model you started from; "
+                     "keep using that model (or review more patients and calibrate again)")
+    return lines
 
 
 def _command_evaluate(args: argparse.Namespace, progress: Progress) -> list[str]:

@@ -47,6 +47,10 @@ class SlidePositions:
     def __len__(self) -> int:
         return len(self.known)
 
+    def take(self, rows: np.ndarray) -> SlidePositions:
+        """The positions of some patches (a boolean mask or indices), in that order."""
+        return SlidePositions(self.slides[rows], self.columns[rows], self.rows[rows], self.known[rows])
+
 
 class CellIndex:
     """The distinct cells of items placed on one or more grids (`groups`, e.g. slides), with

@@ -21,7 +21,7 @@ from histoscreen.errors import InputError, SettingError
 from histoscreen.data.naming import patient_sort_key
 
 SPLIT_NAMES = ("train", "val", "test")
-SPLIT_SCHEMES = ("official", "kfold", "csv")
+SPLIT_SCHEMES = ("official", "kfold", "csv", "all")  # all: every patient is a val (calibration) patient
 
 
 @dataclass(frozen=True)
@@ -169,6 +169,8 @@ class SplitSpec:
             return official_split(patient_table["patient"].tolist(), extra_to_train=self.extra_to_train)
         if self.scheme == "kfold":
             return self.kfold_rounds(patient_table)[self.fold - 1]
+        if self.scheme == "all":  # a lab's own labelled patients, all of them to calibrate on
+            return PatientSplit(frozenset(), frozenset(patient_table["patient"].astype(str)), frozenset(), name="all")
         return csv_split(self.csv_path)
 
     def kfold_rounds(self, patient_table: pd.DataFrame) -> list[PatientSplit]:

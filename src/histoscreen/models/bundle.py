@@ -170,6 +170,9 @@ class Validation:
     # how the scoring was fitted, to refit it the same way: {"threshold_rule": ThresholdRule
     # fields, "context_model": "blend" | "learned"} (absent from models made before)
     procedure: dict | None = None
+    # calibrated on a lab's own patients: the figures there of the model it started from
+    # ("before") and of this refit, each patient called by a fit on the others ("after")
+    estimate: dict | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -184,6 +187,9 @@ class Validation:
             and procedure.get("context_model") in ("blend", "learned", None)
         ):
             raise ValueError("validation.procedure must name a threshold_rule object and a context_model (blend or learned)")
+        estimate = payload.get("estimate")
+        if estimate is not None and not (isinstance(estimate, dict) and {"before", "after"} <= set(estimate)):
+            raise ValueError("validation.estimate must be an object with 'before' and 'after' figures")
         return cls(**{**payload, "patients": tuple(payload.get("patients", ()))})
 
 

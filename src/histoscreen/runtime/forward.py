@@ -49,6 +49,15 @@ def batched_logits(
     return batched_view_logits(model, patches, normalisation, views=views, batch_size=batch_size, device=device).mean(0)
 
 
+def plain_and_tta_logits(
+    model: torch.nn.Module, normalisation: Normalisation, patches: PatchBatch, device: torch.device | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Raw logits of one view and the mean of the 8 dihedral views: what a scoring is fitted on."""
+    model.to(device or torch.device("cpu"))
+    plain = batched_logits(model, patches.pixels, normalisation, device=device)
+    return plain, batched_logits(model, patches.pixels, normalisation, tta=True, device=device)
+
+
 def fit_scoring_on(
     model: torch.nn.Module,
     normalisation: Normalisation,
@@ -60,9 +69,7 @@ def fit_scoring_on(
 ) -> tuple[Scoring, Validation]:
     """Run the model on labelled val patches (one view and the 8 dihedral ones) and fit the
     calibration, thresholds and slide context on them (scoring.calibration.fit_scoring)."""
-    model.to(device or torch.device("cpu"))
-    plain = batched_logits(model, val.pixels, normalisation, device=device)
-    tta = batched_logits(model, val.pixels, normalisation, tta=True, device=device)
+    plain, tta = plain_and_tta_logits(model, normalisation, val, device)
     return fit_scoring(
         val.labels, plain, tta, positions=val.positions, patients=val.patients, rule=rule, context_model=context_model
     )

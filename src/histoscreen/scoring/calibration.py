@@ -273,3 +273,28 @@ def leave_one_patient_out(
         "specificity": specificity,
         "patients": int(len(np.unique(patients))),
     }
+
+
+def refitted_per_patient(
+    labels: np.ndarray,
+    plain_logits: np.ndarray,
+    positions: SlidePositions,
+    patients: np.ndarray,
+    *,
+    rule: ThresholdRule = ThresholdRule(),
+    context_model: str = "blend",
+) -> np.ndarray:
+    """Each patient's calls (with slide context, one view) by a scoring fitted with
+    fit_scoring on all the other patients: how a calibration on these patients carries over
+    to one it was not fitted on, the whole procedure refitted each time."""
+    calls = np.zeros(len(labels), dtype=bool)
+    for patient in np.unique(patients):
+        held = patients == patient
+        rest = ~held
+        scoring, _ = fit_scoring(labels[rest], plain_logits[rest], plain_logits[rest], positions=positions.take(rest),
+                                 rule=rule, context_model=context_model)
+        probabilities, threshold = scored(scoring, scoring.plain.calibrated(plain_logits[held]), positions.take(held),
+                                          tta=False, context=True)
+        calls[held] = probabilities >= threshold
+    return calls
+
