@@ -18,6 +18,7 @@ pytest.importorskip("openslide", reason="the [wsi] extra (openslide-python, open
 pytest.importorskip("tifffile", reason="tifffile writes the test slides")
 
 from histoscreen.data import PatchBatch, open_sources, synthesize  # noqa: E402
+from histoscreen.errors import InputError  # noqa: E402
 from histoscreen.tasks import Screening  # noqa: E402
 from conftest import screen_to, shared_data_folder, wait_done  # noqa: E402
 from slide_files import stitch, upscale, write_claimed_tiff, write_pyramid_tiff  # noqa: E402
@@ -362,3 +363,50 @@ def viewer_shows_level_0_with_the_heatmap_over_the_geojson_pixels(client, job_id
     served = tile[y - y0 - 4 : y - y0 + 4, x - x0 - 4 : x - x0 + 4]
     assert np.abs(served - image[y - 4 : y + 4, x - 4 : x + 4].astype(int)).mean() < 12  # level-0 pixels, JPEG-compressed
 
+
+
+def test_qupath_annotations_label_the_tiles_they_cover_and_bad_ones_are_one_line(tiny_model, tmp_path):
+    """A GeoJSON as QuPath exports it (a list of Features, MultiPolygons in level-0 pixels, classes
+    IDC and Stroma) labels a whole-slide image's tiles: the screen's truth is the drawn truth."""
+    synthesize(tmp_path / "patches", patients=1, seed=6, first_index=41, idc_fractions=[0.4])
+    [source] = open_sources([tmp_path / "patches"])
+    patches = source.read_all()
+    image = upscale(stitch(patches), 4)  # 1 µm/px: a 50-px patch is 200 level-0 px
+    write_pyramid_tiff(tmp_path / "slide.tif", image, 1.0, compression="zlib")
+
+    def squares(rows):
+        return [[[[(x - 1) * 4, (y - 1) * 4], [(x + 49) * 4, (y - 1) * 4], [(x + 49) * 4, (y + 49) * 4], [(x - 1) * 4, (y + 49) * 4],
+                   [(x - 1) * 4, (y - 1) * 4]]] for x, y in rows]
+
+    cells = list(zip(patches.xs.tolist(), patches.ys.tolist()))
+    truth = dict(zip(cells, patches.labels.tolist()))
+    features = [{"type": "Feature", "geometry": {"type": "MultiPolygon", "coordinates": squares([c for c in cells if truth[c] == label])},
+                 "properties": {"objectType": "annotation", "classification": {"name": name}}}
+                for label, name in ((1, "IDC"), (0, "Stroma"))]
+    features.append({"type": "Feature", "geometry": {"type": "Point", "coordinates": [10, 10]}, "properties": {}})  # ignored
+    (tmp_path / "slide.geojson").write_text(json.dumps(features))
+    [result] = Screening([str(tmp_path / "slide.tif")], model=tiny_model, labels=[tmp_path / "slide.geojson"])
+    screened = {(int(x), int(y)): int(label) for x, y, label in zip(result.slide.xs, result.slide.ys, result.slide.labels)}
+    assert len(screened) > 100 and screened == {cell: truth[cell] for cell in screened}  # every screened tile, its drawn class
+    half = sorted(screened)[::2]  # a CSV naming every other tile: those take its labels, the rest none
+    (tmp_path / "labels.csv").write_text("patient,x,y,label\n" + "".join(f"slide,{x},{y},{truth[(x, y)]}\n" for x, y in half))
+    [from_csv] = Screening([str(tmp_path / "slide.tif")], model=tiny_model, labels=tmp_path / "labels.csv")
+    listed = {(int(x), int(y)): int(label) for x, y, label in zip(from_csv.slide.xs, from_csv.slide.ys, from_csv.slide.labels)}
+    assert listed == {cell: truth[cell] if cell in set(half) else -1 for cell in screened}
+
+    from histoscreen.data.annotations import Annotation, label_cells
+
+    three_quarters = Annotation(1, [[np.array([[0, 0], [150, 0], [150, 200], [0, 200]], dtype=float)]])  # 75% of cell (1, 1)
+    one_quarter = Annotation(1, [[np.array([[200, 0], [250, 0], [250, 200], [200, 200]], dtype=float)]])  # 25% of cell (51, 1)
+    labels = label_cells([three_quarters, one_quarter], np.array([1, 51]), np.array([1, 1]), level0_per_grid_px=4.0,
+                         level0_size=(400, 200), where="test")
+    assert labels.tolist() == [1, -1]
+
+    elsewhere = [{"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [[[9e6, 9e6], [9e6 + 10, 9e6], [9e6, 9e6 + 10]]]},
+                  "properties": {"classification": {"name": "IDC"}}}]
+    for name, content, words in (("slide.geojson", json.dumps(elsewhere), "annotation 1 lies outside the slide"),
+                                 ("slide.geojson", "{not json", "is not valid JSON"),
+                                 ("other.geojson", json.dumps(features), "no slide 'other' among the inputs")):
+        (tmp_path / name).write_text(content)
+        with pytest.raises(InputError, match=words):
+            Screening([str(tmp_path / "slide.tif")], model=tiny_model, labels=[tmp_path / name])

@@ -40,7 +40,6 @@ FLAG_OF_SETTING = {
     "architecture_kwargs": "--arch-kwargs",
     "learning_rate": "--lr",
     "bootstrap_rounds": "--bootstrap",
-    "labels_csv": "--labels",
     "csv_path": "--split-csv",
     "scheme": "--split-scheme",
     "objective": "--threshold-objective",
@@ -378,7 +377,7 @@ def _command_screen(args: argparse.Namespace, progress: Progress) -> list[str]:
 
     screening = Screening(
         args.inputs, model=args.model, tta=args.tta, context=args.context, mpp=args.mpp,
-        labels_csv=args.labels, use_name_labels=not args.ignore_name_labels, device=args.device, backend=args.backend,
+        labels=args.labels, use_name_labels=not args.ignore_name_labels, device=args.device, backend=args.backend,
         workers=args.workers, tissue=TissueSettings(min_tissue=args.min_tissue),
         engine=_engine(args),
     )
@@ -548,7 +547,10 @@ def _screen_options(sub: argparse.ArgumentParser) -> None:
     sub.add_argument("inputs", nargs="+", help="Kaggle-layout folders (one patient or many), folders of named patches, stores, "
                      "or whole-slide images (.svs, .tif, .ndpi, .mrxs, ...) and folders of them")
     sub.add_argument("--out", required=True, help="report folder to create")
-    sub.add_argument("--labels", help="ground truth CSV with columns patient,x,y,label (else the labels in names)")
+    sub.add_argument("--labels", action="append", default=[], metavar="FILE",
+                     help="ground truth (else the labels in names): a CSV with columns patient,x,y,label, or a GeoJSON "
+                     "exported from QuPath named after its slide (SLIDE.geojson: polygons classified IDC or otherwise, in "
+                     "level-0 pixels; a patch takes a class covering half of it); repeat for several")
     sub.add_argument("--ignore-name-labels", action="store_true", help="the class in file names is not ground truth")
 
 

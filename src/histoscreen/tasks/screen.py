@@ -26,7 +26,7 @@ from histoscreen.progress import Progress, silent
 from histoscreen.runtime.predictor import Predictor
 from histoscreen.tasks.ray_engine import RayEngine, RayPool
 from histoscreen.tasks.slides import UNCERTAIN_MARGIN
-from histoscreen.tasks.steps import EXPLAINED_PER_KIND, SlideOptions, SlideResult, read_labels_csv, screen_slide
+from histoscreen.tasks.steps import EXPLAINED_PER_KIND, SlideOptions, SlideResult, read_truth, screen_slide
 
 
 class Screening:
@@ -34,7 +34,8 @@ class Screening:
     whole-slide image files or folders of them), screened with one model when iterated over.
 
     `context` (blend each patch with its neighbours on the slide) defaults to on when the
-    model has a slide-context calibration. Ground truth comes from `labels_csv`, else from
+    model has a slide-context calibration. Ground truth comes from `labels` (CSV files, or
+    GeoJSON annotations named after their slides: data/annotations.py), else from
     the class in the file names unless `use_name_labels` is False. `mpp` is the inputs' µm
     per pixel: a whole-slide image's level 0 (where its metadata lacks it or is wrong), or the
     patches' own (default: the model's spacing, 4 µm/px for the Kaggle set), for areas in mm².
@@ -47,7 +48,7 @@ class Screening:
         model: str | os.PathLike | None = None,
         tta: bool = False,
         context: bool | None = None,
-        labels_csv: str | os.PathLike | None = None,
+        labels: str | os.PathLike | Sequence[str | os.PathLike] = (),
         use_name_labels: bool = True,
         device: str = "auto",
         backend: str = "auto",
@@ -61,7 +62,6 @@ class Screening:
         self.predictor = Predictor(model, tta=tta, context=context, device=device, backend=backend)
         spacing = self.predictor.metadata.spacing_um_px
         patch_um_per_px = mpp if mpp is not None else spacing
-        self.options = SlideOptions(read_labels_csv(labels_csv) if labels_csv else None, use_name_labels, patch_um_per_px, explained_per_kind)
         self.engine = engine
         reading = SlideReading(spacing, mpp, tissue)
         self.sources: list[PatchSource] = open_sources(inputs, named_only=True, workers=workers, slides=reading)
@@ -82,6 +82,9 @@ class Screening:
                 more = f" (and {len(found) - 1} more problems)" if len(found) > 1 else ""
                 raise InputError(f"nothing to screen: {found[0].where}: {found[0].reason}{more}")
             raise InputError(f"{', '.join(str(i) for i in inputs)}: no patch files named {PATCH_NAME_HINT}")
+        labels = [labels] if isinstance(labels, (str, os.PathLike)) else list(labels)
+        self.options = SlideOptions(read_truth(labels, self.slides) if labels else None, use_name_labels, patch_um_per_px,
+                                    explained_per_kind)
         self.settings = {
             **self.predictor.settings(),
             "histoscreen_version": __version__,

@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import csv
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from histoscreen.constants import GRID_STEP
+from histoscreen.constants import COORD_ORIGIN, GRID_STEP
+from histoscreen.data.annotations import label_cells, read_annotations
 from histoscreen.data.naming import grid_index
 from histoscreen.data.sources import NO_LABEL, PatchBatch, PatchSource
 from histoscreen.errors import InputError, ModelError
@@ -70,6 +71,28 @@ class SlideResult:
     @property
     def calls(self) -> np.ndarray:
         return self.probabilities >= self.threshold
+
+
+def read_truth(paths: Sequence[str | os.PathLike], slides: Sequence[tuple[PatchSource, str]]) -> dict[tuple[str, int, int], int]:
+    """Ground truth from label files: CSVs with columns patient,x,y,label, and GeoJSON
+    annotations (QuPath's, histoscreen's edited regions) each named after the slide it labels
+    (SLIDE.geojson), read on that slide's grid. A cell no file labels has no label."""
+    truth: dict[tuple[str, int, int], int] = {}
+    by_id = {slide_id: source for source, slide_id in slides}
+    for path in map(Path, paths):
+        if path.suffix.lower() not in (".geojson", ".json"):
+            truth.update(read_labels_csv(path))
+            continue
+        source = by_id.get(path.stem)
+        if source is None:
+            raise InputError(f"{path}: no slide {path.stem!r} among the inputs; annotations label the slide named like the file")
+        xs, ys = source.cells(path.stem)
+        size = source.level0_size or (int((xs.max() - COORD_ORIGIN + GRID_STEP) * source.level0_per_grid_px),
+                                      int((ys.max() - COORD_ORIGIN + GRID_STEP) * source.level0_per_grid_px))
+        labels = label_cells(read_annotations(path), xs, ys, level0_per_grid_px=source.level0_per_grid_px,
+                             level0_size=size, where=str(path))
+        truth.update({(path.stem, int(x), int(y)): int(label) for x, y, label in zip(xs, ys, labels) if label != NO_LABEL})
+    return truth
 
 
 def read_labels_csv(path: str | os.PathLike) -> dict[tuple[str, int, int], int]:
