@@ -410,3 +410,34 @@ def test_qupath_annotations_label_the_tiles_they_cover_and_bad_ones_are_one_line
         (tmp_path / name).write_text(content)
         with pytest.raises(InputError, match=words):
             Screening([str(tmp_path / "slide.tif")], model=tiny_model, labels=[tmp_path / name])
+
+
+def test_calibrate_on_a_labs_slides_and_folders_with_their_annotations(tiny_model, tmp_path):
+    """`calibrate INPUT... --split-scheme all --labels SLIDE.geojson`: a whole-slide image labelled
+    by its annotations and patch folders labelled by their names calibrate together."""
+    from histoscreen.cli import main
+    from histoscreen.models import load_model
+
+    synthesize(tmp_path / "lab", patients=5, seed=7, first_index=80, idc_fractions=[0.4, 0.3, 0.2, 0.3, 0.5])
+    first = tmp_path / "lab" / "900080"
+    [source] = open_sources([first])
+    patches = source.read_all()
+    write_pyramid_tiff(tmp_path / "slide-a.tif", upscale(stitch(patches), 4), 1.0, compression="zlib")
+    idc = [[[[(x - 1) * 4, (y - 1) * 4], [(x + 49) * 4, (y - 1) * 4], [(x + 49) * 4, (y + 49) * 4], [(x - 1) * 4, (y + 49) * 4]]]
+           for x, y, label in zip(patches.xs.tolist(), patches.ys.tolist(), patches.labels.tolist()) if label == 1]
+    (tmp_path / "slide-a.geojson").write_text(json.dumps({"type": "FeatureCollection", "features": [
+        {"type": "Feature", "geometry": {"type": "MultiPolygon", "coordinates": idc}, "properties": {"classification": {"name": "IDC"}}},
+        {"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [[[0, 0], [99999, 0], [99999, 99999], [0, 99999]], idc[0][0]]},
+         "properties": {"classification": {"name": "Stroma"}}},  # everything else, one IDC square cut out as a hole
+    ]}))
+    import shutil
+
+    shutil.rmtree(first)  # that patient is now the slide file
+    code = main(["calibrate", "-q", str(tmp_path / "lab"), str(tmp_path / "slide-a.tif"), "--labels", str(tmp_path / "slide-a.geojson"),
+                 "--model", str(tiny_model), "--split-scheme", "all", "--out", str(tmp_path / "lab-model")])
+    assert code == 0
+    _, metadata = load_model(tmp_path / "lab-model")
+    assert set(metadata.validation.patients) == {"slide-a", "900081", "900082", "900083", "900084"}
+    assert metadata.validation.estimate["patients"] == 5 and metadata.validation.store is None
+    labelled = metadata.validation.metrics["plain"]["patches"]
+    assert labelled > 4 * 100

@@ -295,12 +295,12 @@ def _command_calibrate(args: argparse.Namespace, progress: Progress) -> list[str
 
     out = Path(args.out)
     target = out if out.suffix == ".safetensors" else out / "model.safetensors"
-    inputs = [args.store, *_model_files(args.model)]
+    inputs = [*args.inputs, *args.labels, *_model_files(args.model)]
     for written in model_paths(target):
         check_output_file(written, overwrite=args.overwrite, inputs=inputs)
     model, metadata = calibrate(
-        args.store, args.model or shipped_model_path(), split_spec=_split_spec(args),
-        rule=_threshold_rule(args), context_model=args.context_model, device=args.device,
+        args.inputs, args.model or shipped_model_path(), split_spec=_split_spec(args),
+        rule=_threshold_rule(args), context_model=args.context_model, device=args.device, labels=args.labels, mpp=args.mpp,
     )
     path = save_model(model, metadata, target, overwrite=args.overwrite, inputs=inputs)
     return [
@@ -505,8 +505,12 @@ def _calibrate_options(sub: argparse.ArgumentParser) -> None:
     _threshold_options(sub)
     _runtime_options(sub, workers=False, batch_size=False, backend=False)
     _overwrite_options(sub)
-    sub.add_argument("store", help="a store written by 'histoscreen prepare'")
+    sub.add_argument("inputs", nargs="+", metavar="INPUT",
+                     help="a store written by 'histoscreen prepare' (its split's val patients calibrate); with --split-scheme all, "
+                     "any inputs screen takes, every labelled patch of them calibrating")
     sub.add_argument("--out", required=True, help="model file (.safetensors) or folder to write")
+    _labels_option(sub)
+    sub.add_argument("--mpp", type=float, help="whole-slide images: µm per level-0 pixel, where the file's metadata lacks it")
     sub.add_argument("--context-model", choices=CONTEXT_MODELS, default="blend",
                      help="slide context: blend each patch with its neighbours' mean (default), or learn how to "
                      "weigh its neighbours out to 8 patches and its slide's overall scores (what the shipped model uses)")
@@ -547,11 +551,15 @@ def _screen_options(sub: argparse.ArgumentParser) -> None:
     sub.add_argument("inputs", nargs="+", help="Kaggle-layout folders (one patient or many), folders of named patches, stores, "
                      "or whole-slide images (.svs, .tif, .ndpi, .mrxs, ...) and folders of them")
     sub.add_argument("--out", required=True, help="report folder to create")
+    _labels_option(sub)
+    sub.add_argument("--ignore-name-labels", action="store_true", help="the class in file names is not ground truth")
+
+
+def _labels_option(sub: argparse.ArgumentParser) -> None:
     sub.add_argument("--labels", action="append", default=[], metavar="FILE",
                      help="ground truth (else the labels in names): a CSV with columns patient,x,y,label, or a GeoJSON "
                      "exported from QuPath named after its slide (SLIDE.geojson: polygons classified IDC or otherwise, in "
                      "level-0 pixels; a patch takes a class covering half of it); repeat for several")
-    sub.add_argument("--ignore-name-labels", action="store_true", help="the class in file names is not ground truth")
 
 
 def _serve_options(sub: argparse.ArgumentParser) -> None:

@@ -13,13 +13,15 @@ patients of a new population no better on its other patients; the estimate says 
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from histoscreen.data.naming import patient_sort_key
-from histoscreen.data.sources import PatchBatch, StoreSource
+from histoscreen.data.inputs import SlideReading, open_sources
+from histoscreen.data.sources import NO_LABEL, PatchBatch, StoreSource
 from histoscreen.data.splits import SplitSpec
 from histoscreen.data.store import PatchStore
 from histoscreen.errors import InputError
@@ -28,6 +30,7 @@ from histoscreen.runtime.device import pick_device
 from histoscreen.scoring.calibration import ThresholdRule, refitted_per_patient, scored
 from histoscreen.scoring.metrics import confusion_counts
 from histoscreen.scoring.slides import complete_slides, slide_burdens, slide_figures
+from histoscreen.tasks.steps import read_truth, with_truth
 
 if TYPE_CHECKING:
     import torch
@@ -38,28 +41,43 @@ MIN_LAB_PATCHES_PER_CLASS = 50
 
 
 def calibrate(
-    store_path: str | os.PathLike,
+    inputs: str | os.PathLike | Sequence[str | os.PathLike],
     model_path: str | os.PathLike,
     *,
     split_spec: SplitSpec = SplitSpec(),
     rule: ThresholdRule = ThresholdRule(),
     context_model: str = "blend",
     device: str = "auto",
+    labels: Sequence[str | os.PathLike] = (),
+    mpp: float | None = None,
 ) -> tuple[torch.nn.Module, ModelMetadata]:
+    """`inputs`: one store, whose split's val patients calibrate; or, with the split scheme
+    "all", any inputs `screen` takes (stores, patch folders, whole-slide images), every
+    labelled patch of them calibrating, its label from `labels` (CSV or SLIDE.geojson
+    annotations, as `screen --labels`) or else from the names."""
     from histoscreen.runtime.forward import plain_and_tta_logits  # torch, imported only where it runs
     from histoscreen.scoring.calibration import fit_scoring
 
     model, metadata = load_model(model_path)
-    store = PatchStore(store_path)
-    split = split_spec.resolve(store.patient_table())
-    val = StoreSource(store, split.val).read_all()
-    if len(val) == 0:
-        raise InputError(f"{store.path}: no patches of the val patients of the {split.name} split")
-    if val.labels.all() or not val.labels.any():
-        raise InputError(f"{store.path}: the val patients hold only one class; calibration needs both")
+    inputs = [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)
     lab = split_spec.scheme == "all"
     if lab:
-        check_lab_patients(store.path, val)
+        where, split_name = ", ".join(str(i) for i in inputs), "all"
+        val = labelled_patches(inputs, labels=labels, spacing=metadata.spacing_um_px, mpp=mpp)
+        check_lab_patients(where, val)
+        store_path = None
+    else:
+        if len(inputs) != 1 or labels:
+            raise InputError(f"{', '.join(map(str, inputs))}: calibrating on a split's val patients takes one store and the "
+                             "labels in it; the split scheme 'all' takes several inputs and label files")
+        store = PatchStore(inputs[0])
+        split = split_spec.resolve(store.patient_table())
+        val = StoreSource(store, split.val).read_all()
+        where, split_name, store_path = store.path, split.name, str(store.path.resolve())
+        if len(val) == 0:
+            raise InputError(f"{store.path}: no patches of the val patients of the {split.name} split")
+    if val.labels.all() or not val.labels.any():
+        raise InputError(f"{where}: the calibration patients hold only one class; calibration needs both")
     plain, tta = plain_and_tta_logits(model, metadata.normalisation, val, pick_device(device))
     scoring, validation = fit_scoring(
         val.labels, plain, tta, positions=val.positions, patients=val.patients, rule=rule, context_model=context_model
@@ -67,12 +85,29 @@ def calibrate(
     estimate = lab_estimate(metadata.scoring, val, plain, rule, context_model) if lab else None
     patients = tuple(sorted(set(val.patients.tolist()), key=patient_sort_key))
     metadata.scoring = scoring
-    metadata.validation = replace(validation, split=f"{split.name}/val", patients=patients, store=str(store.path.resolve()),
-                                  estimate=estimate)
+    metadata.validation = replace(validation, split=f"{split_name}/val", patients=patients, store=store_path, estimate=estimate)
     return model.cpu(), metadata
 
 
-def check_lab_patients(where: os.PathLike, patches: PatchBatch) -> None:
+def labelled_patches(
+    inputs: Sequence[str | os.PathLike], *, labels: Sequence[str | os.PathLike], spacing: float, mpp: float | None
+) -> PatchBatch:
+    """Every patch of the inputs that has a label (from the label files, else the names), with its pixels."""
+    sources = open_sources(inputs, named_only=True, slides=SlideReading(spacing, mpp))
+    slides = [(source, slide) for source in sources for slide in source.slide_ids()]
+    truth = read_truth(labels, slides) if labels else None
+    parts = []
+    for source in sources:
+        for batch in source.batches():
+            batch.labels = with_truth(batch, truth)
+            parts.append(batch.take(batch.labels != NO_LABEL))
+    problems = [p for source in sources for p in source.problems]
+    if problems and not any(len(part) for part in parts):
+        raise InputError(f"nothing to calibrate on: {problems[0].where}: {problems[0].reason}")
+    return PatchBatch.concatenate(parts) if parts else PatchBatch.empty()
+
+
+def check_lab_patients(where: str | os.PathLike, patches: PatchBatch) -> None:
     patients = len(set(patches.patients.tolist()))
     idc = int(patches.labels.sum())
     if patients < MIN_LAB_PATIENTS:

@@ -73,6 +73,16 @@ class SlideResult:
         return self.probabilities >= self.threshold
 
 
+def with_truth(batch: PatchBatch, truth: dict[tuple[str, int, int], int] | None, use_name_labels: bool = True) -> np.ndarray:
+    """The labels of a batch's patches: the label files' where they give one, else the
+    names' (unless `use_name_labels` is off), else none."""
+    names = batch.labels if use_name_labels else np.full(len(batch), NO_LABEL)
+    if not truth:
+        return np.asarray(names, dtype=np.int64)
+    return np.array([truth.get((str(p), int(x), int(y)), int(n)) for p, x, y, n in zip(batch.patients, batch.xs, batch.ys, names)],
+                    dtype=np.int64)
+
+
 def read_truth(paths: Sequence[str | os.PathLike], slides: Sequence[tuple[PatchSource, str]]) -> dict[tuple[str, int, int], int]:
     """Ground truth from label files: CSVs with columns patient,x,y,label, and GeoJSON
     annotations (QuPath's, histoscreen's edited regions) each named after the slide it labels
@@ -167,10 +177,7 @@ def _screen_slide(
     slide = PatchBatch.concatenate(parts)
     if not len(slide):
         return None
-    if options.truth is not None:
-        slide.labels = np.array([options.truth.get((p, int(x), int(y)), NO_LABEL) for p, x, y in zip(slide.patients, slide.xs, slide.ys)])
-    elif not options.use_name_labels:
-        slide.labels = np.full(len(slide), NO_LABEL)
+    slide.labels = with_truth(slide, options.truth, options.use_name_labels)
     disagree = np.concatenate(disagree)
     probabilities = predictor.finish(np.concatenate(logits), slide.positions)
     grid = SlideGrid.of(slide, origin=(canvas.origin[0] // GRID_STEP, canvas.origin[1] // GRID_STEP))
