@@ -45,9 +45,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from measure import cpu_model  # noqa: E402
-from train_shipped_model import TRAIN_ARGS  # noqa: E402
+from measure import cpu_model
+from train_shipped_model import TRAIN_ARGS
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data" / "idc"

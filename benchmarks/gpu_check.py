@@ -24,9 +24,8 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from measure import cpu_model  # noqa: E402
-from train_shipped_model import TRAIN_ARGS  # noqa: E402
+from measure import cpu_model
+from train_shipped_model import TRAIN_ARGS
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent

@@ -35,10 +35,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import cv  # noqa: E402
-import train_shipped_model  # noqa: E402
-from measure import cpu_model  # noqa: E402
+import cv
+import train_shipped_model
+from measure import cpu_model
 
 REPO = Path(__file__).resolve().parents[1]
 FOLDS = 3

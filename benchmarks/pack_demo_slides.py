@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Pack the three real val slides `make demo` screens into src/histoscreen/data/demo/val_slides.npz.
 
-usage: python benchmarks/pack_demo_slides.py
+usage: python benchmarks/pack_demo_slides.py [--out FILE]
 
 Official VAL patients only (never test): 8917 (a large tumour), 8956 (a tumour among benign
 ducts and stroma) and 16896 (a small focus), every patch recovered for them (val.zip and
@@ -15,6 +15,7 @@ The Kaggle data set is CC0.
 
 from __future__ import annotations
 
+import argparse
 import io
 import json
 import subprocess
@@ -33,6 +34,9 @@ QUALITY = 90
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=OUT, help=f"the packed file to write (default: {OUT.relative_to(REPO)})")
+    out = parser.parse_args().out
     from histoscreen.data import official_split, open_sources
     from histoscreen.tasks.slides import SlideGrid, build_mosaic
 
@@ -53,9 +57,9 @@ def main() -> None:
             print(f"{patient}: {len(slide):,} patches, {slide.labels.mean():.0%} IDC, mosaic {len(buffer.getvalue()) / 1e6:.2f} MB")
     about = {"patients": PATIENTS, "split": "official val", "webp_quality": QUALITY, "source": "Kaggle Breast Histopathology Images (CC0)"}
     arrays["about"] = np.frombuffer(json.dumps(about).encode(), dtype=np.uint8)
-    OUT.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(OUT, **arrays)
-    print(f"written: {OUT} ({OUT.stat().st_size / 1e6:.2f} MB)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(out, **arrays)
+    print(f"written: {out} ({out.stat().st_size / 1e6:.2f} MB)")
 
 
 if __name__ == "__main__":

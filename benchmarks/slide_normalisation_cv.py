@@ -21,8 +21,7 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "src"))
-from histoscreen.data.store import INDEX_FILE, MANIFEST_FILE, PATCHES_FILE, PatchStore  # noqa: E402
+from histoscreen.data.store import INDEX_FILE, MANIFEST_FILE, PATCHES_FILE, PatchStore
 
 BACKGROUND_OPTICAL_DENSITY = 0.3  # summed over channels; below it a pixel is glass, not tissue
 

@@ -28,8 +28,7 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_shipped_model import TRAIN_ARGS as SHIPPED_ARGS  # noqa: E402
+from train_shipped_model import TRAIN_ARGS as SHIPPED_ARGS
 
 COMPACT_ARGS = ["--arch", "compact", "--arch-kwargs", '{"widths": [16, 32, 48, 64]}', "--seed", "0"]
 

@@ -63,7 +63,6 @@ MODES = {  # card label: (evaluate options, folder)
 
 
 def main() -> None:
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
     import cv
     from model_card import model_card
 
