@@ -76,14 +76,10 @@ def _decode(item: tuple[str, bytes]) -> tuple[str, np.ndarray]:
     """A patch padded with background to full size, as `histoscreen prepare` stores it."""
     from PIL import Image
 
-    from histoscreen.constants import BACKGROUND_RGB, PATCH_SIZE
+    from histoscreen.data.patch_files import padded_patch
 
     name, data = item
-    pixels = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
-    padded = np.empty((PATCH_SIZE, PATCH_SIZE, 3), dtype=np.uint8)
-    padded[:] = BACKGROUND_RGB
-    padded[: pixels.shape[0], : pixels.shape[1]] = pixels
-    return name, padded
+    return name, padded_patch(np.asarray(Image.open(io.BytesIO(data)).convert("RGB")))
 
 
 def _key(member: str) -> tuple[str, int, int]:

@@ -118,6 +118,14 @@ def check_name(path: str | os.PathLike) -> tuple[PatchName | None, str | None]:
     return name, None
 
 
+def padded_patch(pixels: np.ndarray) -> np.ndarray:
+    """An edge patch (smaller than 50 x 50) padded right and below with background, as stores hold it."""
+    padded = np.empty((PATCH_SIZE, PATCH_SIZE, 3), dtype=np.uint8)
+    padded[:] = BACKGROUND_RGB
+    padded[: pixels.shape[0], : pixels.shape[1]] = pixels
+    return padded
+
+
 def decode_patch_bytes(data: bytes) -> DecodedPatch:
     """Decode one patch PNG, padding edge patches with background to the full size."""
     if not data:
@@ -147,9 +155,7 @@ def decode_patch_bytes(data: bytes) -> DecodedPatch:
         return _rejected(f"image far larger than a patch ({error})")
     except (OSError, SyntaxError, ValueError, struct.error) as error:
         return _rejected(f"corrupt or truncated PNG ({error})")
-    padded = np.empty((PATCH_SIZE, PATCH_SIZE, 3), dtype=np.uint8)
-    padded[:] = BACKGROUND_RGB
-    padded[:height, :width] = pixels
+    padded = padded_patch(pixels)
     digest = hashlib.blake2b(padded.tobytes(), digest_size=16)
     digest.update(f"{width}x{height}".encode())
     return DecodedPatch(padded, width, height, digest.digest(), None)
