@@ -322,3 +322,24 @@ def test_occlusion_maps_light_where_the_score_comes_from_and_nowhere_else():
         assert evidence[inside].min() > 0.5 and evidence.max() == pytest.approx(1.0)
         assert (evidence[~reach] == 0).all()
     assert (maps[1] == 0).all()
+
+
+def test_the_report_reader_reads_what_the_writer_wrote_and_refuses_a_later_layout(screened_batch, tmp_path):
+    import shutil
+
+    from histoscreen.errors import InputError
+    from histoscreen.report.reader import ReportReader
+
+    result, report, _ = screened_batch
+    reader = ReportReader(report)
+    assert [row["patient"] for row in reader.rows] == [s.patient for s in result.slides]
+    slide = result.slides[0].patient
+    patches = reader.patches(slide)
+    assert len(patches) == result.slides[0].patches and {type(patches[0][k]) for k in ("x", "y")} == {int}
+    assert reader.view(slide)["threshold"] == reader.settings["threshold"] and reader.explained(slide)
+    copy = tmp_path / "report"
+    shutil.copytree(report, copy)
+    payload = json.loads((copy / "slides.json").read_text())
+    (copy / "slides.json").write_text(json.dumps({**payload, "format_version": payload["format_version"] + 1}))
+    with pytest.raises(InputError, match="this version of histoscreen reads histoscreen-screening-report up to version 1"):
+        ReportReader(copy)

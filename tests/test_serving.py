@@ -68,7 +68,8 @@ def test_the_whole_flow_gives_what_the_command_line_gives(slides, tiny_model, tm
 
         slide = served[0]["patient"]
         patches = client.get(f"/api/jobs/{job_id}/slides/{slide}/patches").json()
-        assert len(patches) == served[0]["patches"] and set(patches[0]) == {"x", "y", "prob_idc", "pred", "uncertain", "label"}
+        assert len(patches) == served[0]["patches"] and set(patches[0]) == {"x", "y", "x_level0", "y_level0", "prob_idc", "pred", "uncertain", "label"}
+        assert all(p["x_level0"] == p["x"] - 1 and p["y_level0"] == p["y"] - 1 for p in patches)  # patches: level 0 is the grid
         regions = client.get(f"/api/jobs/{job_id}/slides/{slide}/regions.geojson")
         assert regions.headers["content-type"] == "application/geo+json" and regions.json()["type"] == "FeatureCollection"
         download = client.get(f"/api/jobs/{job_id}/report.zip").content

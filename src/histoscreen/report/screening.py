@@ -41,6 +41,7 @@ from histoscreen.tasks.slides import SlideSummary, level0_corners, rank_slides, 
 # x, y: the cell's name on the model's grid (as Kaggle patch names); x_level0, y_level0: its
 # top-left corner in the slide's level-0 pixels, as in the GeoJSON (what QuPath shows)
 PATCH_COLUMNS = ["x", "y", "x_level0", "y_level0", "prob_idc", "pred", "uncertain", "label"]
+REPORT_FORMAT, REPORT_VERSION = "histoscreen-screening-report", 1  # in slides.json; report/reader.py reads it
 SLIDES_STAGE = "screening slides"  # progress in slides; each slide's own stage counts its patches
 SLIDE_COLUMNS = [
     "rank", "patient", "patches", "idc_patches", "idc_fraction", "largest_region_patches", "largest_region_mm2",
@@ -121,7 +122,8 @@ def write_screening_report(
             write_slide_page(partial, summary, screening.settings, **pages[summary.patient])
         rows = [summary.as_row() for summary in ranked]
         write_csv(partial / "slides.csv", SLIDE_COLUMNS, ([row[c] for c in SLIDE_COLUMNS] for row in rows))
-        payload = {"settings": screening.settings, "slides": rows, "whole_slide_reading": readings}
+        payload = {"format": REPORT_FORMAT, "format_version": REPORT_VERSION, "settings": screening.settings, "slides": rows,
+                   "whole_slide_reading": readings}
         (partial / "slides.json").write_text(json.dumps(payload, indent=2) + "\n")
         problems = screening.problems
         write_csv(partial / "errors.csv", ["where", "problem"], ((p.where, p.reason) for p in problems))

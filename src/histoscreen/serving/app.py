@@ -9,38 +9,26 @@ RFC 9457 problem details (application/problem+json). With a token, every /api ca
 from __future__ import annotations
 
 import asyncio
-import csv
 import hmac
-import io
-import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
-import zipfile
-from collections.abc import Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-from fastapi import APIRouter, Depends, FastAPI, File, Form, Request, UploadFile
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse
 from fastapi.staticfiles import StaticFiles
-from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException
 
 from histoscreen import __version__
-from histoscreen.atomic import child_path
-from histoscreen.constants import GRID_STEP
-from histoscreen.data.wsi import check_pixel_size_setting
 from histoscreen.errors import HistoscreenError, SettingError
-from histoscreen.serving import pages
-from histoscreen.serving.jobs import VERDICTS, JobStore
-from histoscreen.serving.uploads import UploadError, extract_patches, slide_file_name, slug, upload_kind
-from histoscreen.serving.viewer import DeepZoom, LeastRecentlyUsed, SlideDeepZoom, png_bytes
+from histoscreen.serving.jobs import JobStore
+from histoscreen.serving.uploads import UploadError
+from histoscreen.serving.routers import Served, jobs_router, pages_router, reviews_router, slides_router, viewer_router
 
 PROBLEM_JSON = "application/problem+json"
 STATIC = Path(__file__).resolve().parent / "static"
@@ -72,11 +60,6 @@ class ServeSettings:
         for name, value, unit in (("parallel_jobs", self.workers, 1), ("max_upload_mb", self.max_upload_bytes, 1 << 20), ("max_unzipped_mb", self.max_unzipped_bytes, 1 << 20)):
             if value < unit:
                 raise SettingError(name, f"must be at least 1, got {value // unit}")
-
-
-class Review(BaseModel):
-    verdict: str = Field(description=f"one of: {', '.join(VERDICTS)}")
-    note: str = Field(default="", max_length=4000)
 
 
 def problem(status: int, detail: str, title: str | None = None, headers: dict | None = None) -> JSONResponse:
@@ -112,21 +95,6 @@ def swagger_ui_folder() -> Path:
     from importlib import resources
 
     return Path(str(resources.files("fastapi_offline") / "static"))
-
-
-SUBMIT_FIELDS = frozenset({"file", "name", "mpp"})
-
-
-def only_form_fields(known: frozenset[str]):
-    """A dependency refusing a form with fields the endpoint does not read: one it ignored
-    (slide_mpp for mpp, say) would screen with settings nobody asked for, without a word."""
-
-    async def check(request: Request) -> None:
-        unknown = sorted(set((await request.form()).keys()) - known)  # the form FastAPI parsed already
-        if unknown:
-            raise HTTPException(422, f"unknown form field {unknown[0]!r}; this endpoint takes {', '.join(sorted(known))}")
-
-    return check
 
 
 def _host_name(value: str) -> str:
@@ -199,30 +167,8 @@ class Guard:
         await self.app(scope, counted, secured)
 
 
-class _Chunks(io.RawIOBase):
-    """A write-only stream that hands on what was written: no tell(), no seek()."""
-
-    def __init__(self):
-        super().__init__()
-        self.parts: list[bytes] = []
-
-    def writable(self) -> bool:
-        return True
-
-    def write(self, data) -> int:
-        self.parts.append(bytes(data))
-        return len(data)
-
-    def take(self) -> bytes:
-        taken, self.parts = b"".join(self.parts), []
-        return taken
-
-
 def create_app(settings: ServeSettings) -> FastAPI:
     store = JobStore(settings.data)
-    pyramids = LeastRecentlyUsed(4)
-    sources = LeastRecentlyUsed(2)
-    predictors = LeastRecentlyUsed(1)
     workers: list[subprocess.Popen] = []
 
     command = [sys.executable, "-m", "histoscreen.serving.worker", str(settings.data), "--parent", str(os.getpid())]
@@ -286,28 +232,8 @@ def create_app(settings: ServeSettings) -> FastAPI:
     async def upload_problem(request: Request, error: UploadError):
         return problem(error.status, str(error))
 
-    api = APIRouter(prefix="/api")  # the token is checked by Guard, before any body is read
-
-    def job_or_404(job_id: str):
-        job = store.get(job_id)
-        if job is None:
-            raise HTTPException(404, f"no job {job_id!r}")
-        return job
-
-    def finished_report(job_id: str) -> Path:
-        job = job_or_404(job_id)
-        if job.status != "done":
-            raise HTTPException(409, f"job {job_id} is {job.status}; its results come when it is done")
-        return store.folder(job_id) / "report"
-
-    def slide_rows(job_id: str) -> list[dict]:
-        return json.loads((finished_report(job_id) / "slides.json").read_text())["slides"]
-
-    def slide_folder(job_id: str, slide: str) -> Path:
-        report = finished_report(job_id)
-        if slide not in {row["patient"] for row in slide_rows(job_id)}:
-            raise HTTPException(404, f"job {job_id} has no slide {slide!r}")
-        return child_path(report, "slides", slide)
+    served = Served(store, settings.model, settings.max_queued, settings.max_unzipped_bytes)
+    api = APIRouter(prefix="/api", tags=["server"])  # the token is checked by Guard, before any body is read
 
     @api.get("/health")
     def health() -> JSONResponse:
@@ -317,243 +243,11 @@ def create_app(settings: ServeSettings) -> FastAPI:
                 "running": store.count("running"), "workers": alive, "workers_expected": expected, "worker_restarts": restarts["count"]}
         return JSONResponse(body, status_code=200 if alive == expected else 503)
 
-    @api.post("/jobs", status_code=201, dependencies=[Depends(only_form_fields(SUBMIT_FIELDS))])
-    def submit(file: UploadFile = File(...), name: str = Form(""), mpp: float | None = Form(None)) -> dict:
-        try:
-            check_pixel_size_setting("mpp", mpp)
-        except SettingError as error:
-            raise HTTPException(422, f"mpp {error.problem}") from None
-        if store.count("queued") >= settings.max_queued:
-            raise HTTPException(503, f"the queue holds {settings.max_queued} jobs already; try again later", headers={"Retry-After": "60"})
-        job_id = store.new_id()
-        folder = store.folder(job_id)
-        (folder / "input").mkdir(parents=True)
-        try:
-            upload = folder / "upload.part"
-            with open(upload, "wb") as sink:
-                shutil.copyfileobj(file.file, sink, 1 << 20)
-            with open(upload, "rb") as handle:
-                kind = upload_kind(handle.read(8), file.filename or "")
-            if kind == "patches":
-                extract_patches(upload, folder / "input", max_uncompressed=settings.max_unzipped_bytes)
-                upload.unlink()
-            else:
-                os.replace(upload, folder / "input" / slide_file_name(file.filename or "", name))
-            store.add(job_id, name.strip()[:200] or slug(Path((file.filename or "upload").replace("\\", "/")).stem, "upload"), kind,
-                      {"mpp": mpp} if mpp is not None else None)
-        except BaseException:
-            shutil.rmtree(folder, ignore_errors=True)
-            raise
-        return {"id": job_id, "status": "queued"}
-
-    @api.get("/jobs")
-    def list_jobs() -> list[dict]:
-        return [job.public() for job in store.all()]
-
-    @api.get("/jobs/{job_id}")
-    def get_job(job_id: str) -> dict:
-        return job_or_404(job_id).public()
-
-    @api.get("/jobs/{job_id}/slides")
-    def slides(job_id: str) -> list[dict]:
-        reviews = store.reviews(job_id)
-        return [{**row, **{f"review_{k}": v for k, v in reviews.get(row["patient"], {}).items()}} for row in slide_rows(job_id)]
-
-    @api.get("/jobs/{job_id}/errors")
-    def errors(job_id: str) -> list[dict]:
-        """What was not screened, with paths as they are inside the upload (never the
-        server's own folders); a failed job's reason when it got no report."""
-        job = job_or_404(job_id)
-        inside = str(store.folder(job_id) / "input") + os.sep
-        if job.status == "failed":
-            return [{"where": "", "problem": (job.error or "failed").replace(inside, "")}]
-        with open(finished_report(job_id) / "errors.csv", newline="", encoding="utf-8") as handle:
-            return [{"where": row["where"].replace(inside, ""), "problem": row["problem"].replace(inside, "")}
-                    for row in csv.DictReader(handle)]
-
-    @api.get("/jobs/{job_id}/slides.csv")
-    def slides_csv(job_id: str) -> Response:
-        rows = slides(job_id)
-        buffer = io.StringIO()
-        from histoscreen.report.screening import SLIDE_COLUMNS
-        from histoscreen.tables import spreadsheet_safe
-
-        header = SLIDE_COLUMNS + ["review_verdict", "review_note", "review_reviewed"]
-        writer = csv.writer(buffer)
-        writer.writerow(header)
-        for row in rows:
-            writer.writerow([spreadsheet_safe(row.get(column)) if row.get(column) is not None else "" for column in header])
-        return Response(buffer.getvalue(), media_type="text/csv",
-                        headers={"Content-Disposition": f'attachment; filename="slides-{job_id}.csv"'})
-
-    @api.get("/jobs/{job_id}/report.zip")
-    def report_zip(job_id: str) -> StreamingResponse:
-        report = finished_report(job_id)
-
-        def chunks() -> Iterator[bytes]:
-            # zipfile writes to a stream it cannot seek with data descriptors: each file's bytes
-            # go out once, as written, and memory holds one file's compressed bytes at most
-            sink = _Chunks()
-            with zipfile.ZipFile(sink, "w", zipfile.ZIP_DEFLATED) as archive:
-                for path in sorted(report.rglob("*")):
-                    if path.is_file():
-                        archive.write(path, f"report/{path.relative_to(report)}")
-                        yield sink.take()
-            yield sink.take()
-
-        return StreamingResponse(chunks(), media_type="application/zip",
-                                 headers={"Content-Disposition": f'attachment; filename="report-{job_id}.zip"'})
-
-    @api.get("/jobs/{job_id}/slides/{slide}/patches")
-    def patches(job_id: str, slide: str) -> list[dict]:
-        with open(slide_folder(job_id, slide) / "patches.csv", newline="") as handle:
-            return [{"x": int(r["x"]), "y": int(r["y"]), "x_level0": float(r["x_level0"]), "y_level0": float(r["y_level0"]),
-                     "prob_idc": float(r["prob_idc"]), "pred": int(r["pred"]),
-                     "uncertain": int(r["uncertain"]), "label": int(r["label"]) if r["label"] else None}
-                    for r in csv.DictReader(handle)]
-
-    @api.get("/jobs/{job_id}/slides/{slide}/{kind}.geojson")
-    def geojson(job_id: str, slide: str, kind: str) -> Response:
-        if kind not in ("regions", "tiles"):
-            raise HTTPException(404, f"no {kind}.geojson; there are regions.geojson and tiles.geojson")
-        return Response((slide_folder(job_id, slide) / f"{kind}.geojson").read_bytes(), media_type="application/geo+json")
-
-    @api.post("/jobs/{job_id}/slides/{slide}/review", status_code=201)
-    def review(job_id: str, slide: str, body: Review) -> dict:
-        slide_folder(job_id, slide)
-        if body.verdict not in VERDICTS:
-            raise HTTPException(422, f"verdict must be one of: {', '.join(VERDICTS)}")
-        return store.review(job_id, slide, body.verdict, body.note)
-
-    @api.get("/jobs/{job_id}/slides/{slide}/view")
-    def view(job_id: str, slide: str) -> dict:
-        folder = slide_folder(job_id, slide)
-        row = next(r for r in slides(job_id) if r["patient"] == slide)
-        gallery = sorted(p.name for p in (folder / "explained").glob("*.png"))
-        payload = json.loads((folder / "view.json").read_text())
-        return {**payload, "base": viewer_base(job_id, slide, payload), "slide": row, "explained": gallery}
-
-    def slide_file(job_id: str, slide: str) -> Path | None:
-        """The whole-slide image a slide was screened from, when the job's input is one."""
-        from histoscreen.data.wsi import is_slide_file
-
-        found = [p for p in (store.folder(job_id) / "input").iterdir() if p.stem == slide and p.is_file() and is_slide_file(p)]
-        return found[0] if found else None
-
-    def viewer_base(job_id: str, slide: str, view: dict) -> dict:
-        """The picture the viewer shows and where the grid's cells lie on it: the slide file
-        itself at level 0 (its pixels, as the GeoJSON's), or the report's mosaic."""
-        level0 = view.get("level0")
-        if level0 and slide_file(job_id, slide) is not None:
-            scale = level0["per_grid_px"]
-            return {"source": "slide", "size": level0["size"], "cell_px": GRID_STEP * scale,
-                    "offset": [origin * scale for origin in view["origin"]]}
-        return {"source": "mosaic", "size": view["mosaic"], "cell_px": view["cell_px"], "offset": [0, 0]}
-
-    def pyramid(job_id: str, slide: str) -> DeepZoom | SlideDeepZoom:
-        def make():
-            path = slide_file(job_id, slide)
-            return SlideDeepZoom(path) if path is not None else DeepZoom(slide_folder(job_id, slide) / "mosaic.jpg")
-
-        return pyramids.get_or_make((job_id, slide), make)
-
-    @api.get("/jobs/{job_id}/slides/{slide}/mosaic.dzi")
-    def dzi(job_id: str, slide: str) -> Response:
-        return Response(pyramid(job_id, slide).descriptor(), media_type="application/xml")
-
-    @api.get("/jobs/{job_id}/slides/{slide}/mosaic_files/{level}/{tile}.jpeg")
-    def dzi_tile(job_id: str, slide: str, level: int, tile: str) -> Response:
-        try:
-            column, row = (int(part) for part in tile.split("_"))
-        except ValueError:
-            raise HTTPException(404, f"no tile {tile!r}") from None
-        data = pyramid(job_id, slide).tile(level, column, row)
-        if data is None:
-            raise HTTPException(404, f"no tile {level}/{tile}")
-        return Response(data, media_type="image/jpeg", headers={"Cache-Control": "private, max-age=3600"})
-
-    @api.get("/jobs/{job_id}/slides/{slide}/explained/{name}")
-    def explained(job_id: str, slide: str, name: str) -> Response:
-        path = slide_folder(job_id, slide) / "explained" / name
-        if "/" in name or not name.endswith(".png") or not path.is_file():
-            raise HTTPException(404, f"no explained patch {name!r}")
-        return Response(path.read_bytes(), media_type="image/png")
-
-    def patch_row(job_id: str, slide: str, x: int, y: int) -> dict:
-        row = next((p for p in patches(job_id, slide) if p["x"] == x and p["y"] == y), None)
-        if row is None:
-            raise HTTPException(404, f"slide {slide!r} has no screened patch at x={x}, y={y}")
-        return row
-
-    def patch_pixels(job_id: str, slide: str, x: int, y: int) -> np.ndarray:
-        from histoscreen.data.inputs import SlideReading, open_sources
-        from histoscreen.models import load_metadata, shipped_model_path
-
-        def opened():
-            spacing = load_metadata(settings.model or shipped_model_path()).spacing_um_px
-            reading = SlideReading(spacing, store.screening_options(job_id).get("mpp"))
-            return open_sources([store.folder(job_id) / "input"], slides=reading, workers=1)
-
-        for source in sources.get_or_make(job_id, opened):
-            if slide in source.slide_ids():
-                return source.read_cells(slide, np.array([x]), np.array([y]))[0]
-        raise HTTPException(404, f"slide {slide!r} is no longer readable from the job's input")
-
-    @api.get("/jobs/{job_id}/slides/{slide}/patch")
-    def patch(job_id: str, slide: str, x: int, y: int) -> dict:
-        return patch_row(job_id, slide, x, y)
-
-    @api.get("/jobs/{job_id}/slides/{slide}/patch.png")
-    def patch_png(job_id: str, slide: str, x: int, y: int) -> Response:
-        patch_row(job_id, slide, x, y)
-        return Response(png_bytes(patch_pixels(job_id, slide, x, y)), media_type="image/png")
-
-    @api.get("/jobs/{job_id}/slides/{slide}/evidence.png")
-    def evidence_png(job_id: str, slide: str, x: int, y: int) -> Response:
-        from histoscreen.report.pictures import evidence_overlay
-        from histoscreen.runtime import Predictor
-        from histoscreen.tasks.explain import explanation_maps
-
-        patch_row(job_id, slide, x, y)
-        pixels = patch_pixels(job_id, slide, x, y)
-        predictor = predictors.get_or_make("model", lambda: Predictor(settings.model))
-        evidence = explanation_maps(predictor, pixels[None])[0]
-        return Response(png_bytes(evidence_overlay(pixels, evidence)), media_type="image/png")
-
-    # after patch.png and evidence.png, which this pattern would otherwise catch
-    @api.get("/jobs/{job_id}/slides/{slide}/{picture}.png")
-    def picture(job_id: str, slide: str, picture: str) -> Response:
-        if picture not in ("overlay", "heatmap", "truth", "thumbnail"):
-            raise HTTPException(404, f"no picture {picture!r}")
-        path = slide_folder(job_id, slide) / f"{picture}.png"
-        if not path.is_file():
-            raise HTTPException(404, f"slide {slide!r} has no {picture}.png")
-        return Response(path.read_bytes(), media_type="image/png")
-
-    app.include_router(api)
+    for router in (api, jobs_router(served), slides_router(served), reviews_router(served), viewer_router(served)):
+        app.include_router(router)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     app.mount("/docs-assets", StaticFiles(directory=swagger_ui_folder()), name="docs-assets")
-
-    @app.get("/docs", response_class=HTMLResponse, include_in_schema=False)
-    def api_docs() -> str:
-        return pages.api_docs()
-
-    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
-    def home() -> str:
-        return pages.home()
-
-    def page_job_id(job_id: str) -> str:
-        if not store.is_id(job_id):  # a page's address is data too: only ids this server makes
-            raise HTTPException(404, f"no job {job_id!r}")
-        return job_id
-
-    @app.get("/jobs/{job_id}", response_class=HTMLResponse, include_in_schema=False)
-    def job_page(job_id: str) -> str:
-        return pages.job(page_job_id(job_id))
-
-    @app.get("/jobs/{job_id}/slides/{slide}", response_class=HTMLResponse, include_in_schema=False)
-    def slide_page(job_id: str, slide: str) -> str:
-        return pages.slide(page_job_id(job_id), slide)
+    app.include_router(pages_router(served))
 
     @app.exception_handler(HistoscreenError)
     async def histoscreen_problem(request: Request, error: HistoscreenError):

@@ -1,0 +1,363 @@
+"""The web app's routes, one FastAPI router per concern: jobs (upload, list, errors,
+downloads), slides (a finished job's table and patches), the viewer (Deep Zoom tiles,
+pictures, a patch and its evidence), reviews, and the HTML pages. Every report file is read
+through report.reader.ReportReader, the report's one reader; the routes only serve."""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import zipfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
+from fastapi.responses import HTMLResponse, Response, StreamingResponse
+from pydantic import BaseModel, Field
+from starlette.exceptions import HTTPException
+
+from histoscreen.constants import GRID_STEP
+from histoscreen.data.wsi import check_pixel_size_setting
+from histoscreen.errors import SettingError
+from histoscreen.report.reader import PICTURES, ReportReader
+from histoscreen.serving import pages
+from histoscreen.serving.jobs import VERDICTS, Job, JobStore
+from histoscreen.serving.uploads import extract_patches, slide_file_name, slug, upload_kind
+from histoscreen.serving.viewer import DeepZoom, LeastRecentlyUsed, SlideDeepZoom, png_bytes
+from histoscreen.tables import csv_text
+
+SUBMIT_FIELDS = frozenset({"file", "name", "mpp"})
+REVIEW_COLUMNS = ["review_verdict", "review_note", "review_reviewed"]
+
+
+class Review(BaseModel):
+    verdict: str = Field(description=f"one of: {', '.join(VERDICTS)}")
+    note: str = Field(default="", max_length=4000)
+
+
+@dataclass
+class Served:
+    """What the routes share: the job store, the server's settings and its small caches."""
+
+    store: JobStore
+    model: str | None
+    max_queued: int
+    max_unzipped_bytes: int
+    pyramids: LeastRecentlyUsed = field(default_factory=lambda: LeastRecentlyUsed(4))
+    sources: LeastRecentlyUsed = field(default_factory=lambda: LeastRecentlyUsed(2))
+    predictors: LeastRecentlyUsed = field(default_factory=lambda: LeastRecentlyUsed(1))
+
+    def job(self, job_id: str) -> Job:
+        job = self.store.get(job_id)
+        if job is None:
+            raise HTTPException(404, f"no job {job_id!r}")
+        return job
+
+    def report(self, job_id: str) -> ReportReader:
+        job = self.job(job_id)
+        if job.status != "done":
+            raise HTTPException(409, f"job {job_id} is {job.status}; its results come when it is done")
+        return ReportReader(self.store.folder(job_id) / "report")
+
+    def slide_report(self, job_id: str, slide: str) -> ReportReader:
+        """The job's report, once it is known to hold `slide`."""
+        report = self.report(job_id)
+        if not report.has_slide(slide):
+            raise HTTPException(404, f"job {job_id} has no slide {slide!r}")
+        return report
+
+    def inside_upload(self, job_id: str, text: str) -> str:
+        """A path as it is inside the upload, never the server's own folders."""
+        return text.replace(str(self.store.folder(job_id) / "input") + os.sep, "")
+
+    def reviewed_rows(self, job_id: str) -> list[dict]:
+        reviews = self.store.reviews(job_id)
+        return [{**row, **{f"review_{k}": v for k, v in reviews.get(row["patient"], {}).items()}} for row in self.report(job_id).rows]
+
+
+def only_form_fields(known: frozenset[str]):
+    """A dependency refusing a form with fields the endpoint does not read: one it ignored
+    (slide_mpp for mpp, say) would screen with settings nobody asked for, without a word."""
+
+    async def check(request: Request) -> None:
+        unknown = sorted(set((await request.form()).keys()) - known)  # the form FastAPI parsed already
+        if unknown:
+            raise HTTPException(422, f"unknown form field {unknown[0]!r}; this endpoint takes {', '.join(sorted(known))}")
+
+    return check
+
+
+class _Chunks(io.RawIOBase):
+    """A write-only stream whose bytes are taken out as they come (for a streamed zip)."""
+
+    def __init__(self):
+        super().__init__()
+        self._parts: list[bytes] = []
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:
+        self._parts.append(bytes(data))
+        return len(data)
+
+    def take(self) -> bytes:
+        data, self._parts = b"".join(self._parts), []
+        return data
+
+
+def jobs_router(served: Served) -> APIRouter:
+    router = APIRouter(prefix="/api", tags=["jobs"])
+    store = served.store
+
+    @router.post("/jobs", status_code=201, dependencies=[Depends(only_form_fields(SUBMIT_FIELDS))])
+    def submit(file: UploadFile = File(...), name: str = Form(""), mpp: float | None = Form(None)) -> dict:
+        try:
+            check_pixel_size_setting("mpp", mpp)
+        except SettingError as error:
+            raise HTTPException(422, f"mpp {error.problem}") from None
+        if store.count("queued") >= served.max_queued:
+            raise HTTPException(503, f"the queue holds {served.max_queued} jobs already; try again later", headers={"Retry-After": "60"})
+        job_id = store.new_id()
+        folder = store.folder(job_id)
+        (folder / "input").mkdir(parents=True)
+        try:
+            upload = folder / "upload.part"
+            with open(upload, "wb") as sink:
+                shutil.copyfileobj(file.file, sink, 1 << 20)
+            with open(upload, "rb") as handle:
+                kind = upload_kind(handle.read(8), file.filename or "")
+            if kind == "patches":
+                extract_patches(upload, folder / "input", max_uncompressed=served.max_unzipped_bytes)
+                upload.unlink()
+            else:
+                os.replace(upload, folder / "input" / slide_file_name(file.filename or "", name))
+            store.add(job_id, name.strip()[:200] or slug(Path((file.filename or "upload").replace("\\", "/")).stem, "upload"), kind,
+                      {"mpp": mpp} if mpp is not None else None)
+        except BaseException:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise
+        return {"id": job_id, "status": "queued"}
+
+    @router.get("/jobs")
+    def list_jobs() -> list[dict]:
+        return [job.public() for job in store.all()]
+
+    @router.get("/jobs/{job_id}")
+    def get_job(job_id: str) -> dict:
+        return served.job(job_id).public()
+
+    @router.get("/jobs/{job_id}/errors")
+    def errors(job_id: str) -> list[dict]:
+        """What was not screened, with paths as they are inside the upload (never the
+        server's own folders); a failed job's reason when it got no report."""
+        job = served.job(job_id)
+        if job.status == "failed":
+            return [{"where": "", "problem": served.inside_upload(job_id, job.error or "failed")}]
+        return [{"where": served.inside_upload(job_id, p.where), "problem": served.inside_upload(job_id, p.reason)}
+                for p in served.report(job_id).errors()]
+
+    @router.get("/jobs/{job_id}/report.zip")
+    def report_zip(job_id: str) -> StreamingResponse:
+        report = served.report(job_id).folder
+
+        def chunks() -> Iterator[bytes]:
+            # zipfile writes to a stream it cannot seek with data descriptors: each file's bytes
+            # go out once, as written, and memory holds one file's compressed bytes at most
+            sink = _Chunks()
+            with zipfile.ZipFile(sink, "w", zipfile.ZIP_DEFLATED) as archive:
+                for path in sorted(report.rglob("*")):
+                    if path.is_file():
+                        archive.write(path, f"report/{path.relative_to(report)}")
+                        yield sink.take()
+            yield sink.take()
+
+        return StreamingResponse(chunks(), media_type="application/zip",
+                                 headers={"Content-Disposition": f'attachment; filename="report-{job_id}.zip"'})
+
+    return router
+
+
+def slides_router(served: Served) -> APIRouter:
+    router = APIRouter(prefix="/api", tags=["slides"])
+
+    @router.get("/jobs/{job_id}/slides")
+    def slides(job_id: str) -> list[dict]:
+        return served.reviewed_rows(job_id)
+
+    @router.get("/jobs/{job_id}/slides.csv")
+    def slides_csv(job_id: str) -> Response:
+        from histoscreen.report.screening import SLIDE_COLUMNS
+
+        header = SLIDE_COLUMNS + REVIEW_COLUMNS
+        rows = ([row.get(column) if row.get(column) is not None else "" for column in header] for row in served.reviewed_rows(job_id))
+        return Response(csv_text(header, rows), media_type="text/csv",
+                        headers={"Content-Disposition": f'attachment; filename="slides-{job_id}.csv"'})
+
+    @router.get("/jobs/{job_id}/slides/{slide}/patches")
+    def patches(job_id: str, slide: str) -> list[dict]:
+        return served.slide_report(job_id, slide).patches(slide)
+
+    @router.get("/jobs/{job_id}/slides/{slide}/{kind}.geojson")
+    def geojson(job_id: str, slide: str, kind: str) -> Response:
+        if kind not in ("regions", "tiles"):
+            raise HTTPException(404, f"no {kind}.geojson; there are regions.geojson and tiles.geojson")
+        return Response(served.slide_report(job_id, slide).slide_file(slide, f"{kind}.geojson").read_bytes(),
+                        media_type="application/geo+json")
+
+    return router
+
+
+def reviews_router(served: Served) -> APIRouter:
+    router = APIRouter(prefix="/api", tags=["reviews"])
+
+    @router.post("/jobs/{job_id}/slides/{slide}/review", status_code=201)
+    def review(job_id: str, slide: str, body: Review) -> dict:
+        served.slide_report(job_id, slide)
+        if body.verdict not in VERDICTS:
+            raise HTTPException(422, f"verdict must be one of: {', '.join(VERDICTS)}")
+        return served.store.review(job_id, slide, body.verdict, body.note)
+
+    return router
+
+
+def viewer_router(served: Served) -> APIRouter:
+    router = APIRouter(prefix="/api", tags=["viewer"])
+    store = served.store
+
+    def slide_file(job_id: str, slide: str) -> Path | None:
+        """The whole-slide image a slide was screened from, when the job's input is one."""
+        from histoscreen.data.wsi import is_slide_file
+
+        found = [p for p in (store.folder(job_id) / "input").iterdir() if p.stem == slide and p.is_file() and is_slide_file(p)]
+        return found[0] if found else None
+
+    def viewer_base(job_id: str, slide: str, view: dict) -> dict:
+        """The picture the viewer shows and where the grid's cells lie on it: the slide file
+        itself at level 0 (its pixels, as the GeoJSON's), or the report's mosaic."""
+        level0 = view.get("level0")
+        if level0 and slide_file(job_id, slide) is not None:
+            scale = level0["per_grid_px"]
+            return {"source": "slide", "size": level0["size"], "cell_px": GRID_STEP * scale,
+                    "offset": [origin * scale for origin in view["origin"]]}
+        return {"source": "mosaic", "size": view["mosaic"], "cell_px": view["cell_px"], "offset": [0, 0]}
+
+    def pyramid(job_id: str, slide: str) -> DeepZoom | SlideDeepZoom:
+        def make():
+            path = slide_file(job_id, slide)
+            return SlideDeepZoom(path) if path is not None else DeepZoom(served.slide_report(job_id, slide).slide_file(slide, "mosaic.jpg"))
+
+        served.slide_report(job_id, slide)
+        return served.pyramids.get_or_make((job_id, slide), make)
+
+    def patch_row(job_id: str, slide: str, x: int, y: int) -> dict:
+        row = next((p for p in served.slide_report(job_id, slide).patches(slide) if p["x"] == x and p["y"] == y), None)
+        if row is None:
+            raise HTTPException(404, f"slide {slide!r} has no screened patch at x={x}, y={y}")
+        return row
+
+    def patch_pixels(job_id: str, slide: str, x: int, y: int) -> np.ndarray:
+        from histoscreen.data.inputs import SlideReading, open_sources
+        from histoscreen.models import load_metadata, shipped_model_path
+
+        def opened():
+            spacing = load_metadata(served.model or shipped_model_path()).spacing_um_px
+            reading = SlideReading(spacing, store.screening_options(job_id).get("mpp"))
+            return open_sources([store.folder(job_id) / "input"], slides=reading, workers=1)
+
+        for source in served.sources.get_or_make(job_id, opened):
+            if slide in source.slide_ids():
+                return source.read_cells(slide, np.array([x]), np.array([y]))[0]
+        raise HTTPException(404, f"slide {slide!r} is no longer readable from the job's input")
+
+    @router.get("/jobs/{job_id}/slides/{slide}/view")
+    def view(job_id: str, slide: str) -> dict:
+        report = served.slide_report(job_id, slide)
+        payload = report.view(slide)
+        row = next(r for r in served.reviewed_rows(job_id) if r["patient"] == slide)
+        return {**payload, "base": viewer_base(job_id, slide, payload), "slide": row, "explained": report.explained(slide)}
+
+    @router.get("/jobs/{job_id}/slides/{slide}/mosaic.dzi")
+    def dzi(job_id: str, slide: str) -> Response:
+        return Response(pyramid(job_id, slide).descriptor(), media_type="application/xml")
+
+    @router.get("/jobs/{job_id}/slides/{slide}/mosaic_files/{level}/{tile}.jpeg")
+    def dzi_tile(job_id: str, slide: str, level: int, tile: str) -> Response:
+        try:
+            column, row = (int(part) for part in tile.split("_"))
+        except ValueError:
+            raise HTTPException(404, f"no tile {tile!r}") from None
+        data = pyramid(job_id, slide).tile(level, column, row)
+        if data is None:
+            raise HTTPException(404, f"no tile {level}/{tile}")
+        return Response(data, media_type="image/jpeg", headers={"Cache-Control": "private, max-age=3600"})
+
+    @router.get("/jobs/{job_id}/slides/{slide}/explained/{name}")
+    def explained(job_id: str, slide: str, name: str) -> Response:
+        report = served.slide_report(job_id, slide)
+        if name not in report.explained(slide):
+            raise HTTPException(404, f"no explained patch {name!r}")
+        return Response(report.slide_file(slide, "explained", name).read_bytes(), media_type="image/png")
+
+    @router.get("/jobs/{job_id}/slides/{slide}/patch")
+    def patch(job_id: str, slide: str, x: int, y: int) -> dict:
+        return patch_row(job_id, slide, x, y)
+
+    @router.get("/jobs/{job_id}/slides/{slide}/patch.png")
+    def patch_png(job_id: str, slide: str, x: int, y: int) -> Response:
+        patch_row(job_id, slide, x, y)
+        return Response(png_bytes(patch_pixels(job_id, slide, x, y)), media_type="image/png")
+
+    @router.get("/jobs/{job_id}/slides/{slide}/evidence.png")
+    def evidence_png(job_id: str, slide: str, x: int, y: int) -> Response:
+        from histoscreen.report.pictures import evidence_overlay
+        from histoscreen.runtime import Predictor
+        from histoscreen.tasks.explain import explanation_maps
+
+        patch_row(job_id, slide, x, y)
+        pixels = patch_pixels(job_id, slide, x, y)
+        predictor = served.predictors.get_or_make("model", lambda: Predictor(served.model))
+        evidence = explanation_maps(predictor, pixels[None])[0]
+        return Response(png_bytes(evidence_overlay(pixels, evidence)), media_type="image/png")
+
+    # after patch.png and evidence.png, which this pattern would otherwise catch
+    @router.get("/jobs/{job_id}/slides/{slide}/{picture}.png")
+    def picture(job_id: str, slide: str, picture: str) -> Response:
+        if picture not in PICTURES:
+            raise HTTPException(404, f"no picture {picture!r}")
+        path = served.slide_report(job_id, slide).picture(slide, picture)
+        if path is None:
+            raise HTTPException(404, f"slide {slide!r} has no {picture}.png")
+        return Response(path.read_bytes(), media_type="image/png")
+
+    return router
+
+
+def pages_router(served: Served) -> APIRouter:
+    router = APIRouter(include_in_schema=False)
+
+    @router.get("/docs", response_class=HTMLResponse)
+    def api_docs() -> str:
+        return pages.api_docs()
+
+    @router.get("/", response_class=HTMLResponse)
+    def home() -> str:
+        return pages.home()
+
+    def page_job_id(job_id: str) -> str:
+        if not served.store.is_id(job_id):  # a page's address is data too: only ids this server makes
+            raise HTTPException(404, f"no job {job_id!r}")
+        return job_id
+
+    @router.get("/jobs/{job_id}", response_class=HTMLResponse)
+    def job_page(job_id: str) -> str:
+        return pages.job(page_job_id(job_id))
+
+    @router.get("/jobs/{job_id}/slides/{slide}", response_class=HTMLResponse)
+    def slide_page(job_id: str, slide: str) -> str:
+        return pages.slide(page_job_id(job_id), slide)
+
+    return router
