@@ -108,7 +108,8 @@ def despite(confirm: dict) -> str:
             f"seed 1's figures ({figures}), not split seed 0's.")
 
 
-def model_card(metadata: dict, evaluations: dict[str, dict], cv_results: dict[int, dict]) -> str:
+def model_card(metadata: dict, evaluations: dict[str, dict], cv_results: dict[int, dict], stamp: str) -> str:
+    """The card; `stamp` is histoscreen.models.bundle.figures_stamp of the model described."""
     training, norm, validation, scoring = metadata["training"], metadata["normalisation"], metadata["validation"], metadata["scoring"]
     context, plain, tta = scoring["context"], scoring["plain"], scoring["tta"]
     if context["linear"] is not None:
@@ -140,6 +141,8 @@ def model_card(metadata: dict, evaluations: dict[str, dict], cv_results: dict[in
                      f"{slides['spearman']:.3f} | {slides['burden_mae']:.3f} | {len(slides['under_called'])} | {result['density']['burden_change_mean']:.3f} |")
     lopo = validation["leave_one_patient_out"]
     return f"""# Model card: {metadata.get('name', 'idc-residual')}
+
+{stamp}
 
 The model `histoscreen predict`, `evaluate` and `screen` use when no `--model` is given. A
 screening aid for invasive ductal carcinoma (IDC) in 50x50 px H&E patches of breast tissue

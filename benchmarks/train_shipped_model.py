@@ -92,7 +92,10 @@ def main() -> None:
             run(*histoscreen, "evaluate", str(store), "--model", str(model), "--split", "val", "--out", str(out), "--overwrite", *extra)
         evaluations[mode] = json.loads((out / "metrics.json").read_text())
     metadata = json.loads((model / "model.json").read_text())
-    card = model_card(metadata, evaluations, {seed: json.loads(path.read_text()) for seed, path in results.items()})
+    from histoscreen.models.bundle import figures_stamp
+
+    card = model_card(metadata, evaluations, {seed: json.loads(path.read_text()) for seed, path in results.items()},
+                      figures_stamp(model))
     (args.work / "MODEL_CARD.md").write_text(card)
     print(card)
     if args.install:

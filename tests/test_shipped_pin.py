@@ -87,3 +87,23 @@ if __name__ == "__main__":
     if len(sys.argv) != 2:
         pytest.exit("usage: python tests/test_shipped_pin.py VAL_FOLDER")
     main(sys.argv[1])
+
+
+def test_every_page_of_figures_names_the_shipped_model_it_was_measured_with():
+    """A figure of the shipped model carries the digests of the weights and scoring it was
+    measured with: a change of model (or of its scoring) cannot land with the old figures."""
+    import re
+
+    from histoscreen.models import shipped_model_path
+    from histoscreen.models.bundle import model_digests
+
+    repo = Path(__file__).resolve().parents[1]
+    digests = model_digests(shipped_model_path())
+    pages = [repo / "README.md", *sorted((repo / "docs").glob("*.md")), shipped_model_path().parent / "MODEL_CARD.md"]
+    stamped = {}
+    for page in pages:
+        for weights, scoring in re.findall(r"weights sha256 `([0-9a-f]{12})`, scoring sha256 `([0-9a-f]{12})`", page.read_text()):
+            stamped[page.name] = (weights, scoring)
+            assert (weights, scoring) == (digests["weights"][:12], digests["scoring"][:12]), (
+                f"{page}: its figures were measured with another model; measure them again with the shipped one")
+    assert {"MODEL_CARD.md", "model.md", "screening.md"} <= set(stamped)

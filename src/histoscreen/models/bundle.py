@@ -9,6 +9,7 @@ refused with one line naming the field.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -362,6 +363,25 @@ def check_safetensors_file(path: Path) -> None:
                 "as unpickling can run arbitrary code. Convert it to safetensors with metadata JSON."
             )
         raise ModelError(f"{path}: not a safetensors file")
+
+
+def model_digests(path: str | os.PathLike) -> dict[str, str]:
+    """SHA-256 of a model's weights file and of its scoring (the canonical JSON of the fitted
+    calibrations, context and thresholds): what a published figure was measured with."""
+    weights, _ = model_paths(path)
+    digest = hashlib.sha256()
+    with open(weights, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    scoring = json.dumps(load_metadata(path).scoring.to_dict(), sort_keys=True, separators=(",", ":"))
+    return {"weights": digest.hexdigest(), "scoring": hashlib.sha256(scoring.encode()).hexdigest()}
+
+
+def figures_stamp(path: str | os.PathLike) -> str:
+    """The line a page of figures of this model carries (tests check it against the shipped model)."""
+    digests = model_digests(path)
+    return (f"Figures measured with the shipped model: weights sha256 `{digests['weights'][:12]}`, "
+            f"scoring sha256 `{digests['scoring'][:12]}`.")
 
 
 def load_metadata(path: str | os.PathLike) -> ModelMetadata:
