@@ -420,6 +420,9 @@ def test_the_pages_in_a_headless_browser(slides, tiny_model, tmp_path):
             page.wait_for_selector("body[data-picked]", timeout=30_000)
             assert "p(IDC)" in page.inner_text("#picked-facts")
             assert page.eval_on_selector("#picked-evidence", "img => img.complete && img.naturalWidth") == 200
+            page.click("#marks button[data-label='1']")  # the reviewer labels the tile: ground truth for calibrate
+            expect(page.locator("#mark-saved")).to_have_text("marked IDC")
+            picked = [int(v) for v in page.get_attribute("body", "data-picked").split(",")]
             page.fill("#note", "nests look in situ")
             page.click(".verdicts button[data-verdict='disagree']")
             # locators, not wait_for_function: its string predicates are eval, which the page's CSP forbids
@@ -428,6 +431,8 @@ def test_the_pages_in_a_headless_browser(slides, tiny_model, tmp_path):
             expect(page.locator("#review-saved")).to_contain_text("disagree")
             assert "nests look in situ" in page.inner_text("#review-saved")
             assert page.evaluate("document.documentElement.scrollWidth") <= 1366  # fits a laptop screen
+            marks = page.evaluate("async () => (await fetch(`/api/jobs/${document.body.dataset.job}/labels.csv`)).text()")
+            assert marks.splitlines()[1:] == [f"{page.get_attribute('body', 'data-slide')},{picked[0]},{picked[1]},1"], marks
             # a link that smuggles markup into the job id, which the browser's \..\ would strip from the API call
             link = f'{url}/jobs/%22%3E%3Cimg%20src%3Dx%20onerror%3D%22window.pwned%3D1%22%3E%5C..%5C{job_id}'
             answer = page.goto(link)
@@ -535,3 +540,25 @@ def test_a_token_that_would_be_no_secret_is_refused_before_serving(tmp_path, tok
                              "--port", str(free_port())], capture_output=True, text=True, timeout=60)
     assert result.returncode == 2 and "--token must be at least 12" in result.stderr, result
     assert not (tmp_path / "data").exists()
+
+
+def test_a_reviewers_tile_marks_are_stored_refused_when_wrong_and_come_back_as_labels(slides, tiny_model, tmp_path):
+    from histoscreen.tasks.steps import read_labels_csv
+
+    with TestClient(create_app(ServeSettings(data=tmp_path / "data", model=str(tiny_model))), base_url="http://127.0.0.1:8000") as client:
+        job_id = client.post("/api/jobs", files={"file": ("batch.zip", zip_of(slides), "application/zip")}).json()["id"]
+        assert wait_done(client, job_id)["status"] == "done"
+        slide = client.get(f"/api/jobs/{job_id}/slides").json()[0]["patient"]
+        base = f"/api/jobs/{job_id}/slides/{slide}"
+        first, second = client.get(f"{base}/patches").json()[:2]
+        marked = client.put(f"{base}/tiles", json={"marks": [{"x": first["x"], "y": first["y"], "label": 1},
+                                                             {"x": second["x"], "y": second["y"], "label": 0}]})
+        assert marked.status_code == 200 and marked.json() == {"marked": 2}
+        for marks, words in (([{"x": 999_999, "y": 1, "label": 1}], "no screened tile at x=999999"),
+                             ([{"x": first["x"], "y": first["y"], "label": 2}], "label must be 1 (IDC), 0 (not IDC) or null")):
+            refused = client.put(f"{base}/tiles", json={"marks": marks})
+            assert refused.status_code == 422 and words in refused.text, refused.text
+        client.put(f"{base}/tiles", json={"marks": [{"x": second["x"], "y": second["y"], "label": None}]})  # cleared
+        assert [(m["x"], m["y"], m["label"]) for m in client.get(f"{base}/tiles").json()] == [(first["x"], first["y"], 1)]
+        (tmp_path / "labels.csv").write_text(client.get(f"/api/jobs/{job_id}/labels.csv").text)
+    assert read_labels_csv(tmp_path / "labels.csv") == {(slide, first["x"], first["y"]): 1}

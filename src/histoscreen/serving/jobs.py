@@ -49,6 +49,15 @@ create table if not exists reviews (
     created text not null
 );
 create index if not exists reviews_by_slide on reviews (job, slide);
+create table if not exists tile_marks (  -- a reviewer's label of one screened tile: ground truth for calibration
+    job text not null,
+    slide text not null,
+    x integer not null,
+    y integer not null,
+    label integer not null,      -- 1 IDC, 0 not IDC
+    marked text not null,
+    primary key (job, slide, x, y)
+);
 """
 
 
@@ -206,6 +215,28 @@ class JobStore:
         with self._connect() as db:
             rows = db.execute("select * from reviews where job = ? order by rowid", (job_id,)).fetchall()
         return {r["slide"]: {"verdict": r["verdict"], "note": r["note"], "reviewed": r["created"]} for r in rows}
+
+
+    def mark_tiles(self, job_id: str, slide: str, marks: list[tuple[int, int, int | None]]) -> int:
+        """Set (label 0 or 1) or clear (None) a reviewer's label of tiles x, y; all or none."""
+        marked = now()
+        with self._connect() as db:
+            for x, y, label in marks:
+                if label is None:
+                    db.execute("delete from tile_marks where job = ? and slide = ? and x = ? and y = ?", (job_id, slide, x, y))
+                else:
+                    db.execute("insert or replace into tile_marks (job, slide, x, y, label, marked) values (?, ?, ?, ?, ?, ?)",
+                               (job_id, slide, x, y, label, marked))
+        return len(marks)
+
+    def tile_marks(self, job_id: str, slide: str | None = None) -> list[dict]:
+        """A job's tile labels (one slide's, or all), in the order of slide, y, x."""
+        query, values = "select * from tile_marks where job = ?", [job_id]
+        if slide is not None:
+            query, values = query + " and slide = ?", values + [slide]
+        with self._connect() as db:
+            rows = db.execute(query + " order by slide, y, x", values).fetchall()
+        return [{"slide": r["slide"], "x": r["x"], "y": r["y"], "label": r["label"], "marked": r["marked"]} for r in rows]
 
 
 def _job(row: sqlite3.Row) -> Job:

@@ -86,7 +86,10 @@ def slide(job_id: str, slide_id: str) -> str:
     </fieldset>
     <section id="picked"><h2>Patch</h2><p id="picked-hint">Click the slide to see a patch, its probability and where its evidence for IDC is.</p>
       <div class="pair" id="picked-pair" hidden><figure><img id="picked-patch" alt="patch"><figcaption>patch</figcaption></figure>
-      <figure><img id="picked-evidence" alt="evidence map"><figcaption>Evidence (bright: hiding this part lowers the IDC score most)</figcaption></figure></div><p id="picked-facts"></p></section>
+      <figure><img id="picked-evidence" alt="evidence map"><figcaption>Evidence (bright: hiding this part lowers the IDC score most)</figcaption></figure></div><p id="picked-facts"></p>
+      <div class="marks" id="marks" hidden>This tile is: <button data-label="1">IDC</button><button data-label="0">not IDC</button>
+      <button data-label="">no mark</button> <span id="mark-saved" role="status"></span>
+      <a href="#" id="labels-link">labels.csv</a> (every marked tile of this job, for <code>calibrate --labels</code>)</div></section>
     <section id="review"><h2>Review</h2>
       <div class="verdicts"><button data-verdict="agree">agree</button><button data-verdict="disagree">disagree</button>
       <button data-verdict="needs second look">needs second look</button></div>

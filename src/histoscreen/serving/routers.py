@@ -38,6 +38,16 @@ class Review(BaseModel):
     note: str = Field(default="", max_length=4000)
 
 
+class TileMark(BaseModel):
+    x: int
+    y: int
+    label: int | None = Field(description="1 IDC, 0 not IDC, null to clear the mark")
+
+
+class TileMarks(BaseModel):
+    marks: list[TileMark] = Field(max_length=100_000)
+
+
 @dataclass
 class Served:
     """What the routes share: the job store, the server's settings and its small caches."""
@@ -220,6 +230,31 @@ def reviews_router(served: Served) -> APIRouter:
         if body.verdict not in VERDICTS:
             raise HTTPException(422, f"verdict must be one of: {', '.join(VERDICTS)}")
         return served.store.review(job_id, slide, body.verdict, body.note)
+
+    @router.put("/jobs/{job_id}/slides/{slide}/tiles")
+    def mark_tiles(job_id: str, slide: str, body: TileMarks) -> dict:
+        """A reviewer's labels of screened tiles (IDC or not), stored with the job: the lab's
+        ground truth, for `calibrate --labels` (labels.csv)."""
+        screened = {(p["x"], p["y"]) for p in served.slide_report(job_id, slide).patches(slide)}
+        for mark in body.marks:
+            if (mark.x, mark.y) not in screened:
+                raise HTTPException(422, f"slide {slide!r} has no screened tile at x={mark.x}, y={mark.y}")
+            if mark.label not in (0, 1, None):
+                raise HTTPException(422, f"label must be 1 (IDC), 0 (not IDC) or null, got {mark.label}")
+        return {"marked": served.store.mark_tiles(job_id, slide, [(m.x, m.y, m.label) for m in body.marks])}
+
+    @router.get("/jobs/{job_id}/slides/{slide}/tiles")
+    def tile_marks(job_id: str, slide: str) -> list[dict]:
+        served.slide_report(job_id, slide)
+        return served.store.tile_marks(job_id, slide)
+
+    @router.get("/jobs/{job_id}/labels.csv")
+    def labels_csv(job_id: str) -> Response:
+        """Every tile a reviewer labelled in this job, as `screen` and `calibrate --labels` read them."""
+        served.report(job_id)
+        rows = ([m["slide"], m["x"], m["y"], m["label"]] for m in served.store.tile_marks(job_id))
+        return Response(csv_text(["patient", "x", "y", "label"], rows), media_type="text/csv",
+                        headers={"Content-Disposition": f'attachment; filename="labels-{job_id}.csv"'})
 
     return router
 

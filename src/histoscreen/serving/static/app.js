@@ -247,11 +247,28 @@ async function startSlide() {
     document.getElementById("note").value = row.review_note;
     showReview(row.review_verdict, row.review_note, row.review_reviewed);
   }
+  startMarks(base, `/jobs/${id}`);
   document.querySelectorAll(".verdicts button").forEach((button) => button.addEventListener("click", async () => {
     const note = document.getElementById("note").value;
     const stored = await json(`${base}/review`, { method: "POST", headers: { "Content-Type": "application/json" },
       body: JSON.stringify({ verdict: button.dataset.verdict, note }) });
     showReview(stored.verdict, stored.note, stored.reviewed);
+  }));
+}
+
+function showMark(label) {
+  document.querySelectorAll("#marks button").forEach((b) => b.classList.toggle("chosen", b.dataset.label === (label === null ? "" : String(label))));
+  document.getElementById("mark-saved").textContent = label === null ? "" : `marked ${label ? "IDC" : "not IDC"}`;
+}
+
+function startMarks(base, jobBase) {
+  download(document.getElementById("labels-link"), `${jobBase}/labels.csv`, "labels.csv");
+  document.querySelectorAll("#marks button").forEach((button) => button.addEventListener("click", async () => {
+    const [x, y] = document.body.dataset.picked.split(",").map(Number);
+    const label = button.dataset.label === "" ? null : Number(button.dataset.label);
+    await json(`${base}/tiles`, { method: "PUT", headers: { "Content-Type": "application/json" },
+      body: JSON.stringify({ marks: [{ x, y, label }] }) });
+    showMark(label);
   }));
 }
 
@@ -266,6 +283,10 @@ async function pick(base, x, y) {
       imageInto(document.getElementById("picked-evidence"), `${base}/evidence.png?x=${x}&y=${y}`)]);
     document.getElementById("picked-pair").hidden = false;
     document.body.dataset.picked = `${x},${y}`;
+    const marks = await json(`${base}/tiles`);
+    const mark = marks.find((m) => m.x === x && m.y === y);
+    showMark(mark ? mark.label : null);
+    document.getElementById("marks").hidden = false;
   } catch (error) {
     facts.textContent = error.message;
   }
