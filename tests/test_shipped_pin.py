@@ -106,4 +106,4 @@ def test_every_page_of_figures_names_the_shipped_model_it_was_measured_with():
             stamped[page.name] = (weights, scoring)
             assert (weights, scoring) == (digests["weights"][:12], digests["scoring"][:12]), (
                 f"{page}: its figures were measured with another model; measure them again with the shipped one")
-    assert {"MODEL_CARD.md", "model.md", "screening.md"} <= set(stamped)
+    assert {"MODEL_CARD.md", "model.md", "screening.md", "prediction.md", "inference.md"} <= set(stamped)
