@@ -39,6 +39,7 @@ from PIL import Image
 from histoscreen.constants import PATCH_SIZE
 from histoscreen.models import create_model, load_model, shipped_model_path
 from histoscreen.runtime import batched_logits
+from histoscreen.scoring.slides import spearman as slide_spearman
 from histoscreen.tasks.explain import grad_cam, occlusion_maps
 
 from measure import cpu_model
@@ -74,21 +75,10 @@ def synthetic_patches(count: int, seed: int) -> np.ndarray:
     return np.stack([slide[t : t + PATCH_SIZE, l : l + PATCH_SIZE] for t, l in zip(tops, lefts)])
 
 
-def average_ranks(values: np.ndarray) -> np.ndarray:
-    """Ranks with ties sharing their mean rank (as Spearman's correlation needs: ReLU maps hold many zeros)."""
-    order = np.argsort(values, kind="stable")
-    ranks = np.empty(len(values))
-    ranks[order] = np.arange(len(values))
-    _, inverse, counts = np.unique(values, return_inverse=True, return_counts=True)
-    sums = np.bincount(inverse, weights=ranks)
-    return (sums / counts)[inverse]
-
-
 def spearman(a: np.ndarray, b: np.ndarray) -> float:
-    ra, rb = average_ranks(a.ravel()), average_ranks(b.ravel())
-    if ra.std() == 0 or rb.std() == 0:
-        return 0.0
-    return float(np.corrcoef(ra, rb)[0, 1])
+    """scoring.slides.spearman of two maps; 0 where one of them is flat (no ranking at all)."""
+    found = slide_spearman(a.ravel(), b.ravel())
+    return 0.0 if np.isnan(found) else found
 
 
 def border_ratio(maps: np.ndarray) -> float:

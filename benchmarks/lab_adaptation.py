@@ -33,19 +33,11 @@ from histoscreen.data import PatchStore, SlidePositions, StoreSource
 from histoscreen.models import load_metadata, shipped_model_path
 from histoscreen.runtime import Predictor
 from histoscreen.scoring.calibration import ThresholdRule, choose_threshold, fit_scoring, scored
-from histoscreen.scoring.metrics import classification_metrics
-from histoscreen.scoring.slides import complete_slides, slide_burdens, slide_figures
+from histoscreen.scoring.slides import complete_slides
+from histoscreen.tasks.calibrate import call_figures
 from measure import cpu_model
 
 MIN_PATIENTS, MIN_PATCHES_PER_CLASS = 5, 50  # what `calibrate` will refuse below (issue 26)
-
-
-def figures(labels, probabilities, threshold, patients, complete) -> dict:
-    calls = probabilities >= threshold
-    metrics = classification_metrics(labels, probabilities, threshold)
-    burdens = slide_burdens(patients, labels, calls, only={p for p, whole in complete.items() if whole})
-    return {"sensitivity": metrics["sensitivity"], "specificity": metrics["specificity"],
-            "balanced_accuracy": metrics["balanced_accuracy"], "under_called": len(slide_figures(burdens).get("under_called", []))}
 
 
 def main() -> None:
@@ -89,7 +81,9 @@ def adapt(model: Path, pixels, labels, patients, positions, complete, lab, args)
 
     def call(scoring, rows: np.ndarray, threshold: float | None = None) -> dict:
         found, own = probabilities(scoring, rows)
-        return figures(labels[rows], found, own if threshold is None else threshold, patients[rows], complete)
+        calls = found >= (own if threshold is None else threshold)
+        figures = call_figures(labels[rows], calls, patients[rows], complete)
+        return {**figures, "under_called": len(figures["under_called"])}
 
     print(f"{'k':>3} {'draws':>5}  {'as shipped: sens spec BA under':>30}  {'recalibrated: sens spec BA under':>34}  "
           f"{'BA change: mean worst fell':>27}")

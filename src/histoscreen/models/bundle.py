@@ -368,13 +368,16 @@ def check_safetensors_file(path: Path) -> None:
 def model_digests(path: str | os.PathLike) -> dict[str, str]:
     """SHA-256 of a model's weights file and of its scoring (the canonical JSON of the fitted
     calibrations, context and thresholds): what a published figure was measured with."""
-    weights, _ = model_paths(path)
+    scoring = json.dumps(load_metadata(path).scoring.to_dict(), sort_keys=True, separators=(",", ":"))
+    return {"weights": file_sha256(model_paths(path)[0]), "scoring": hashlib.sha256(scoring.encode()).hexdigest()}
+
+
+def file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
-    with open(weights, "rb") as handle:
+    with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
-    scoring = json.dumps(load_metadata(path).scoring.to_dict(), sort_keys=True, separators=(",", ":"))
-    return {"weights": digest.hexdigest(), "scoring": hashlib.sha256(scoring.encode()).hexdigest()}
+    return digest.hexdigest()
 
 
 def figures_stamp(path: str | os.PathLike) -> str:

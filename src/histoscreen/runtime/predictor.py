@@ -4,7 +4,6 @@ app and Ray workers) share."""
 
 from __future__ import annotations
 
-import hashlib
 import os
 import threading
 from pathlib import Path
@@ -17,7 +16,7 @@ from histoscreen.data.grid import SlidePositions
 from histoscreen.data.views import DIHEDRAL_VIEWS
 from histoscreen.errors import ArgumentError, ModelError, SettingError
 from histoscreen.models.bundle import (
-    Calibration, check_safetensors_file, load_metadata, load_model, model_paths, scoring_mode, shipped_model_path,
+    Calibration, ModelMetadata, check_safetensors_file, file_sha256, load_metadata, load_model, model_paths, scoring_mode, shipped_model_path,
 )
 from histoscreen.runtime.device import device_name
 from histoscreen.runtime.onnx import onnx_runner
@@ -73,7 +72,7 @@ class Predictor:
         self._model: torch.nn.Module | None = None
         self._model_lock = threading.Lock()
         if self.backend == "torch":
-            self._load_model()
+            self._model, self.metadata = self._load_model()
         else:  # the weights are read only if the ONNX graph is not cached; refuse a pickle now all the same
             check_safetensors_file(model_paths(self.model_path)[0])
             self.metadata = load_metadata(self.model_path)
@@ -99,21 +98,18 @@ class Predictor:
         self.context = context
         self.batch_size = batch_size
 
-    def _load_model(self) -> torch.nn.Module:
+    def _load_model(self) -> tuple[torch.nn.Module, ModelMetadata]:
         import torch
 
-        model, self.metadata = load_model(self.model_path)
-        self._model = model.to(self.device, memory_format=torch.channels_last)
-        return self._model
+        model, metadata = load_model(self.model_path)
+        return model.to(self.device, memory_format=torch.channels_last), metadata
 
     @property
     def model(self) -> torch.nn.Module:
         """The torch model, on the predictor's device, loaded on first use."""
         with self._model_lock:
             if self._model is None:
-                metadata = self.metadata
-                self._load_model()
-                self.metadata = metadata  # the scoring checked above stays the one in use
+                self._model, _ = self._load_model()  # the metadata read at start stays the one in use
             return self._model
 
     @property
@@ -203,14 +199,6 @@ class Predictor:
         """Calibrated probabilities, and which patches' views disagree (see above)."""
         logits, disagree = self.patch_logits_with_disagreement(patches)
         return self.finish(logits, positions), disagree
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _check_patches(patches: np.ndarray) -> None:

@@ -84,10 +84,8 @@ def spearman(first: np.ndarray, second: np.ndarray) -> float:
         order = np.argsort(values, kind="stable")
         ranked = np.empty(len(values))
         ranked[order] = np.arange(1, len(values) + 1)
-        for value in np.unique(values):  # ties share their mean rank
-            tied = values == value
-            ranked[tied] = ranked[tied].mean()
-        return ranked
+        _, tie, count = np.unique(values, return_inverse=True, return_counts=True)  # ties share their mean rank
+        return (np.bincount(tie, weights=ranked) / count)[tie]
 
     a, b = ranks(first), ranks(second)
     a, b = a - a.mean(), b - b.mean()

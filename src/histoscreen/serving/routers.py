@@ -281,11 +281,11 @@ def viewer_router(served: Served) -> APIRouter:
         return {"source": "mosaic", "size": view["mosaic"], "cell_px": view["cell_px"], "offset": [0, 0]}
 
     def pyramid(job_id: str, slide: str) -> DeepZoom | SlideDeepZoom:
-        def make():
+        def make():  # once per slide: a tile request must not parse the report again
+            report = served.slide_report(job_id, slide)
             path = slide_file(job_id, slide)
-            return SlideDeepZoom(path) if path is not None else DeepZoom(served.slide_report(job_id, slide).slide_file(slide, "mosaic.jpg"))
+            return SlideDeepZoom(path) if path is not None else DeepZoom(report.slide_file(slide, "mosaic.jpg"))
 
-        served.slide_report(job_id, slide)
         return served.pyramids.get_or_make((job_id, slide), make)
 
     def patch_row(job_id: str, slide: str, x: int, y: int) -> dict:
