@@ -35,6 +35,13 @@ def test_a_rebuilt_slide_equals_the_drawn_slide(tmp_path):
         assert (mosaic[~covered[:height, :width]] == 255).all()  # missing patches stay background
         assert covered[drawn.tissue].mean() > 0.9  # nearly all tissue was cut into patches
 
+        reduced = build_mosaic(slide, reduction=5)  # each patch averaged down to 10 x 10 px
+        rows, columns = min(reduced.shape[0], drawn.rgb.shape[0] // 5), min(reduced.shape[1], drawn.rgb.shape[1] // 5)
+        blocks = drawn.rgb[: rows * 5, : columns * 5].reshape(rows, 5, columns, 5, 3)
+        whole = covered[: rows * 5, : columns * 5].reshape(rows, 5, columns, 5).all(axis=(1, 3))
+        np.testing.assert_array_equal(reduced[:rows, :columns][whole], np.round(blocks.mean(axis=(1, 3)))[whole])
+        empty = ~covered[: rows * 5, : columns * 5].reshape(rows, 5, columns, 5).any(axis=(1, 3))
+        assert whole.mean() > 0.5 and (reduced[:rows, :columns][empty] == 255).all()
 
 def cells_of(layout: np.ndarray) -> tuple[SlideGrid, np.ndarray]:
     """The grid of a hand-drawn slide (NaN: no patch there) and its patches' values."""

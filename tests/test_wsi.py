@@ -441,3 +441,26 @@ def test_calibrate_on_a_labs_slides_and_folders_with_their_annotations(tiny_mode
     assert metadata.validation.estimate["patients"] == 5 and metadata.validation.store is None
     labelled = metadata.validation.metrics["plain"]["patches"]
     assert labelled > 4 * 100
+
+
+def test_screening_a_slide_file_imports_neither_pandas_nor_torch(synthetic_slide_image, tiny_model, tmp_path):
+    """A lab screens slide files in batches: each run should not pay pandas' (about half a
+    second here) or torch's start-up for tables and training it does not use."""
+    import os
+    import subprocess
+    import sys
+
+    slide = write_pyramid_tiff(tmp_path / "slide.tif", upscale(synthetic_slide_image, 2), 2.0, compression="zlib")
+
+    def run(out: str) -> subprocess.CompletedProcess:
+        probe = ("import sys\nfrom histoscreen.cli import main\n"
+                 f"code = main(['screen', {str(slide)!r}, '--out', {str(tmp_path / out)!r}, '--model', {str(tiny_model)!r}, '-q'])\n"
+                 "print(code, 'pandas' in sys.modules, 'torch' in sys.modules)\n")
+        env = {**os.environ, "HISTOSCREEN_CACHE": str(tmp_path / "cache")}
+        return subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, timeout=300)
+
+    warm = run("warm")  # a cold ONNX cache exports the graph, with torch
+    assert warm.returncode == 0, warm.stderr
+    screened = run("report")
+    assert screened.stdout.split() == ["0", "False", "False"], screened
+    assert json.loads((tmp_path / "report" / "slides.json").read_text())["slides"][0]["patches"] > 100

@@ -13,10 +13,12 @@ import io
 from collections.abc import Iterable, Sequence
 from numbers import Number
 from pathlib import Path
-
-import pandas as pd
+from typing import TYPE_CHECKING
 
 from histoscreen.atomic import atomic_write_text
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 _FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
 
@@ -47,6 +49,8 @@ def write_csv(path: Path, header: Sequence[str], rows: Iterable[Sequence[object]
 
 def write_frame(path: Path, frame: pd.DataFrame, float_format: str | None = None, *, replace: bool = True) -> None:
     """A DataFrame as CSV (missing values as empty cells), text cells made safe."""
+    import pandas as pd
+
     safe = frame.copy()
     for column in safe.columns:
         if safe[column].dtype == object or pd.api.types.is_string_dtype(safe[column]):

@@ -13,12 +13,15 @@ from dataclasses import dataclass
 from functools import cache
 from importlib import resources
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import pandas as pd
 
 from histoscreen.errors import InputError, SettingError
 from histoscreen.data.naming import patient_sort_key
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 SPLIT_NAMES = ("train", "val", "test")
 SPLIT_SCHEMES = ("official", "kfold", "csv", "all")  # all: every patient is a val (calibration) patient
@@ -51,6 +54,8 @@ class PatientSplit:
         return next((s for s in SPLIT_NAMES if patient in getattr(self, s)), None)
 
     def to_frame(self) -> pd.DataFrame:
+        import pandas as pd  # where a table is built: screening a slide needs no pandas start-up
+
         rows = [(p, s) for s in SPLIT_NAMES for p in sorted(getattr(self, s), key=patient_sort_key)]
         return pd.DataFrame(rows, columns=["patient", "split"])
 

@@ -13,14 +13,17 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import pandas as pd
 
 from histoscreen.errors import InputError
 from histoscreen.jsontext import read_json_text
 from histoscreen.constants import COORD_ORIGIN, GRID_STEP, MAX_SLIDE_PX, PATCH_SIZE
 from histoscreen.data.naming import check_slide_id, patient_sort_key
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 STORE_FORMAT = "histoscreen-patch-store"
 STORE_VERSION = 1
@@ -59,6 +62,8 @@ class PatchStore:
             self.patches: np.ndarray = np.load(self.path / PATCHES_FILE, mmap_mode="r", allow_pickle=False)
         except (OSError, ValueError, EOFError) as error:  # EOFError: an empty file
             raise InputError(f"{self.path / PATCHES_FILE}: unreadable or damaged ({error or 'empty'})") from None
+        import pandas as pd  # here: screening a slide file needs no store, nor pandas' start-up
+
         try:
             self.index: pd.DataFrame = pd.read_parquet(self.path / INDEX_FILE)
         except (OSError, ValueError) as error:  # pyarrow's ArrowInvalid is a ValueError
@@ -77,6 +82,8 @@ class PatchStore:
     def _check_index(self) -> None:
         """Every value that later becomes a path, a grid cell or a call is checked here, once:
         a store is a file anyone can hand over, and its patient ids name report folders."""
+        import pandas as pd
+
         index = self.index
         index["patient"] = index["patient"].astype("string")
         bad_ids = [p for p in index["patient"].unique().tolist() if check_slide_id(p) is not None]
@@ -121,6 +128,8 @@ class PatchStore:
 
     def patient_table(self) -> pd.DataFrame:
         """Per patient: patch count and IDC patch count, the input to stratified splits."""
+        import pandas as pd
+
         grouped = self.index.groupby("patient", observed=True)["label"]
         table = pd.DataFrame({"patches": grouped.size(), "idc_patches": grouped.sum().astype(int)})
         return table.reset_index()

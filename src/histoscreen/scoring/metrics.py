@@ -11,10 +11,14 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import pandas as pd
 
 from histoscreen.errors import ArgumentError
+
+if TYPE_CHECKING:  # pandas is imported where a table is built: screening a slide needs none
+    import pandas as pd
 
 
 def check_labels_and_scores(labels, scores, *, scores_name: str = "probabilities") -> tuple[np.ndarray, np.ndarray]:
@@ -183,7 +187,7 @@ def bootstrap_by_patient(
         raise ArgumentError(f"labels has {len(labels)} values but patients has {len(patients)}")
     if rounds < 1:
         raise ArgumentError(f"rounds must be at least 1, got {rounds}")
-    groups = [np.flatnonzero(np.asarray(patients) == p) for p in pd.unique(np.asarray(patients))]
+    groups = [np.flatnonzero(np.asarray(patients) == p) for p in dict.fromkeys(np.asarray(patients).tolist())]
     rng = np.random.default_rng(seed)
     names = ("accuracy", "balanced_accuracy", "sensitivity", "specificity", "precision", "f1", "roc_auc", "pr_auc")
     samples: dict[str, list[float]] = {name: [] for name in names}
@@ -201,6 +205,8 @@ def bootstrap_by_patient(
 
 def per_patient_table(labels: np.ndarray, probabilities: np.ndarray, patients: np.ndarray, threshold: float) -> pd.DataFrame:
     """One row per patient: patch counts, true and predicted IDC fraction, recalls, accuracy."""
+    import pandas as pd
+
     frame = pd.DataFrame({"patient": patients, "label": labels, "prob": probabilities})
     frame["pred"] = (frame["prob"] >= threshold).astype(int)
     rows = []
@@ -224,6 +230,8 @@ def per_patient_table(labels: np.ndarray, probabilities: np.ndarray, patients: n
 
 def reliability_bins(labels: np.ndarray, probabilities: np.ndarray, bins: int = 10) -> pd.DataFrame:
     """Per equal-width bin of predicted IDC probability: count, mean prediction, observed IDC rate."""
+    import pandas as pd
+
     which = np.minimum((np.asarray(probabilities) * bins).astype(int), bins - 1)
     frame = pd.DataFrame({"bin": which, "prob": probabilities, "label": labels})
     table = frame.groupby("bin").agg(patches=("label", "size"), mean_prob=("prob", "mean"), idc_rate=("label", "mean"))

@@ -10,9 +10,9 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
-import pandas as pd
 
 from histoscreen.data.sources import PatchBatch, StoreSource
 from histoscreen.data.splits import SplitSpec
@@ -21,6 +21,9 @@ from histoscreen.errors import InputError, SettingError
 from histoscreen.progress import Progress, silent
 from histoscreen.runtime.predictor import Predictor
 from histoscreen.scoring.metrics import Interval, bootstrap_by_patient, classification_metrics, per_patient_table
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 EVALUATION_BATCH = 8192
 

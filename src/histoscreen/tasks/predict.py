@@ -10,9 +10,9 @@ import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
-import pandas as pd
 
 from histoscreen.data.inputs import SlideReading, open_sources
 from histoscreen.data.sources import NO_SLIDE, UNKNOWN_COORDINATE, PatchBatch
@@ -22,6 +22,9 @@ from histoscreen.progress import Progress, silent
 from histoscreen.runtime.predictor import Predictor
 from histoscreen.tasks.ray_engine import RayEngine, RayPool
 from histoscreen.tasks.steps import scored_batches
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 PREDICTION_COLUMNS = ["path", "patient", "x", "y", "prob_idc", "pred"]
 
@@ -106,6 +109,8 @@ def predict(
     patches = PatchBatch.concatenate(scored)
     probabilities = predictor.finish(np.concatenate(logits) if logits else np.empty(0), patches.positions)
     known = patches.xs != UNKNOWN_COORDINATE
+    import pandas as pd  # where a table is built: screening a slide needs no pandas start-up
+
     rows = pd.DataFrame(
         {
             "path": patches.paths.astype(str),
