@@ -294,6 +294,23 @@ def test_min_tissue_decides_which_edge_tiles_are_kept(synthetic_slide_image, tmp
     assert counts[0] > counts[1] >= counts[2] > 0, counts
 
 
+
+def test_tiles_that_reach_past_the_slide_edge_are_glass_there(synthetic_slide_image, tmp_path):
+    """OpenSlide gives transparent pixels beyond a slide's edge: a tile that overhangs it is
+    background (as an edge patch of the Kaggle set is padded), not black."""
+    from histoscreen.data.wsi import TissueSettings, WholeSlideSource
+
+    image = upscale(synthetic_slide_image, 2)
+    image = np.ascontiguousarray(image[:, : (image.shape[1] // 100) * 100 - 60])  # the last tiles overhang by 60 px (30 at 4 µm)
+    image[:, -200:] = [200, 120, 180]  # tissue up to the edge
+    slide = write_pyramid_tiff(tmp_path / "overhang.tif", image, 2.0, compression="zlib")
+    source = WholeSlideSource(slide, spacing_um_px=4.0, tissue=TissueSettings(min_tissue=0.1), workers=1)
+    pixels = np.concatenate([b.pixels for b in source.batches()])
+    last = source.tile_columns == source.tile_columns.max()
+    assert last.sum() > 10 and source.tile_columns.max() == source.columns - 1
+    assert (pixels[last][:, :, 20:] == 255).all()  # beyond the edge: glass
+    assert (pixels[last][:, :, :18] != 255).any(axis=-1).mean() > 0.9  # the slide's own part: tissue
+
 def test_a_lone_slide_that_cannot_be_read_says_why(capsys, synthetic_slide_image, tiny_model, tmp_path):
     from histoscreen.cli import main
 

@@ -410,9 +410,14 @@ def _read_band(job) -> np.ndarray:
     x0, y0 = math.floor(left), math.floor(top)
     read_width, read_height = math.ceil(left + box_width) - x0, math.ceil(top + box_height) - y0
     region = slide.read_region((round(x0 * downsample), round(y0 * downsample)), level, (read_width, read_height))
-    background = Image.new("RGB", region.size, BACKGROUND_RGB)
-    background.paste(region, mask=region.getchannel("A"))  # no data beyond the slide: glass
-    band = background.resize((width, height), Image.Resampling.BOX, box=(left - x0, top - y0, left - x0 + box_width, top - y0 + box_height))
+    alpha = region.getchannel("A")
+    if alpha.getextrema() == (255, 255):  # all slide, no glass to add: most bands
+        band = region.convert("RGB")
+    else:
+        band = Image.new("RGB", region.size, BACKGROUND_RGB)
+        band.paste(region, mask=alpha)  # no data beyond the slide: glass
+    if band.size != (width, height) or (left, top) != (x0, y0):  # a level at exactly the grid's spacing needs no resampling
+        band = band.resize((width, height), Image.Resampling.BOX, box=(left - x0, top - y0, left - x0 + box_width, top - y0 + box_height))
     pixels = np.asarray(band)
     tiles = np.empty((len(rows), PATCH_SIZE, PATCH_SIZE, 3), dtype=np.uint8)
     for index, (row, column) in enumerate(zip(rows - first_row, columns - first_column)):
