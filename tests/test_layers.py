@@ -1,5 +1,5 @@
 """The package's shape: every module imports only its own stage or earlier ones (data,
-models, scoring, runtime, training, tasks, report, serving, cli), and no two modules import
+scoring, models, runtime, training, tasks, report, serving, cli), and no two modules import
 each other, directly or round a circle, at the top or inside a function."""
 
 from __future__ import annotations
@@ -8,7 +8,9 @@ import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "histoscreen"
-STAGES = ["data", "models", "scoring", "runtime", "training", "tasks", "report", "serving", "cli"]
+# scoring before models: it works on logits and needs no network, and a model bundle stores
+# its scoring settings (scoring/settings.py) in its JSON
+STAGES = ["data", "scoring", "models", "runtime", "training", "tasks", "report", "serving", "cli"]
 SHARED = {"__init__", "atomic", "constants", "errors", "jsontext", "lazy", "problems", "progress", "tables"}
 # A registry imports the architectures it lists when first asked, and each registers itself with it.
 REGISTRATION = {("histoscreen.models.registry", "histoscreen.models.compact"), ("histoscreen.models.registry", "histoscreen.models.residual"),

@@ -246,7 +246,7 @@ def test_the_partial_slide_check_sees_a_context_that_depends_on_the_rest_of_the_
 
 
 def test_a_scoring_with_part_of_a_context_is_refused():
-    from histoscreen.models.bundle import Calibration, ContextSettings, Scoring
+    from histoscreen.scoring.settings import Calibration, ContextSettings, Scoring
 
     whole = dict(context=ContextSettings(3, 0.7), context_plain=Calibration(), context_tta=Calibration())
     assert Scoring(**whole).has_context

@@ -1,5 +1,6 @@
 """Models: one file per architecture family, all built through `create_model`, and the
-model bundle (weights, metadata and the scoring fitted on val patients).
+model bundle (weights, metadata and the scoring fitted on val patients, whose settings types
+live in the scoring stage: histoscreen.scoring.settings).
 
 Names are imported on first use: reading a model's metadata does not import torch."""
 
@@ -7,8 +8,7 @@ from histoscreen.lazy import lazy_exports
 
 _EXPORTS = {
     **dict.fromkeys(
-        ("Calibration", "ContextSettings", "ModelMetadata", "Scoring", "Validation", "load_metadata", "load_model",
-         "save_model", "shipped_model_path"),
+        ("ModelMetadata", "load_metadata", "load_model", "save_model", "shipped_model_path"),
         "histoscreen.models.bundle",
     ),
     "count_flops": "histoscreen.models.flops",

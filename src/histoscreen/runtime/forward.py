@@ -8,7 +8,7 @@ import torch
 
 from histoscreen.data.sources import PatchBatch
 from histoscreen.data.transforms import DIHEDRAL_VIEWS, Normalisation, dihedral, to_model_input
-from histoscreen.models.bundle import Scoring, Validation
+from histoscreen.scoring.settings import Scoring, Validation
 from histoscreen.scoring.calibration import ThresholdRule, fit_scoring
 
 

@@ -16,13 +16,14 @@ from histoscreen.data.grid import SlidePositions
 from histoscreen.data.views import DIHEDRAL_VIEWS
 from histoscreen.errors import ArgumentError, ModelError, SettingError
 from histoscreen.models.bundle import (
-    Calibration, ModelMetadata, check_safetensors_file, file_sha256, load_metadata, load_model, model_paths, scoring_mode, shipped_model_path,
+    ModelMetadata, check_safetensors_file, file_sha256, load_metadata, load_model, model_paths, shipped_model_path,
 )
 from histoscreen.runtime.device import device_name
 from histoscreen.runtime.onnx import onnx_runner
 from histoscreen.scoring.calibration import scored
 from histoscreen.scoring.context import CONTEXT_FEATURES
 from histoscreen.scoring.metrics import sigmoid
+from histoscreen.scoring.settings import Calibration, scoring_mode
 
 if TYPE_CHECKING:
     import torch

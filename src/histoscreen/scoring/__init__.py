@@ -1,7 +1,9 @@
-"""Scoring stage: metrics, calibration and threshold fitting, and slide context (numpy only)."""
+"""Scoring stage: the scoring settings a model stores, metrics, calibration and threshold
+fitting, and slide context (numpy only)."""
 
 from histoscreen.scoring.calibration import choose_threshold, fit_calibration, fit_scoring, leave_one_patient_out
 from histoscreen.scoring.context import CONTEXT_RADII, CONTEXT_WEIGHTS, blend_with_neighbours, neighbour_means
+from histoscreen.scoring.settings import Calibration, ContextSettings, Scoring, Validation
 from histoscreen.scoring.metrics import (
     bootstrap_by_patient,
     classification_metrics,
@@ -14,6 +16,10 @@ from histoscreen.scoring.metrics import (
 )
 
 __all__ = [
+    "Calibration",
+    "ContextSettings",
+    "Scoring",
+    "Validation",
     "CONTEXT_RADII",
     "CONTEXT_WEIGHTS",
     "blend_with_neighbours",

@@ -13,13 +13,13 @@ import numpy as np
 
 from histoscreen.data.grid import SlidePositions
 from histoscreen.errors import SettingError
-from histoscreen.models.bundle import (
-    MAX_ABS_BIAS, MAX_TEMPERATURE, MIN_TEMPERATURE, Calibration, ContextSettings, Scoring, Validation, scoring_mode,
-)
 from histoscreen.scoring.context import (
     CONTEXT_RADII, CONTEXT_WEIGHTS, blend_with_neighbours, context_features, learned_context, with_context,
 )
 from histoscreen.scoring.metrics import classification_metrics, confusion_counts, roc_curve, sigmoid
+from histoscreen.scoring.settings import (
+    MAX_ABS_BIAS, MAX_TEMPERATURE, MIN_TEMPERATURE, Calibration, ContextSettings, Scoring, Validation, scoring_mode,
+)
 
 
 THRESHOLD_OBJECTIVES = ("balanced_accuracy", "accuracy", "specificity")

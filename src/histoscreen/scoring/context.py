@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from histoscreen.data.grid import CellIndex, SlidePositions
-from histoscreen.models.bundle import ContextSettings
+from histoscreen.scoring.settings import ContextSettings
 from histoscreen.scoring.metrics import sigmoid
 
 CONTEXT_RADII = (1, 2, 3)

@@ -25,7 +25,8 @@ from histoscreen.data.sources import NO_LABEL, PatchBatch, StoreSource
 from histoscreen.data.splits import SplitSpec
 from histoscreen.data.store import PatchStore
 from histoscreen.errors import InputError
-from histoscreen.models.bundle import ModelMetadata, Scoring, load_model
+from histoscreen.models.bundle import ModelMetadata, load_model
+from histoscreen.scoring.settings import Scoring
 from histoscreen.runtime.device import pick_device
 from histoscreen.scoring.calibration import ThresholdRule, refitted_per_patient, scored
 from histoscreen.scoring.metrics import confusion_counts
