@@ -24,6 +24,7 @@ pytest.importorskip("fastapi", reason="the [serve] extra (fastapi, uvicorn, pyth
 from fastapi.testclient import TestClient  # noqa: E402
 
 from histoscreen.data import synthesize  # noqa: E402
+from histoscreen.models.bundle import model_digests  # noqa: E402
 from histoscreen.serving.app import ServeSettings, create_app  # noqa: E402
 from conftest import screen_to, wait_done  # noqa: E402
 
@@ -54,7 +55,8 @@ def test_the_whole_flow_gives_what_the_command_line_gives(slides, tiny_model, tm
         job_id = submitted.json()["id"]
         job = wait_done(client, job_id)
         assert job["status"] == "done" and job["progress"] == 1.0 and job["error"] is None and job["name"] == "batch 1"
-        assert set(job) == {"id", "name", "kind", "status", "progress", "error", "created", "finished"}
+        assert set(job) == {"id", "name", "kind", "status", "progress", "error", "created", "finished", "model"}
+        assert job["model"]["version"] == "shipped" and job["model"]["weights_sha256"] == model_digests(tiny_model)["weights"]
         assert [j["id"] for j in client.get("/api/jobs").json()] == [job_id]
         served = client.get(f"/api/jobs/{job_id}/slides").json()
 
@@ -359,6 +361,28 @@ def test_a_restart_loses_nothing_and_the_running_job_ends_well(slides, tiny_mode
         server.wait(timeout=30)
 
 
+# where a slide's first screened patch lies on screen: its cell's centre, through the viewer's own mapping
+FIRST_PATCH_ON_SCREEN = """async () => {
+    const { job, slide } = document.body.dataset;
+    const base = `/api/jobs/${job}/slides/${slide}`;
+    const view = await (await fetch(`${base}/view`)).json();
+    const patch = (await (await fetch(`${base}/patches`)).json())[0];
+    const column = (patch.x - 1 - view.origin[0]) / 50, row = (patch.y - 1 - view.origin[1]) / 50;
+    const image = new OpenSeadragon.Point(view.base.offset[0] + (column + 0.5) * view.base.cell_px,
+                                          view.base.offset[1] + (row + 0.5) * view.base.cell_px);
+    const on = window.histoscreenViewer.world.getItemAt(0).imageToViewerElementCoordinates(image);
+    return [on.x, on.y];
+}"""
+
+
+def click_first_patch(page) -> None:
+    """Click the slide's first screened patch in the viewer, as a reviewer would, and wait for its panel."""
+    box = page.locator("#viewer").bounding_box()
+    point = page.evaluate(FIRST_PATCH_ON_SCREEN)
+    page.mouse.click(box["x"] + point[0], box["y"] + point[1])
+    page.wait_for_selector("body[data-picked]", timeout=30_000)
+
+
 @pytest.mark.skipif(not CHROMIUM.exists(), reason="Debian's chromium is not installed (.ci/run installs it with apt-get)")
 def test_the_pages_in_a_headless_browser(slides, tiny_model, tmp_path):
     from playwright.sync_api import expect, sync_playwright
@@ -402,22 +426,8 @@ def test_the_pages_in_a_headless_browser(slides, tiny_model, tmp_path):
             page.wait_for_timeout(800)
             without = viewer.screenshot()
             assert with_heatmap != without
-            box = viewer.bounding_box()
-            # where a screened patch lies on screen: its cell's centre, through the viewer's own mapping
-            point = page.evaluate("""async () => {
-                const { job, slide } = document.body.dataset;
-                const base = `/api/jobs/${job}/slides/${slide}`;
-                const view = await (await fetch(`${base}/view`)).json();
-                const patch = (await (await fetch(`${base}/patches`)).json())[0];
-                const column = (patch.x - 1 - view.origin[0]) / 50, row = (patch.y - 1 - view.origin[1]) / 50;
-                const image = new OpenSeadragon.Point(view.base.offset[0] + (column + 0.5) * view.base.cell_px,
-                                                      view.base.offset[1] + (row + 0.5) * view.base.cell_px);
-                const on = window.histoscreenViewer.world.getItemAt(0).imageToViewerElementCoordinates(image);
-                return [on.x, on.y];
-            }""")
             assert not page.is_visible("#picked-pair")  # no empty (broken) images before a patch is picked
-            page.mouse.click(box["x"] + point[0], box["y"] + point[1])
-            page.wait_for_selector("body[data-picked]", timeout=30_000)
+            click_first_patch(page)
             assert "p(IDC)" in page.inner_text("#picked-facts")
             assert page.eval_on_selector("#picked-evidence", "img => img.complete && img.naturalWidth") == 200
             page.click("#marks button[data-label='1']")  # the reviewer labels the tile: ground truth for calibrate
@@ -562,3 +572,81 @@ def test_a_reviewers_tile_marks_are_stored_refused_when_wrong_and_come_back_as_l
         assert [(m["x"], m["y"], m["label"]) for m in client.get(f"{base}/tiles").json()] == [(first["x"], first["y"], 1)]
         (tmp_path / "labels.csv").write_text(client.get(f"/api/jobs/{job_id}/labels.csv").text)
     assert read_labels_csv(tmp_path / "labels.csv") == {(slide, first["x"], first["y"]): 1}
+
+
+def wait_for_job(url: str, job_id: str, seconds: float = 180) -> dict:
+    import httpx
+
+    deadline = time.monotonic() + seconds
+    while (job := httpx.get(f"{url}/api/jobs/{job_id}").json())["status"] not in ("done", "failed") and time.monotonic() < deadline:
+        time.sleep(0.3)
+    return job
+
+
+@pytest.mark.skipif(not CHROMIUM.exists(), reason="Debian's chromium is not installed (.ci/run installs it with apt-get)")
+def test_a_lab_adapts_the_model_from_its_reviews_and_new_jobs_are_scored_by_the_active_version(tiny_model, tmp_path):
+    """The whole loop of issue 26: a reviewer marks a tile in the viewer, the lab builds a
+    calibrated version from its reviewed job, reads its before/after estimate, makes it
+    active, and the next job is scored by it (its digests in the job); the server's own model
+    is never changed and can be made active again."""
+    import httpx
+    from playwright.sync_api import expect, sync_playwright
+
+    lab = tmp_path / "lab"
+    synthesize(lab, patients=5, seed=23, first_index=70, idc_fractions=[0.3, 0.0, 0.2, 0.4, 0.1])
+    shipped = model_digests(tiny_model)
+    data, port = tmp_path / "data", free_port()
+    url = f"http://127.0.0.1:{port}"
+    server = start_server(data, port, tiny_model)
+    try:
+        reviewed = httpx.post(f"{url}/api/jobs", files={"file": ("lab.zip", zip_of(lab))}).json()["id"]
+        assert wait_for_job(url, reviewed)["status"] == "done"
+        assert httpx.post(f"{url}/api/models", json={"jobs": ["0" * 13 + "-" + "0" * 12]}).status_code == 404
+        assert httpx.post(f"{url}/api/models/not-a-version/activate").status_code == 404
+        with sync_playwright() as playwright:
+            browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=["--no-sandbox", "--disable-gpu"])
+            page = browser.new_page(viewport={"width": 1366, "height": 900})
+            page.goto(f"{url}/jobs/{reviewed}")
+            page.click("#slides tr.slide:first-child td:nth-child(2) a")
+            page.wait_for_selector("body[data-overlay='ready']", timeout=30_000)
+            click_first_patch(page)
+            page.click("#marks button[data-label='0']")  # the reviewer overrules the name's label of this tile
+            expect(page.locator("#mark-saved")).to_have_text("marked not IDC")
+            slide, picked = page.get_attribute("body", "data-slide"), page.get_attribute("body", "data-picked")
+            page.click("header nav a[href='/models']")
+            expect(page.locator("#adapt-jobs tbody tr")).to_have_count(1)
+            expect(page.locator("#adapt-jobs tbody tr td").nth(3)).to_have_text("1")  # one marked tile
+            expect(page.locator("#versions tr.version")).to_have_count(1)  # the shipped model alone
+            page.fill("#version-name", "our lab")
+            page.click("#adapt")
+            expect(page.locator("#adapt-status")).to_have_text(re.compile("^(built|failed)"), timeout=240_000)
+            assert page.inner_text("#adapt-status") == "built: see its estimate below"
+            built = page.locator("#versions tr.version", has_text="our lab")
+            expect(built).to_contain_text("before: sens")
+            expect(built).to_contain_text("after: sens")
+            expect(built).to_contain_text("on 5 patients")
+            page.screenshot(path=str(tmp_path / "adapt.png"), full_page=True)
+            built.locator("button.activate").click()
+            expect(page.locator("#activate-status")).to_contain_text("active now")
+            expect(built).to_have_attribute("data-active", "true")
+            version = built.get_attribute("data-id")
+            browser.close()
+        versions = httpx.get(f"{url}/api/models").json()
+        assert versions["active"] == version
+        new = next(v for v in versions["versions"] if v["id"] == version)
+        assert new["jobs"] == [reviewed] and new["based_on"] == "shipped" and new["weights_sha256"] == shipped["weights"]
+        assert new["estimate"]["patients"] == 5 and set(new["estimate"]) >= {"before", "after"}
+        with open(data / "models" / version / "labels.csv", newline="") as handle:  # the mark, as the calibration read it
+            assert [(r["patient"], f"{r['x']},{r['y']}", r["label"]) for r in csv.DictReader(handle)] == [(slide, picked, "0")]
+        later = httpx.post(f"{url}/api/jobs", files={"file": ("later.zip", zip_of(lab))}).json()["id"]
+        assert wait_for_job(url, later)["status"] == "done"
+        scored_by = httpx.get(f"{url}/api/jobs/{later}").json()["model"]
+        assert scored_by == {"version": version, "name": "our lab", "weights_sha256": new["weights_sha256"],
+                             "scoring_sha256": new["scoring_sha256"]}
+        assert httpx.get(f"{url}/api/jobs/{reviewed}").json()["model"]["version"] == "shipped"
+        assert new["scoring_sha256"] != shipped["scoring"] and model_digests(tiny_model) == shipped  # never changed
+        assert httpx.post(f"{url}/api/models/shipped/activate").json() == {"active": "shipped"}
+        assert httpx.post(f"{url}/api/models", json={"jobs": [version]}).status_code == 409  # an adapt job is no review
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)

@@ -28,7 +28,9 @@ from histoscreen import __version__
 from histoscreen.errors import HistoscreenError, SettingError
 from histoscreen.serving.jobs import JobStore
 from histoscreen.serving.uploads import UploadError
-from histoscreen.serving.routers import Served, jobs_router, pages_router, reviews_router, slides_router, viewer_router
+from histoscreen.serving.routers import (
+    Served, jobs_router, models_router, pages_router, reviews_router, slides_router, viewer_router,
+)
 
 PROBLEM_JSON = "application/problem+json"
 STATIC = Path(__file__).resolve().parent / "static"
@@ -243,7 +245,7 @@ def create_app(settings: ServeSettings) -> FastAPI:
                 "running": store.count("running"), "workers": alive, "workers_expected": expected, "worker_restarts": restarts["count"]}
         return JSONResponse(body, status_code=200 if alive == expected else 503)
 
-    for router in (api, jobs_router(served), slides_router(served), reviews_router(served), viewer_router(served)):
+    for router in (api, jobs_router(served), slides_router(served), reviews_router(served), viewer_router(served), models_router(served)):
         app.include_router(router)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     app.mount("/docs-assets", StaticFiles(directory=swagger_ui_folder()), name="docs-assets")

@@ -24,6 +24,8 @@ from histoscreen.atomic import atomic_write_text
 JOB_ID = re.compile(r"[0-9a-f]{13}-[0-9a-f]{12}")  # what new_id makes
 
 JOB_STATES = ("queued", "running", "done", "failed")
+JOB_KINDS = ("patches", "slide", "adapt")  # adapt: calibrate a model version from reviewed jobs
+SHIPPED_VERSION = "shipped"  # the model the server was started with; never changed
 OPTIONS_FILE = "options.json"  # in a job's folder, beside input/ and report/
 VERDICTS = ("agree", "disagree", "needs second look")
 
@@ -31,7 +33,7 @@ SCHEMA = """
 create table if not exists jobs (
     id text primary key,
     name text not null,
-    kind text not null,          -- 'patches' (a zip of PNGs) or 'slide' (a whole-slide image)
+    kind text not null,          -- 'patches' (a zip of PNGs), 'slide' (a whole-slide image) or 'adapt' (JOB_KINDS)
     status text not null,
     progress real not null default 0,
     error text,
@@ -57,6 +59,27 @@ create table if not exists tile_marks (  -- a reviewer's label of one screened t
     label integer not null,      -- 1 IDC, 0 not IDC
     marked text not null,
     primary key (job, slide, x, y)
+);
+create table if not exists model_versions (  -- calibrated from reviewed jobs; the model files under models/<id>/
+    id text primary key,         -- the id of the adapt job that built it
+    name text not null,
+    created text not null,
+    based_on text not null,      -- the version it was calibrated from
+    jobs text not null,          -- JSON: the screening jobs whose labels calibrated it
+    weights_sha256 text not null,
+    scoring_sha256 text not null,
+    estimate text not null       -- JSON: before/after figures, each patient called by a fit on the others
+);
+create table if not exists active_model (
+    one integer primary key check (one = 1),
+    version text not null
+);
+create table if not exists job_models (  -- which model version scored a job
+    job text primary key,
+    version text not null,
+    name text not null,
+    weights_sha256 text not null,
+    scoring_sha256 text not null
 );
 """
 
@@ -238,6 +261,48 @@ class JobStore:
             rows = db.execute(query + " order by slide, y, x", values).fetchall()
         return [{"slide": r["slide"], "x": r["x"], "y": r["y"], "label": r["label"], "marked": r["marked"]} for r in rows]
 
+
+    # ---- model versions: calibrated from reviewed jobs, one of them active ----------------
+
+    def version_folder(self, version: str) -> Path:
+        return self.data / "models" / version
+
+    def add_version(self, version: str, name: str, based_on: str, jobs: list[str], digests: dict[str, str], estimate: dict) -> None:
+        with self._connect() as db:
+            db.execute("insert into model_versions (id, name, created, based_on, jobs, weights_sha256, scoring_sha256, estimate) "
+                       "values (?, ?, ?, ?, ?, ?, ?, ?)",
+                       (version, name, now(), based_on, json.dumps(jobs), digests["weights"], digests["scoring"], json.dumps(estimate)))
+
+    def versions(self) -> list[dict]:
+        """The calibrated versions, newest first (the shipped model is not among them)."""
+        with self._connect() as db:
+            rows = db.execute("select * from model_versions order by created desc, id desc").fetchall()
+        return [{"id": r["id"], "name": r["name"], "created": r["created"], "based_on": r["based_on"], "jobs": json.loads(r["jobs"]),
+                 "weights_sha256": r["weights_sha256"], "scoring_sha256": r["scoring_sha256"], "estimate": json.loads(r["estimate"])}
+                for r in rows]
+
+    def has_version(self, version: str) -> bool:
+        with self._connect() as db:
+            return db.execute("select 1 from model_versions where id = ?", (version,)).fetchone() is not None
+
+    def active_version(self) -> str:
+        with self._connect() as db:
+            row = db.execute("select version from active_model").fetchone()
+        return row["version"] if row else SHIPPED_VERSION
+
+    def activate(self, version: str) -> None:
+        with self._connect() as db:
+            db.execute("insert or replace into active_model (one, version) values (1, ?)", (version,))
+
+    def record_job_model(self, job_id: str, version: str, name: str, digests: dict[str, str]) -> None:
+        with self._connect() as db:
+            db.execute("insert or replace into job_models (job, version, name, weights_sha256, scoring_sha256) values (?, ?, ?, ?, ?)",
+                       (job_id, version, name, digests["weights"], digests["scoring"]))
+
+    def job_model(self, job_id: str) -> dict | None:
+        with self._connect() as db:
+            row = db.execute("select * from job_models where job = ?", (job_id,)).fetchone()
+        return {k: row[k] for k in ("version", "name", "weights_sha256", "scoring_sha256")} if row else None
 
 def _job(row: sqlite3.Row) -> Job:
     return Job(row["id"], row["name"], row["kind"], row["status"], row["progress"], row["error"], row["created"], row["finished"])

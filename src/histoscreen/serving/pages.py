@@ -20,6 +20,7 @@ def _page(title: str, body: str, page: str, **data: str) -> str:
 <title>{escape(title)} · histoscreen</title><link rel="stylesheet" href="/static/app.css"></head>
 <body data-page="{page}" {attributes}>
 <header><a class="brand" href="/">histoscreen</a><span class="version">{__version__}</span>
+<nav><a href="/">Jobs</a> <a href="/models">Adapt to this lab</a></nav>
 <form id="token-form" hidden><label>Access token <input id="token" type="password" autocomplete="off"></label><button>Use</button></form>
 </header>
 <p class="disclaimer">{escape(DISCLAIMER)}</p>
@@ -98,3 +99,26 @@ def slide(job_id: str, slide_id: str) -> str:
     </section>
   </aside>
 </div>""", "slide", job=job_id, slide=slide_id)
+
+
+def models() -> str:
+    return _page("Adapt to this lab", """
+<h1>Adapt to this lab</h1>
+<p class="explain">A model meets a new population in every lab. Calibrating it on this lab's reviewed slides refits its
+temperature, bias, slide context and threshold (the network's weights stay as they are). The labels are the tiles a
+reviewer marked in the viewer and, for patch uploads, the classes in the patch names. Before a version is used, its
+estimate says what it is worth here: every patient called by a calibration fitted on the other patients, against the
+version it started from. Measured on a second population of public patients, calibrating on 4 to 16 patients did not
+beat the shipped calibration on average (benchmarks/lab_adaptation.py): make a version active only when its estimate is
+better. At least 5 patients and 50 patches of each class are needed.</p>
+<section><h2>Build a version</h2>
+<p>From the finished screening jobs chosen below, starting from the active version.</p>
+<table id="adapt-jobs"><thead><tr><th>use</th><th>job</th><th>kind</th><th>marked tiles</th></tr></thead><tbody></tbody></table>
+<label>Name <input id="version-name" maxlength="200" placeholder="e.g. our lab, 2026 review"></label>
+<button id="adapt">Build a calibrated version</button> <span id="adapt-status" role="status"></span>
+</section>
+<section><h2>Versions</h2>
+<table id="versions"><thead><tr><th>version</th><th>built</th><th>calibrated on</th><th>weights</th><th>scoring</th>
+<th>estimate before → after (each patient called by a fit on the others)</th><th></th></tr></thead><tbody></tbody></table>
+<p id="activate-status" role="status"></p>
+</section>""", "models")

@@ -24,7 +24,7 @@ from histoscreen.data.wsi import check_pixel_size_setting
 from histoscreen.errors import SettingError
 from histoscreen.report.reader import PICTURES, ReportReader
 from histoscreen.serving import pages
-from histoscreen.serving.jobs import VERDICTS, Job, JobStore
+from histoscreen.serving.jobs import SHIPPED_VERSION, VERDICTS, Job, JobStore
 from histoscreen.serving.uploads import extract_patches, slide_file_name, slug, upload_kind
 from histoscreen.serving.viewer import DeepZoom, LeastRecentlyUsed, SlideDeepZoom, png_bytes
 from histoscreen.tables import csv_text
@@ -46,6 +46,12 @@ class TileMark(BaseModel):
 
 class TileMarks(BaseModel):
     marks: list[TileMark] = Field(max_length=100_000)
+
+
+class AdaptRequest(BaseModel):
+    jobs: list[str] | None = Field(default=None, max_length=1000,
+                                   description="finished screening jobs whose labels calibrate (default: all of them)")
+    name: str = Field(default="", max_length=200)
 
 
 @dataclass
@@ -158,7 +164,7 @@ def jobs_router(served: Served) -> APIRouter:
 
     @router.get("/jobs/{job_id}")
     def get_job(job_id: str) -> dict:
-        return served.job(job_id).public()
+        return {**served.job(job_id).public(), "model": store.job_model(job_id)}
 
     @router.get("/jobs/{job_id}/errors")
     def errors(job_id: str) -> list[dict]:
@@ -371,6 +377,55 @@ def viewer_router(served: Served) -> APIRouter:
     return router
 
 
+def models_router(served: Served) -> APIRouter:
+    """Model versions: calibrated from the labels of reviewed jobs (an adapt job, run by a
+    worker), each with its before/after estimate; one is active and scores new jobs. The
+    server's own model is the version "shipped" and is never changed."""
+    from histoscreen.models.bundle import model_digests, shipped_model_path
+
+    router = APIRouter(prefix="/api", tags=["model versions"])
+    store = served.store
+
+    @router.get("/models")
+    def versions() -> dict:
+        base = served.model or str(shipped_model_path())
+        digests = model_digests(base)
+        shipped = {"id": SHIPPED_VERSION, "name": f"shipped ({Path(base).stem})", "created": None, "based_on": None, "jobs": [],
+                   "weights_sha256": digests["weights"], "scoring_sha256": digests["scoring"], "estimate": None}
+        active = store.active_version()
+        return {"active": active, "versions": [{**v, "active": v["id"] == active} for v in [shipped, *store.versions()]]}
+
+    @router.post("/models", status_code=202)
+    def adapt(body: AdaptRequest) -> dict:
+        """Queue an adapt job: calibrate the active version on the jobs' labels (tile marks
+        first, labels in patch names elsewhere); the new version is not made active."""
+        finished = [job for job in store.all() if job.kind != "adapt" and job.status == "done"]
+        chosen = body.jobs if body.jobs is not None else [job.id for job in finished]
+        for job_id in chosen:
+            job = served.job(job_id)
+            if job.kind == "adapt" or job.status != "done":
+                raise HTTPException(409, f"job {job_id} is {'an adapt job' if job.kind == 'adapt' else job.status}; "
+                                    "a model is adapted on finished screening jobs")
+        if not chosen:
+            raise HTTPException(409, "no finished screening job to adapt on: screen and review some slides first")
+        if store.count("queued") >= served.max_queued:
+            raise HTTPException(503, f"the queue holds {served.max_queued} jobs already; try again later", headers={"Retry-After": "60"})
+        job_id = store.new_id()
+        store.folder(job_id).mkdir(parents=True)
+        name = body.name.strip() or f"calibrated on {len(chosen)} job{'s' if len(chosen) != 1 else ''}"
+        store.add(job_id, name, "adapt", {"jobs": list(dict.fromkeys(chosen)), "based_on": store.active_version()})
+        return {"id": job_id, "status": "queued"}
+
+    @router.post("/models/{version}/activate")
+    def activate(version: str) -> dict:
+        if version != SHIPPED_VERSION and not store.has_version(version):
+            raise HTTPException(404, f"no model version {version!r}")
+        store.activate(version)
+        return {"active": version}
+
+    return router
+
+
 def pages_router(served: Served) -> APIRouter:
     router = APIRouter(include_in_schema=False)
 
@@ -386,6 +441,10 @@ def pages_router(served: Served) -> APIRouter:
         if not served.store.is_id(job_id):  # a page's address is data too: only ids this server makes
             raise HTTPException(404, f"no job {job_id!r}")
         return job_id
+
+    @router.get("/models", response_class=HTMLResponse)
+    def models_page() -> str:
+        return pages.models()
 
     @router.get("/jobs/{job_id}", response_class=HTMLResponse)
     def job_page(job_id: str) -> str:

@@ -18,8 +18,8 @@ import sys
 import time
 from pathlib import Path
 
-from histoscreen.errors import HistoscreenError
-from histoscreen.serving.jobs import Job, JobStore
+from histoscreen.errors import HistoscreenError, InputError
+from histoscreen.serving.jobs import SHIPPED_VERSION, Job, JobStore
 
 PROGRESS_EVERY_S = 0.5
 
@@ -34,7 +34,23 @@ def die_with_parent(parent: int) -> None:
         sys.exit(0)
 
 
+def version_model(store: JobStore, version: str, shipped: str | None) -> tuple[str, str]:
+    """(name, model path) of a model version: a calibrated one's folder, or the server's own model."""
+    from histoscreen.models.bundle import shipped_model_path
+
+    if version == SHIPPED_VERSION:
+        path = shipped or str(shipped_model_path())
+        return f"shipped ({Path(path).stem})", path
+    name = next((v["name"] for v in store.versions() if v["id"] == version), version)
+    return name, str(store.version_folder(version))
+
+
 def run_job(store: JobStore, job: Job, parent: int, model: str | None) -> None:
+    """A screening job, scored by the model version active when it starts (recorded with it),
+    or an adapt job."""
+    if job.kind == "adapt":
+        return run_adaptation(store, job, model)
+    from histoscreen.models.bundle import model_digests
     from histoscreen.report.screening import SLIDES_STAGE, write_screening_report
     from histoscreen.tasks import Screening
 
@@ -56,11 +72,54 @@ def run_job(store: JobStore, job: Job, parent: int, model: str | None) -> None:
             last = time.monotonic()
 
     try:
+        version = store.active_version()
+        name, model = version_model(store, version, model)
+        store.record_job_model(job.id, version, name, model_digests(model))
         screening = Screening([folder / "input"], model=model, mpp=store.screening_options(job.id).get("mpp"))
         write_screening_report(screening, folder / "report", overwrite=True, progress=progress)
     except HistoscreenError as error:
         store.finish(job.id, str(error).replace(str(folder / "input") + os.sep, ""))  # paths as inside the upload
     except Exception as error:  # a bug must fail its job, not the worker
+        store.finish(job.id, f"internal error: {type(error).__name__}: {error}")
+    else:
+        store.finish(job.id)
+
+
+def run_adaptation(store: JobStore, job: Job, shipped: str | None) -> None:
+    """Calibrate a model version on the labels of reviewed screening jobs (a reviewer's tile
+    marks first, the labels in patch names elsewhere), every patient a calibration patient,
+    with its leave-one-patient-out estimate; written under models/<job id>/, not made active."""
+    import shutil
+
+    from histoscreen.data.splits import SplitSpec
+    from histoscreen.models.bundle import DEFAULT_WEIGHTS_NAME, model_digests, save_model
+    from histoscreen.tables import write_csv
+    from histoscreen.tasks import calibrate
+
+    options = store.screening_options(job.id)
+    folder = store.version_folder(job.id)
+    try:
+        jobs, based_on = list(options["jobs"]), options["based_on"]
+        _, base = version_model(store, based_on, shipped)
+        folder.mkdir(parents=True, exist_ok=True)
+        marks = [mark for screened in jobs for mark in store.tile_marks(screened)]
+        labels = []
+        if marks:
+            labels = [folder / "labels.csv"]
+            write_csv(labels[0], ["patient", "x", "y", "label"], [(m["slide"], m["x"], m["y"], m["label"]) for m in marks])
+        pixel_sizes = {store.screening_options(screened).get("mpp") for screened in jobs}
+        if len(pixel_sizes) > 1:
+            raise InputError("the jobs were screened with different pixel sizes (mpp); adapt on jobs that share one")
+        store.progress(job.id, 0.1)
+        model, metadata = calibrate([store.folder(screened) / "input" for screened in jobs], base, split_spec=SplitSpec(scheme="all"),
+                                    labels=labels, mpp=pixel_sizes.pop())
+        save_model(model, metadata, folder / DEFAULT_WEIGHTS_NAME)  # a model given as its folder
+        store.add_version(job.id, job.name, based_on, jobs, model_digests(folder), metadata.validation.estimate)
+    except HistoscreenError as error:
+        shutil.rmtree(folder, ignore_errors=True)
+        store.finish(job.id, str(error).replace(str(store.data) + os.sep, ""))
+    except Exception as error:  # a bug must fail its job, not the worker
+        shutil.rmtree(folder, ignore_errors=True)
         store.finish(job.id, f"internal error: {type(error).__name__}: {error}")
     else:
         store.finish(job.id)

@@ -105,7 +105,8 @@ async function refreshJobs() {
   const jobs = await json("/jobs");
   const body = document.querySelector("#jobs tbody");
   body.replaceChildren(...jobs.map((job) => el("tr", { class: "job", "data-id": job.id, "data-status": job.status },
-    cell(el("a", { href: `/jobs/${encodeURIComponent(job.id)}` }, job.name), true), cell(job.created.replace("T", " ").slice(0, 19)),
+    cell(el("a", { href: job.kind === "adapt" ? "/models" : `/jobs/${encodeURIComponent(job.id)}` }, job.name), true),
+    cell(job.created.replace("T", " ").slice(0, 19)),
     cell(job.status + (job.error ? `: ${job.error}` : ""), true),
     cell([el("progress", { max: "1", value: String(job.progress) }), ` ${Math.round(job.progress * 100)}%`]),
     cell(job.finished ? job.finished.replace("T", " ").slice(0, 19) : ""))));
@@ -292,5 +293,64 @@ async function pick(base, x, y) {
   }
 }
 
-const start = { home: startHome, job: startJob, slide: startSlide }[page];
+// ---- adapt to this lab: model versions ----------------------------------------------------
+
+
+function estimateText(estimate) {
+  if (!estimate) return "as shipped";
+  const side = (f) => `sens ${percent(f.sensitivity)}, spec ${percent(f.specificity)}, BA ${percent(f.balanced_accuracy)}, `
+    + `${f.under_called.length} of ${f.complete_slides} complete slides under-called`;
+  const gain = estimate.after.balanced_accuracy - estimate.before.balanced_accuracy;
+  return [el("div", {}, `before: ${side(estimate.before)}`), el("div", {}, `after: ${side(estimate.after)}`),
+    el("div", { class: gain > 0 ? "better" : "worse" }, gain > 0
+      ? `balanced accuracy ${(100 * gain).toFixed(1)} points better, on ${estimate.patients} patients`
+      : `not better than the version it started from (${(100 * gain).toFixed(1)} points, on ${estimate.patients} patients): keep the active one`)];
+}
+
+async function refreshVersions() {
+  const { versions } = await json("/models");
+  const body = document.querySelector("#versions tbody");
+  body.replaceChildren(...versions.map((v) => el("tr", { class: "version", "data-id": v.id, "data-active": String(v.active) },
+    cell(v.name, true), cell(v.created ? v.created.replace("T", " ").slice(0, 19) : ""),
+    cell(v.jobs.length ? `${v.jobs.length} job${v.jobs.length === 1 ? "" : "s"}` : ""),
+    cell(el("code", {}, v.weights_sha256.slice(0, 12))), cell(el("code", {}, v.scoring_sha256.slice(0, 12))),
+    cell(estimateText(v.estimate), true),
+    cell(v.active ? el("b", {}, "active") : el("button", { class: "activate", "data-id": v.id }, "Make active")))));
+  body.querySelectorAll("button.activate").forEach((button) => button.addEventListener("click", async () => {
+    await json(`/models/${encodeURIComponent(button.dataset.id)}/activate`, { method: "POST" });
+    document.getElementById("activate-status").textContent = "active now: new jobs are scored by it";
+    refreshVersions();
+  }));
+}
+
+async function startModels() {
+  const jobs = (await json("/jobs")).filter((job) => job.kind !== "adapt" && job.status === "done");
+  const marked = await Promise.all(jobs.map(async (job) => (await (await api(`/jobs/${encodeURIComponent(job.id)}/labels.csv`)).text())
+    .trim().split("\n").length - 1));
+  document.querySelector("#adapt-jobs tbody").replaceChildren(...jobs.map((job, index) => el("tr", {},
+    cell(el("input", { type: "checkbox", class: "use", value: job.id, checked: "" })), cell(job.name, true), cell(job.kind),
+    cell(marked[index]))));
+  const status = document.getElementById("adapt-status");
+  document.getElementById("adapt").addEventListener("click", async () => {
+    const chosen = [...document.querySelectorAll("#adapt-jobs input.use:checked")].map((box) => box.value);
+    try {
+      const queued = await json("/models", { method: "POST", headers: { "Content-Type": "application/json" },
+        body: JSON.stringify({ jobs: chosen, name: document.getElementById("version-name").value }) });
+      status.textContent = "calibrating ...";
+      const timer = setInterval(async () => {
+        const job = await json(`/jobs/${encodeURIComponent(queued.id)}`);
+        if (job.status === "done" || job.status === "failed") {
+          clearInterval(timer);
+          status.textContent = job.status === "done" ? "built: see its estimate below" : `failed: ${job.error}`;
+          refreshVersions();
+        }
+      }, 1000);
+    } catch (error) {
+      status.textContent = `refused: ${error.message}`;
+    }
+  });
+  refreshVersions();
+}
+
+const start = { home: startHome, job: startJob, slide: startSlide, models: startModels }[page];
 if (start) Promise.resolve(start()).catch((error) => { console.error(error); });
