@@ -375,6 +375,23 @@ FIRST_PATCH_ON_SCREEN = """async () => {
 }"""
 
 
+GRID_POINT_ON_SCREEN = """async ([gx, gy]) => {
+    const { job, slide } = document.body.dataset;
+    const view = await (await fetch(`/api/jobs/${job}/slides/${slide}/view`)).json();
+    const image = new OpenSeadragon.Point(view.base.offset[0] + (gx - view.origin[0]) / 50 * view.base.cell_px,
+                                          view.base.offset[1] + (gy - view.origin[1]) / 50 * view.base.cell_px);
+    const on = window.histoscreenViewer.world.getItemAt(0).imageToViewerElementCoordinates(image);
+    return [on.x, on.y];
+}"""
+
+
+def click_grid_point(page, gx: float, gy: float) -> None:
+    """Click the viewer where the slide's grid pixel (gx, gy) is shown (50 grid px a tile)."""
+    box = page.locator("#viewer").bounding_box()
+    point = page.evaluate(GRID_POINT_ON_SCREEN, [gx, gy])
+    page.mouse.click(box["x"] + point[0], box["y"] + point[1])
+
+
 def click_first_patch(page) -> None:
     """Click the slide's first screened patch in the viewer, as a reviewer would, and wait for its panel."""
     box = page.locator("#viewer").bounding_box()
@@ -569,6 +586,14 @@ def test_a_reviewers_tile_marks_are_stored_refused_when_wrong_and_come_back_as_l
             refused = client.put(f"{base}/tiles", json={"marks": marks})
             assert refused.status_code == 422 and words in refused.text, refused.text
         client.put(f"{base}/tiles", json={"marks": [{"x": second["x"], "y": second["y"], "label": None}]})  # cleared
+        # a drawn region: refused in one line when it cannot be one, and nothing stored
+        for polygon, words in (([[0, 0], [10, 10]], "at least 3"), ([[0, 0], [1e300, 0], [0, 1e300]], "finite grid pixels"),
+                               ([[0, 0], ["a", 0], [0, 9]], "valid number"),
+                               ([[-900, -900], [-800, -900], [-800, -800]], "lies outside the slide"),
+                               ([[0, 0], [10, 0], [0, 10]], "covers no screened tile")):
+            refused = client.put(f"{base}/region", json={"polygon": polygon, "label": 0})
+            assert refused.status_code == 422 and words in refused.text, refused.text
+        assert client.put(f"{base}/region", json={"polygon": [[0, 0]] * 10_001, "label": 0}).status_code == 422
         assert [(m["x"], m["y"], m["label"]) for m in client.get(f"{base}/tiles").json()] == [(first["x"], first["y"], 1)]
         (tmp_path / "labels.csv").write_text(client.get(f"/api/jobs/{job_id}/labels.csv").text)
     assert read_labels_csv(tmp_path / "labels.csv") == {(slide, first["x"], first["y"]): 1}
@@ -585,7 +610,7 @@ def wait_for_job(url: str, job_id: str, seconds: float = 180) -> dict:
 
 @pytest.mark.skipif(not CHROMIUM.exists(), reason="Debian's chromium is not installed (.ci/run installs it with apt-get)")
 def test_a_lab_adapts_the_model_from_its_reviews_and_new_jobs_are_scored_by_the_active_version(tiny_model, tmp_path):
-    """The whole loop of issue 26: a reviewer marks a tile in the viewer, the lab builds a
+    """The whole loop of issue 26: a reviewer labels a drawn region and a tile in the viewer, the lab builds a
     calibrated version from its reviewed job, reads its before/after estimate, makes it
     active, and the next job is scored by it (its digests in the job); the server's own model
     is never changed and can be made active again."""
@@ -609,13 +634,27 @@ def test_a_lab_adapts_the_model_from_its_reviews_and_new_jobs_are_scored_by_the_
             page.goto(f"{url}/jobs/{reviewed}")
             page.click("#slides tr.slide:first-child td:nth-child(2) a")
             page.wait_for_selector("body[data-overlay='ready']", timeout=30_000)
+            slide = page.get_attribute("body", "data-slide")
+            first = httpx.get(f"{url}/api/jobs/{reviewed}/slides/{slide}/patches").json()[0]
+            # a region drawn around the first patch's tile and its 8 neighbours, labelled IDC
+            page.click("#region-draw")
+            for dx, dy in ((-51, -51), (99, -51), (99, 99), (-51, 99)):
+                click_grid_point(page, first["x"] + dx, first["y"] + dy)
+            expect(page.locator("#region-count")).to_have_text("4 corners.")
+            page.screenshot(path=str(tmp_path / "region.png"))
+            page.click("#region-actions button[data-label='1']")
+            expect(page.locator("#region-saved")).to_have_text(re.compile(r"^\d+ tiles? marked IDC$"))
+            block = {(p["x"], p["y"]) for p in httpx.get(f"{url}/api/jobs/{reviewed}/slides/{slide}/patches").json()
+                     if abs(p["x"] - first["x"]) <= 50 and abs(p["y"] - first["y"]) <= 50}
+            assert page.inner_text("#region-saved") == f"{len(block)} tiles marked IDC" and len(block) >= 4
             click_first_patch(page)
-            page.click("#marks button[data-label='0']")  # the reviewer overrules the name's label of this tile
+            page.click("#marks button[data-label='0']")  # then overrules the region for one tile
             expect(page.locator("#mark-saved")).to_have_text("marked not IDC")
-            slide, picked = page.get_attribute("body", "data-slide"), page.get_attribute("body", "data-picked")
+            picked = page.get_attribute("body", "data-picked")
+            assert picked == f"{first['x']},{first['y']}"
             page.click("header nav a[href='/models']")
             expect(page.locator("#adapt-jobs tbody tr")).to_have_count(1)
-            expect(page.locator("#adapt-jobs tbody tr td").nth(3)).to_have_text("1")  # one marked tile
+            expect(page.locator("#adapt-jobs tbody tr td").nth(3)).to_have_text(str(len(block)))  # the marked tiles
             expect(page.locator("#versions tr.version")).to_have_count(1)  # the shipped model alone
             page.fill("#version-name", "our lab")
             page.click("#adapt")
@@ -637,7 +676,8 @@ def test_a_lab_adapts_the_model_from_its_reviews_and_new_jobs_are_scored_by_the_
         assert new["jobs"] == [reviewed] and new["based_on"] == "shipped" and new["weights_sha256"] == shipped["weights"]
         assert new["estimate"]["patients"] == 5 and set(new["estimate"]) >= {"before", "after"}
         with open(data / "models" / version / "labels.csv", newline="") as handle:  # the mark, as the calibration read it
-            assert [(r["patient"], f"{r['x']},{r['y']}", r["label"]) for r in csv.DictReader(handle)] == [(slide, picked, "0")]
+            marked = {(int(r["x"]), int(r["y"])): r["label"] for r in csv.DictReader(handle) if r["patient"] == slide}
+        assert marked == {tile: "0" if tile == (first["x"], first["y"]) else "1" for tile in block}
         later = httpx.post(f"{url}/api/jobs", files={"file": ("later.zip", zip_of(lab))}).json()["id"]
         assert wait_for_job(url, later)["status"] == "done"
         scored_by = httpx.get(f"{url}/api/jobs/{later}").json()["model"]

@@ -91,6 +91,13 @@ def slide(job_id: str, slide_id: str) -> str:
       <div class="marks" id="marks" hidden>This tile is: <button data-label="1">IDC</button><button data-label="0">not IDC</button>
       <button data-label="">no mark</button> <span id="mark-saved" role="status"></span>
       <a href="#" id="labels-link">labels.csv</a> (every marked tile of this job, for <code>calibrate --labels</code>)</div></section>
+    <section id="region"><h2>Label a region</h2>
+      <p><button id="region-draw">Draw a region</button> then click its corners on the slide; every screened tile at least
+      half inside takes the label you give (kept with the job, as tile marks are).</p>
+      <div id="region-actions" hidden><span id="region-count"></span> This region is:
+        <button data-label="1">IDC</button><button data-label="0">not IDC</button><button data-label="">unmarked</button>
+        <button id="region-cancel">cancel</button></div>
+      <p id="region-saved" role="status"></p></section>
     <section id="review"><h2>Review</h2>
       <div class="verdicts"><button data-verdict="agree">agree</button><button data-verdict="disagree">disagree</button>
       <button data-verdict="needs second look">needs second look</button></div>

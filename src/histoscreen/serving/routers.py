@@ -19,7 +19,8 @@ from fastapi.responses import HTMLResponse, Response, StreamingResponse
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException
 
-from histoscreen.constants import GRID_STEP
+from histoscreen.constants import GRID_STEP, MAX_SLIDE_PX
+from histoscreen.data.annotations import Annotation, label_cells
 from histoscreen.data.wsi import check_pixel_size_setting
 from histoscreen.errors import SettingError
 from histoscreen.report.reader import PICTURES, ReportReader
@@ -46,6 +47,12 @@ class TileMark(BaseModel):
 
 class TileMarks(BaseModel):
     marks: list[TileMark] = Field(max_length=100_000)
+
+
+class RegionMark(BaseModel):
+    polygon: list[tuple[float, float]] = Field(min_length=3, max_length=10_000, description=(
+        "the region's corners in the slide's grid pixels (50 a tile; the x and y of the patch names less 1), as the viewer gives them"))
+    label: int | None = Field(description="1 IDC, 0 not IDC, null to clear the marks of the tiles inside")
 
 
 class AdaptRequest(BaseModel):
@@ -248,6 +255,25 @@ def reviews_router(served: Served) -> APIRouter:
             if mark.label not in (0, 1, None):
                 raise HTTPException(422, f"label must be 1 (IDC), 0 (not IDC) or null, got {mark.label}")
         return {"marked": served.store.mark_tiles(job_id, slide, [(m.x, m.y, m.label) for m in body.marks])}
+
+    @router.put("/jobs/{job_id}/slides/{slide}/region")
+    def mark_region(job_id: str, slide: str, body: RegionMark) -> dict:
+        """Label every screened tile at least half inside a drawn region (the rule QuPath
+        annotations are read by, data/annotations.py); returns the tiles marked."""
+        if body.label not in (0, 1, None):
+            raise HTTPException(422, f"label must be 1 (IDC), 0 (not IDC) or null, got {body.label}")
+        ring = np.asarray(body.polygon, dtype=np.float64)
+        if not np.isfinite(ring).all() or np.abs(ring).max() > MAX_SLIDE_PX:
+            raise HTTPException(422, f"the region's corners must be finite grid pixels within +/-{MAX_SLIDE_PX:,}")
+        patches = served.slide_report(job_id, slide).patches(slide)
+        xs, ys = np.array([p["x"] for p in patches]), np.array([p["y"] for p in patches])
+        inside = label_cells([Annotation(1, [[ring]])], xs, ys, level0_per_grid_px=1.0,
+                             level0_size=(int(xs.max()) + GRID_STEP, int(ys.max()) + GRID_STEP), where=f"the region on slide {slide}") == 1
+        if not inside.any():
+            raise HTTPException(422, "the region covers no screened tile (at least half of a tile must lie inside it)")
+        tiles = [(int(x), int(y)) for x, y in zip(xs[inside], ys[inside])]
+        served.store.mark_tiles(job_id, slide, [(x, y, body.label) for x, y in tiles])
+        return {"marked": len(tiles), "label": body.label, "tiles": [{"x": x, "y": y} for x, y in tiles]}
 
     @router.get("/jobs/{job_id}/slides/{slide}/tiles")
     def tile_marks(job_id: str, slide: str) -> list[dict]:

@@ -230,9 +230,15 @@ async function startSlide() {
       },
     });
   });
+  const region = startRegion(viewer, view, base);
   viewer.addHandler("canvas-click", (event) => {
     if (!event.quick) return;
     const point = viewer.world.getItemAt(0).viewerElementToImageCoordinates(event.position);
+    if (region.drawing()) {
+      event.preventDefaultAction = true;  // a corner, not a zoom
+      region.add(point);
+      return;
+    }
     const column = Math.floor((point.x - view.base.offset[0]) / view.base.cell_px);
     const rowIndex = Math.floor((point.y - view.base.offset[1]) / view.base.cell_px);
     if (column < 0 || rowIndex < 0) return;
@@ -255,6 +261,73 @@ async function startSlide() {
       body: JSON.stringify({ verdict: button.dataset.verdict, note }) });
     showReview(stored.verdict, stored.note, stored.reviewed);
   }));
+}
+
+// A region drawn corner by corner, kept in the slide's grid pixels (what the API takes) and
+// drawn on a canvas over the viewer, redrawn as it pans and zooms.
+function startRegion(viewer, view, base) {
+  const canvas = el("canvas", { class: "region-canvas" });
+  viewer.canvas.append(canvas);
+  const actions = document.getElementById("region-actions");
+  const saved = document.getElementById("region-saved");
+  let drawing = false;
+  let corners = [];
+  const toImage = ([gx, gy]) => new OpenSeadragon.Point(view.base.offset[0] + ((gx - view.origin[0]) / 50) * view.base.cell_px,
+    view.base.offset[1] + ((gy - view.origin[1]) / 50) * view.base.cell_px);
+  const draw = () => {
+    canvas.width = viewer.canvas.clientWidth;
+    canvas.height = viewer.canvas.clientHeight;
+    const context = canvas.getContext("2d");
+    context.clearRect(0, 0, canvas.width, canvas.height);
+    if (!corners.length) return;
+    const item = viewer.world.getItemAt(0);
+    const points = corners.map((corner) => item.imageToViewerElementCoordinates(toImage(corner)));
+    context.beginPath();
+    points.forEach((p, i) => (i ? context.lineTo(p.x, p.y) : context.moveTo(p.x, p.y)));
+    context.closePath();
+    context.fillStyle = "rgba(91, 63, 140, 0.25)";
+    context.strokeStyle = "#5b3f8c";
+    context.lineWidth = 2;
+    context.fill();
+    context.stroke();
+    points.forEach((p) => context.fillRect(p.x - 3, p.y - 3, 6, 6));
+  };
+  const stop = () => {
+    drawing = false;
+    corners = [];
+    actions.hidden = true;
+    document.getElementById("region-draw").textContent = "Draw a region";
+    draw();
+  };
+  viewer.addHandler("update-viewport", draw);
+  document.getElementById("region-draw").addEventListener("click", () => {
+    stop();
+    drawing = true;
+    saved.textContent = "";
+    document.getElementById("region-draw").textContent = "Drawing: click the corners";
+  });
+  document.getElementById("region-cancel").addEventListener("click", stop);
+  actions.querySelectorAll("button[data-label]").forEach((button) => button.addEventListener("click", async () => {
+    const label = button.dataset.label === "" ? null : Number(button.dataset.label);
+    try {
+      const done = await json(`${base}/region`, { method: "PUT", headers: { "Content-Type": "application/json" },
+        body: JSON.stringify({ polygon: corners, label }) });
+      saved.textContent = `${done.marked} tile${done.marked === 1 ? "" : "s"} ${label === null ? "unmarked" : `marked ${label ? "IDC" : "not IDC"}`}`;
+      stop();
+    } catch (error) {
+      saved.textContent = `refused: ${error.message}`;
+    }
+  }));
+  return {
+    drawing: () => drawing,
+    add: (point) => {
+      corners.push([view.origin[0] + ((point.x - view.base.offset[0]) / view.base.cell_px) * 50,
+        view.origin[1] + ((point.y - view.base.offset[1]) / view.base.cell_px) * 50]);
+      document.getElementById("region-count").textContent = `${corners.length} corner${corners.length === 1 ? "" : "s"}.`;
+      actions.hidden = corners.length < 3;
+      draw();
+    },
+  };
 }
 
 function showMark(label) {
