@@ -481,3 +481,61 @@ def test_screening_a_slide_file_imports_neither_pandas_nor_torch(synthetic_slide
     screened = run("report")
     assert screened.stdout.split() == ["0", "False", "False"], screened
     assert json.loads((tmp_path / "report" / "slides.json").read_text())["slides"][0]["patches"] > 100
+
+
+def test_histoscreens_own_regions_edited_as_in_qupath_come_back_as_the_labels_drawn(synthetic_slide_image, tiny_model, tmp_path):
+    """The round trip a reviewer makes: screen, open regions.geojson in QuPath, delete a region
+    that is not IDC and draw one that is stroma, export, and use the file as labels."""
+    slide = write_pyramid_tiff(tmp_path / "slide.tif", upscale(synthetic_slide_image, 2), 2.0, compression="zlib")
+    screen_to(slide, tmp_path / "report", model=tiny_model)
+    folder = tmp_path / "report" / "slides" / "slide"
+    regions = json.loads((folder / "regions.geojson").read_text())
+    assert len(regions["features"]) >= 2
+    with open(folder / "patches.csv", newline="") as handle:
+        tiles = [(int(r["x"]), int(r["y"]), float(r["x_level0"]), float(r["y_level0"])) for r in csv.DictReader(handle)]
+    removed = regions["features"].pop(0)
+    x0, y0 = tiles[len(tiles) // 2][2:]  # a square of 3 x 3 tiles (100 level-0 px each here), classed stroma
+    square = [[x0, y0], [x0 + 300, y0], [x0 + 300, y0 + 300], [x0, y0 + 300], [x0, y0]]
+    regions["features"].append({"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [square]},
+                                "properties": {"objectType": "annotation", "classification": {"name": "Stroma", "color": [0, 150, 0]}}})
+    (tmp_path / "slide.geojson").write_text(json.dumps(regions))
+
+    def inside(feature, x, y) -> bool:
+        geometry = feature["geometry"]
+        polygons = [geometry["coordinates"]] if geometry["type"] == "Polygon" else geometry["coordinates"]
+        return any(point_in_polygon(x, y, rings) for rings in polygons)
+
+    expected = {}
+    for x, y, left, top in tiles:  # each tile by its centre: the regions follow tile edges
+        centre = (left + 50, top + 50)
+        idc = any(inside(f, *centre) for f in regions["features"] if f["properties"]["classification"]["name"] == "IDC")
+        expected[(x, y)] = 1 if idc else 0 if inside(regions["features"][-1], *centre) else -1
+    assert list(expected.values()).count(0) >= 3 and not any(inside(removed, left + 50, top + 50) and expected[(x, y)] != -1
+                                                             for x, y, left, top in tiles)
+    [result] = Screening([str(slide)], model=tiny_model, labels=[tmp_path / "slide.geojson"])
+    assert dict(zip(zip(result.slide.xs.tolist(), result.slide.ys.tolist()), result.slide.labels.tolist())) == expected
+
+
+@pytest.mark.parametrize("name, features, words", [
+    ("huge coordinates", [{"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [[[0, 0], [1e12, 0], [0, 100], [0, 0]]]},
+                           "properties": {"classification": {"name": "IDC"}}}], "beyond any slide"),
+    ("a million vertices", None, "more than 250,000 polygon points"),
+    ("wrong types", [{"type": "Feature", "geometry": {"type": "Polygon", "coordinates": "everywhere"},
+                      "properties": {"classification": {"name": "IDC"}}}], "a polygon needs a list of rings"),
+    ("a geometry that is not one", [{"type": "Feature", "geometry": [1, 2], "properties": {}}], "not a Feature with a geometry"),
+    ("not JSON", "{'type': 'FeatureCollection'", "is not valid JSON"),
+])
+def test_hostile_annotations_are_one_line_and_nothing_is_written(capsys, synthetic_slide_image, tiny_model, tmp_path, name, features, words):
+    from histoscreen.cli import main
+
+    slide = write_pyramid_tiff(tmp_path / "slide.tif", upscale(synthetic_slide_image, 2), 2.0, compression="zlib")
+    if features is None:
+        ring = np.stack([np.cos(np.linspace(0, 2 * np.pi, 1_000_000)) * 500 + 600, np.sin(np.linspace(0, 2 * np.pi, 1_000_000)) * 500 + 600], 1)
+        features = [{"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [ring.round(1).tolist()]},
+                     "properties": {"classification": {"name": "IDC"}}}]
+    (tmp_path / "slide.geojson").write_text(features if isinstance(features, str) else json.dumps(features))
+    code = main(["screen", str(slide), "--labels", str(tmp_path / "slide.geojson"), "--out", str(tmp_path / "report"),
+                 "--model", str(tiny_model), "-q"])
+    errors = capsys.readouterr().err.strip().splitlines()
+    assert code != 0 and len(errors) == 1 and words in errors[0] and "slide.geojson" in errors[0], errors
+    assert not (tmp_path / "report").exists()

@@ -25,6 +25,10 @@ from histoscreen.jsontext import read_json_text
 
 IDC_CLASSES = {"idc", "tumor", "tumour", "invasive ductal carcinoma"}
 MAX_ANNOTATION_BYTES = 256 << 20
+# Bounds on what a reviewer's annotations can be: a slide's level 0 is at most a few hundred
+# thousand pixels a side, and a hand-drawn or QuPath-traced outline a few thousand points.
+MAX_LEVEL0_COORDINATE = 10_000_000
+MAX_ANNOTATION_VERTICES = 250_000
 RASTER_PER_CELL = 8  # each cell is drawn as 8 x 8 samples: its covered share to 1/64
 COVERED = 0.5
 
@@ -52,7 +56,7 @@ def read_annotations(path: str | os.PathLike) -> list[Annotation]:
         features = [features]
     if not isinstance(features, list):
         raise InputError(f"{path}: not GeoJSON features (a FeatureCollection, or a list of Features as QuPath exports)")
-    found = []
+    found, vertices = [], 0
     for number, feature in enumerate(features, start=1):
         where = f"{path}, feature {number}"
         if not isinstance(feature, dict) or not isinstance(feature.get("geometry"), dict):
@@ -68,6 +72,10 @@ def read_annotations(path: str | os.PathLike) -> list[Annotation]:
             polygons = [_rings(part, where) for part in coordinates]
         else:
             continue  # points and lines cover no area
+        vertices += sum(len(ring) for polygon in polygons for ring in polygon)
+        if vertices > MAX_ANNOTATION_VERTICES:
+            raise InputError(f"{where}: more than {MAX_ANNOTATION_VERTICES:,} polygon points in the file; simplify the outlines "
+                             "(QuPath: Objects > Annotations > Simplify shape)")
         found.append(Annotation(label, polygons))
     return found
 
@@ -91,6 +99,9 @@ def _rings(coordinates, where: str) -> list[np.ndarray]:
             raise InputError(f"{where}: a ring must be a list of [x, y] numbers") from None
         if points.ndim != 2 or points.shape[1] < 2 or len(points) < 3 or not np.isfinite(points[:, :2]).all():
             raise InputError(f"{where}: a ring must hold at least 3 finite [x, y] points")
+        if np.abs(points[:, :2]).max() > MAX_LEVEL0_COORDINATE:
+            raise InputError(f"{where}: a point lies {np.abs(points[:, :2]).max():,.0f} px from the origin, beyond any slide "
+                             f"(at most {MAX_LEVEL0_COORDINATE:,}); coordinates must be the slide's level-0 pixels")
         rings.append(points[:, :2])
     return rings
 
