@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """How many reviewed patients must a new lab give before calibrating on them pays?
 
-usage: python benchmarks/lab_adaptation.py [--draws 10] [--ks 4 8 16] [--models MODEL ...]
+usage: python benchmarks/lab_adaptation.py [--draws 10] [--ks 4 8 16] [--models MODEL ...] [--last-layer]
 
 The 32 patients of ../shared/data/idc/extra.zip (in no official list: a second population)
 play the new lab. For k reviewed patients, `--draws` seeded random draws: the shipped
@@ -12,6 +12,11 @@ called with it and with the shipped scoring. Printed per k: sensitivity, specifi
 balanced accuracy and under-called IDC slides (complete slides with a true IDC fraction of
 at least 0.20 reported below half of it) for both, the mean and the worst draw of the
 change in balanced accuracy, and in how many draws it fell.
+
+With --last-layer, a third variant (issue 26's optional one): the network's last layer
+(128 pooled features -> one logit) fine-tuned on the k patients' patches (class-balanced
+cross-entropy, an L2 pull of strength LAST_LAYER_PULL towards the shipped weights, L-BFGS;
+one setting, fixed before it was run), then its scoring fitted on them as above.
 
 Networks: by default the three fold networks of benchmarks/cv.py's "official-train" recipe
 (.cache/cv/seed-0/official-train/fold-*, made by `python benchmarks/cv.py official-train`):
@@ -38,6 +43,7 @@ from histoscreen.tasks.calibrate import call_figures
 from measure import cpu_model
 
 MIN_PATIENTS, MIN_PATCHES_PER_CLASS = 5, 50  # what `calibrate` will refuse below (issue 26)
+LAST_LAYER_PULL = 1.0  # L2 strength towards the trained head, per unit of mean loss
 
 
 def main() -> None:
@@ -46,6 +52,7 @@ def main() -> None:
     parser.add_argument("--ks", type=int, nargs="+", default=[4, 8, 16])
     parser.add_argument("--work", type=Path, default=REPO / ".cache" / "cv")
     parser.add_argument("--models", nargs="+", help="model files or folders, or 'shipped' (default: the official-train fold networks)")
+    parser.add_argument("--last-layer", action="store_true", help="also fine-tune the last layer on the k patients (slower)")
     args = parser.parse_args()
     store = PatchStore(everything_store(args.work))
     lab = sorted(p for p in store.patients if list_of(p) == "extra")
@@ -71,6 +78,7 @@ def main() -> None:
 
 def adapt(model: Path, pixels, labels, patients, positions, complete, lab, args) -> None:
     raw = Predictor(model).view_logits(pixels)[0].astype(np.float64)
+    head = pooled_features(model, pixels) if args.last_layer else None
     metadata = load_metadata(model)
     procedure = metadata.validation.procedure if metadata.validation else None
     rule = ThresholdRule(**procedure["threshold_rule"]) if procedure else ThresholdRule()  # as `train` fitted it
@@ -89,7 +97,7 @@ def adapt(model: Path, pixels, labels, patients, positions, complete, lab, args)
           f"{'BA change: mean worst fell':>27}")
     for k in args.ks:
         rng = np.random.default_rng(k)
-        before, after, moved = [], [], []
+        before, after, moved, tuned = [], [], [], []
         draws = 0
         while draws < args.draws:
             chosen = set(rng.choice(lab, size=k, replace=False).tolist())
@@ -103,6 +111,12 @@ def adapt(model: Path, pixels, labels, patients, positions, complete, lab, args)
             after.append(call(scoring, rest))
             # the lighter variant: the model's scoring kept, only its threshold chosen on the k patients
             moved.append(call(metadata.scoring, rest, choose_threshold(labels[fit], probabilities(metadata.scoring, fit)[0], rule)))
+            if head is not None:
+                logits = fine_tuned_logits(head, labels, fit)
+                scoring, _ = fit_scoring(labels[fit], logits[fit], logits[fit], positions=positions.take(fit), rule=rule, context_model="blend")
+                found, own = scored(scoring, scoring.plain.calibrated(logits[rest]), positions.take(rest), tta=False, context=True)
+                figures = call_figures(labels[rest], found >= own, patients[rest], complete)
+                tuned.append({**figures, "under_called": len(figures["under_called"])})
         change = np.array([a["balanced_accuracy"] - b["balanced_accuracy"] for a, b in zip(after, before)])
         threshold_change = np.array([a["balanced_accuracy"] - b["balanced_accuracy"] for a, b in zip(moved, before)])
 
@@ -115,6 +129,49 @@ def adapt(model: Path, pixels, labels, patients, positions, complete, lab, args)
         shifted = f"{mean(moved, 'sensitivity'):.3f} {mean(moved, 'specificity'):.3f} {mean(moved, 'balanced_accuracy'):.3f} {mean(moved, 'under_called'):5.1f}"
         print(f"{'':>3} {'':>5}  {'threshold only:':>30}  {shifted:>34}  {threshold_change.mean():+.3f} {threshold_change.min():+.3f} "
               f"{int((threshold_change < 0).sum()):>3}/{draws}")
+        if tuned:
+            tuned_change = np.array([a["balanced_accuracy"] - b["balanced_accuracy"] for a, b in zip(tuned, before)])
+            last = f"{mean(tuned, 'sensitivity'):.3f} {mean(tuned, 'specificity'):.3f} {mean(tuned, 'balanced_accuracy'):.3f} {mean(tuned, 'under_called'):5.1f}"
+            print(f"{'':>3} {'':>5}  {'last layer + recalibrated:':>30}  {last:>34}  {tuned_change.mean():+.3f} {tuned_change.min():+.3f} "
+                  f"{int((tuned_change < 0).sum()):>3}/{draws}")
+
+
+def pooled_features(model: Path, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
+    """(N x 128 pooled features before the last layer, its weights, its bias)."""
+    import torch
+
+    from histoscreen.data.transforms import to_model_input
+    from histoscreen.models import load_model
+
+    network, metadata = load_model(model)
+    network.eval()
+    features = []
+    with torch.no_grad():
+        for start in range(0, len(pixels), 1024):
+            images = to_model_input(torch.as_tensor(np.ascontiguousarray(pixels[start : start + 1024])), metadata.normalisation)
+            features.append(network.head[:2](network.features(images)).numpy())  # pooled, flattened: dropout is off in eval
+    linear = network.head[-1]
+    return np.concatenate(features).astype(np.float64), linear.weight.detach().numpy()[0].astype(np.float64), float(linear.bias.detach()[0])
+
+
+def fine_tuned_logits(head: tuple[np.ndarray, np.ndarray, float], labels: np.ndarray, fit: np.ndarray) -> np.ndarray:
+    """Every patch's logit after the last layer is refitted on the `fit` patches."""
+    from scipy.optimize import minimize
+
+    features, weights, bias = head
+    x, y = features[fit], labels[fit].astype(np.float64)
+    balance = np.where(y == 1, 0.5 / max(y.mean(), 1e-9), 0.5 / max(1 - y.mean(), 1e-9))  # each class half the loss
+    start = np.append(weights, bias)
+
+    def loss(theta: np.ndarray) -> tuple[float, np.ndarray]:
+        z = x @ theta[:-1] + theta[-1]
+        p = 1 / (1 + np.exp(-z))
+        value = np.mean(balance * (np.logaddexp(0, z) - y * z)) + LAST_LAYER_PULL / 2 * np.sum((theta[:-1] - weights) ** 2)
+        gradient = np.append(x.T @ (balance * (p - y)) / len(y) + LAST_LAYER_PULL * (theta[:-1] - weights), np.mean(balance * (p - y)))
+        return value, gradient
+
+    theta = minimize(loss, start, jac=True, method="L-BFGS-B").x
+    return features @ theta[:-1] + theta[-1]
 
 
 if __name__ == "__main__":
