@@ -687,6 +687,9 @@ def test_a_lab_adapts_the_model_from_its_reviews_and_new_jobs_are_scored_by_the_
         assert new["scoring_sha256"] != shipped["scoring"] and model_digests(tiny_model) == shipped  # never changed
         assert httpx.post(f"{url}/api/models/shipped/activate").json() == {"active": "shipped"}
         assert httpx.post(f"{url}/api/models", json={"jobs": [version]}).status_code == 409  # an adapt job is no review
+        for path in ("slides", "slides.csv", "report.zip", "labels.csv"):  # nor has it a report to serve
+            refused = httpx.get(f"{url}/api/jobs/{version}/{path}")
+            assert refused.status_code == 409 and "not a report" in refused.text, (path, refused.text)
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=30)

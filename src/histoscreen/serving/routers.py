@@ -81,6 +81,8 @@ class Served:
 
     def report(self, job_id: str) -> ReportReader:
         job = self.job(job_id)
+        if job.kind == "adapt":
+            raise HTTPException(409, f"job {job_id} built a model version, not a report: see GET /api/models")
         if job.status != "done":
             raise HTTPException(409, f"job {job_id} is {job.status}; its results come when it is done")
         return ReportReader(self.store.folder(job_id) / "report")
