@@ -84,11 +84,11 @@ def adapt(model: Path, pixels, labels, patients, positions, complete, lab, args)
     rule = ThresholdRule(**procedure["threshold_rule"]) if procedure else ThresholdRule()  # as `train` fitted it
     print(f"its scoring: context {'on' if metadata.scoring.has_context else 'off'}, threshold rule {rule.describe()}")
 
-    def probabilities(scoring, rows: np.ndarray) -> tuple[np.ndarray, float]:
-        return scored(scoring, scoring.plain.calibrated(raw[rows]), positions.take(rows), tta=False, context=True)
+    def probabilities(scoring, rows: np.ndarray, logits: np.ndarray = raw) -> tuple[np.ndarray, float]:
+        return scored(scoring, scoring.plain.calibrated(logits[rows]), positions.take(rows), tta=False, context=True)
 
-    def call(scoring, rows: np.ndarray, threshold: float | None = None) -> dict:
-        found, own = probabilities(scoring, rows)
+    def call(scoring, rows: np.ndarray, threshold: float | None = None, logits: np.ndarray = raw) -> dict:
+        found, own = probabilities(scoring, rows, logits)
         calls = found >= (own if threshold is None else threshold)
         figures = call_figures(labels[rows], calls, patients[rows], complete)
         return {**figures, "under_called": len(figures["under_called"])}
@@ -114,9 +114,7 @@ def adapt(model: Path, pixels, labels, patients, positions, complete, lab, args)
             if head is not None:
                 logits = fine_tuned_logits(head, labels, fit)
                 scoring, _ = fit_scoring(labels[fit], logits[fit], logits[fit], positions=positions.take(fit), rule=rule, context_model="blend")
-                found, own = scored(scoring, scoring.plain.calibrated(logits[rest]), positions.take(rest), tta=False, context=True)
-                figures = call_figures(labels[rest], found >= own, patients[rest], complete)
-                tuned.append({**figures, "under_called": len(figures["under_called"])})
+                tuned.append(call(scoring, rest, logits=logits))
         change = np.array([a["balanced_accuracy"] - b["balanced_accuracy"] for a, b in zip(after, before)])
         threshold_change = np.array([a["balanced_accuracy"] - b["balanced_accuracy"] for a, b in zip(moved, before)])
 

@@ -24,7 +24,6 @@ from histoscreen.atomic import atomic_write_text
 JOB_ID = re.compile(r"[0-9a-f]{13}-[0-9a-f]{12}")  # what new_id makes
 
 JOB_STATES = ("queued", "running", "done", "failed")
-JOB_KINDS = ("patches", "slide", "adapt")  # adapt: calibrate a model version from reviewed jobs
 SHIPPED_VERSION = "shipped"  # the model the server was started with; never changed
 OPTIONS_FILE = "options.json"  # in a job's folder, beside input/ and report/
 VERDICTS = ("agree", "disagree", "needs second look")
@@ -33,7 +32,7 @@ SCHEMA = """
 create table if not exists jobs (
     id text primary key,
     name text not null,
-    kind text not null,          -- 'patches' (a zip of PNGs), 'slide' (a whole-slide image) or 'adapt' (JOB_KINDS)
+    kind text not null,          -- 'patches' (a zip of PNGs), 'slide' (a whole-slide image) or 'adapt' (a model version built from reviewed jobs)
     status text not null,
     progress real not null default 0,
     error text,
@@ -280,6 +279,18 @@ class JobStore:
         return [{"id": r["id"], "name": r["name"], "created": r["created"], "based_on": r["based_on"], "jobs": json.loads(r["jobs"]),
                  "weights_sha256": r["weights_sha256"], "scoring_sha256": r["scoring_sha256"], "estimate": json.loads(r["estimate"])}
                 for r in rows]
+
+    def version_model(self, version: str, shipped: str | None) -> tuple[str, str]:
+        """(name, model path) of a version: a calibrated one's folder, or `shipped`, the
+        server's own model (the package's shipped model when None)."""
+        if version == SHIPPED_VERSION:
+            from histoscreen.models.bundle import shipped_model_path
+
+            path = shipped or str(shipped_model_path())
+            return f"shipped ({Path(path).stem})", path
+        with self._connect() as db:
+            row = db.execute("select name from model_versions where id = ?", (version,)).fetchone()
+        return (row["name"] if row else version), str(self.version_folder(version))
 
     def has_version(self, version: str) -> bool:
         with self._connect() as db:

@@ -103,6 +103,12 @@ class Served:
         return [{**row, **{f"review_{k}": v for k, v in reviews.get(row["patient"], {}).items()}} for row in self.report(job_id).rows]
 
 
+def check_label(label: int | None) -> None:
+    """A reviewer's label: 1 IDC, 0 not IDC, None to clear a mark."""
+    if label not in (0, 1, None):
+        raise HTTPException(422, f"label must be 1 (IDC), 0 (not IDC) or null, got {label}")
+
+
 def only_form_fields(known: frozenset[str]):
     """A dependency refusing a form with fields the endpoint does not read: one it ignored
     (slide_mpp for mpp, say) would screen with settings nobody asked for, without a word."""
@@ -254,16 +260,14 @@ def reviews_router(served: Served) -> APIRouter:
         for mark in body.marks:
             if (mark.x, mark.y) not in screened:
                 raise HTTPException(422, f"slide {slide!r} has no screened tile at x={mark.x}, y={mark.y}")
-            if mark.label not in (0, 1, None):
-                raise HTTPException(422, f"label must be 1 (IDC), 0 (not IDC) or null, got {mark.label}")
+            check_label(mark.label)
         return {"marked": served.store.mark_tiles(job_id, slide, [(m.x, m.y, m.label) for m in body.marks])}
 
     @router.put("/jobs/{job_id}/slides/{slide}/region")
     def mark_region(job_id: str, slide: str, body: RegionMark) -> dict:
         """Label every screened tile at least half inside a drawn region (the rule QuPath
         annotations are read by, data/annotations.py); returns the tiles marked."""
-        if body.label not in (0, 1, None):
-            raise HTTPException(422, f"label must be 1 (IDC), 0 (not IDC) or null, got {body.label}")
+        check_label(body.label)
         ring = np.asarray(body.polygon, dtype=np.float64)
         if not np.isfinite(ring).all() or np.abs(ring).max() > MAX_SLIDE_PX:
             raise HTTPException(422, f"the region's corners must be finite grid pixels within +/-{MAX_SLIDE_PX:,}")
@@ -409,16 +413,16 @@ def models_router(served: Served) -> APIRouter:
     """Model versions: calibrated from the labels of reviewed jobs (an adapt job, run by a
     worker), each with its before/after estimate; one is active and scores new jobs. The
     server's own model is the version "shipped" and is never changed."""
-    from histoscreen.models.bundle import model_digests, shipped_model_path
+    from histoscreen.models.bundle import model_digests
 
     router = APIRouter(prefix="/api", tags=["model versions"])
     store = served.store
 
     @router.get("/models")
     def versions() -> dict:
-        base = served.model or str(shipped_model_path())
+        name, base = store.version_model(SHIPPED_VERSION, served.model)
         digests = model_digests(base)
-        shipped = {"id": SHIPPED_VERSION, "name": f"shipped ({Path(base).stem})", "created": None, "based_on": None, "jobs": [],
+        shipped = {"id": SHIPPED_VERSION, "name": name, "created": None, "based_on": None, "jobs": [],
                    "weights_sha256": digests["weights"], "scoring_sha256": digests["scoring"], "estimate": None}
         active = store.active_version()
         return {"active": active, "versions": [{**v, "active": v["id"] == active} for v in [shipped, *store.versions()]]}
@@ -427,8 +431,7 @@ def models_router(served: Served) -> APIRouter:
     def adapt(body: AdaptRequest) -> dict:
         """Queue an adapt job: calibrate the active version on the jobs' labels (tile marks
         first, labels in patch names elsewhere); the new version is not made active."""
-        finished = [job for job in store.all() if job.kind != "adapt" and job.status == "done"]
-        chosen = body.jobs if body.jobs is not None else [job.id for job in finished]
+        chosen = body.jobs if body.jobs is not None else [job.id for job in store.all() if job.kind != "adapt" and job.status == "done"]
         for job_id in chosen:
             job = served.job(job_id)
             if job.kind == "adapt" or job.status != "done":

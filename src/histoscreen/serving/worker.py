@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from histoscreen.errors import HistoscreenError, InputError
-from histoscreen.serving.jobs import SHIPPED_VERSION, Job, JobStore
+from histoscreen.serving.jobs import Job, JobStore
 
 PROGRESS_EVERY_S = 0.5
 
@@ -32,17 +32,6 @@ def die_with_parent(parent: int) -> None:
         pass  # not Linux: the parent check below still applies
     if os.getppid() != parent:
         sys.exit(0)
-
-
-def version_model(store: JobStore, version: str, shipped: str | None) -> tuple[str, str]:
-    """(name, model path) of a model version: a calibrated one's folder, or the server's own model."""
-    from histoscreen.models.bundle import shipped_model_path
-
-    if version == SHIPPED_VERSION:
-        path = shipped or str(shipped_model_path())
-        return f"shipped ({Path(path).stem})", path
-    name = next((v["name"] for v in store.versions() if v["id"] == version), version)
-    return name, str(store.version_folder(version))
 
 
 def run_job(store: JobStore, job: Job, parent: int, model: str | None) -> None:
@@ -73,7 +62,7 @@ def run_job(store: JobStore, job: Job, parent: int, model: str | None) -> None:
 
     try:
         version = store.active_version()
-        name, model = version_model(store, version, model)
+        name, model = store.version_model(version, model)
         store.record_job_model(job.id, version, name, model_digests(model))
         screening = Screening([folder / "input"], model=model, mpp=store.screening_options(job.id).get("mpp"))
         write_screening_report(screening, folder / "report", overwrite=True, progress=progress)
@@ -100,7 +89,7 @@ def run_adaptation(store: JobStore, job: Job, shipped: str | None) -> None:
     folder = store.version_folder(job.id)
     try:
         jobs, based_on = list(options["jobs"]), options["based_on"]
-        _, base = version_model(store, based_on, shipped)
+        _, base = store.version_model(based_on, shipped)
         folder.mkdir(parents=True, exist_ok=True)
         marks = [mark for screened in jobs for mark in store.tile_marks(screened)]
         labels = []
