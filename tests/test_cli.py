@@ -134,7 +134,7 @@ def test_a_pickle_handed_as_a_model_is_refused(tmp_path, synthetic_store):
 COMMANDS = ["prepare", "synth", "demo-slides", "splits", "train", "calibrate", "evaluate", "predict", "screen", "serve", "export"]
 SOURCE = Path(__file__).resolve().parents[1] / "src" / "histoscreen"
 # Settings the Python API checks that no command exposes (so their errors are never phrased as flags).
-API_ONLY_SETTINGS = {"idc_fraction", "idc_fractions", "gpus_per_worker", "patches_per_shard"}
+API_ONLY_SETTINGS = {"idc_fraction", "idc_fractions", "gpus_per_worker", "patches_per_shard", "max_queued"}
 
 
 def strings_in(node: ast.AST) -> list[str]:
@@ -155,7 +155,8 @@ def test_every_flag_a_message_or_help_names_exists():
 
 
 def _setting_error(node: ast.AST) -> bool:
-    return isinstance(node, ast.Call) and getattr(node.func, "id", None) == "SettingError" and bool(node.args)
+    """A SettingError made, or one of histoscreen.checks' checks, which make them."""
+    return isinstance(node, ast.Call) and getattr(node.func, "id", None) in {"SettingError", "whole_number", "number", "choice"} and bool(node.args)
 
 
 def test_the_library_names_no_flag_and_every_setting_error_maps_to_one():

@@ -514,3 +514,66 @@ def test_predict_on_inputs_that_are_all_rejected_fails(capsys, tmp_path):
     error = refused(capsys, "no readable patch among the inputs (2 rejected)", "predict", str(tmp_path / "bad"), "--out", str(tmp_path / "p.csv"))
     assert "the first:" in error
     assert not (tmp_path / "p.csv").exists() and not (tmp_path / "p.rejects.csv").exists()
+
+
+def _settings_cases():
+    """(what to build, the setting it must name): for every public entry that takes numbers or
+    names, a NaN, a boolean, a fraction where a count is meant, a string, and a value out of
+    range. Each once passed at least one entry silently (NaN compares False with everything)."""
+    from histoscreen.data.splits import SplitSpec
+    from histoscreen.data.wsi import TissueSettings
+    from histoscreen.runtime import Predictor
+    from histoscreen.scoring.calibration import ThresholdRule
+    from histoscreen.serving.app import ServeSettings
+    from histoscreen.tasks.ray_engine import RayEngine
+    from histoscreen.training.config import TrainConfig
+
+    nan = float("nan")
+    return [
+        (lambda: TrainConfig(epochs=2.5), "epochs"),
+        (lambda: TrainConfig(batch_size=True), "batch_size"),
+        (lambda: TrainConfig(learning_rate=nan), "learning_rate"),
+        (lambda: TrainConfig(learning_rate=0.0), "learning_rate"),
+        (lambda: TrainConfig(warmup_epochs="1"), "warmup_epochs"),
+        (lambda: TrainConfig(border_smoothing=1.5), "border_smoothing"),
+        (lambda: TrainConfig(seed=-1), "seed"),
+        (lambda: TrainConfig(balance="both"), "balance"),
+        (lambda: RayEngine(gpus_per_worker=nan), "gpus_per_worker"),
+        (lambda: RayEngine(workers=0), "ray_workers"),
+        (lambda: RayEngine(patches_per_shard=0.5), "patches_per_shard"),
+        (lambda: ServeSettings(data=Path("."), max_queued=0), "max_queued"),
+        (lambda: ServeSettings(data=Path("."), workers=1.5), "parallel_jobs"),
+        (lambda: ServeSettings(data=Path("."), max_upload_bytes=1000), "max_upload_mb"),
+        (lambda: ThresholdRule(min_sensitivity=nan), "min_sensitivity"),
+        (lambda: ThresholdRule(min_specificity=0.0), "min_specificity"),
+        (lambda: ThresholdRule(objective="f1"), "threshold_objective"),
+        (lambda: TissueSettings(min_tissue=nan), "min_tissue"),
+        (lambda: SplitSpec(scheme="kfold", folds=3, fold=4), "fold"),
+        (lambda: SplitSpec(scheme="kfold", folds=1, fold=1), "folds"),
+        (lambda: Predictor(batch_size=2.5), "batch_size"),
+        (lambda: Predictor(backend="tensorrt"), "backend"),
+    ]
+
+
+@pytest.mark.parametrize("index", range(22))
+def test_every_public_setting_is_checked_at_the_boundary_and_named(index):
+    from histoscreen.errors import SettingError
+
+    build, setting = _settings_cases()[index]
+    with pytest.raises(SettingError) as refused:
+        build()
+    assert refused.value.setting == setting, refused.value
+    assert str(refused.value).startswith(f"{setting} ") and "\n" not in str(refused.value)
+
+
+def test_the_defaults_of_every_checked_setting_pass():
+    from histoscreen.data.splits import SplitSpec
+    from histoscreen.data.wsi import TissueSettings
+    from histoscreen.scoring.calibration import ThresholdRule
+    from histoscreen.serving.app import ServeSettings
+    from histoscreen.tasks.ray_engine import RayEngine
+    from histoscreen.training.config import TrainConfig
+
+    for made in (TrainConfig(), RayEngine(), ServeSettings(data=Path(".")), ThresholdRule(), TissueSettings(),
+                 SplitSpec(scheme="kfold", folds=3, fold=3), TrainConfig(learning_rate=1e-3, seed=7)):
+        assert made is not None

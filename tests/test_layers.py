@@ -11,7 +11,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "histoscreen"
 # scoring before models: it works on logits and needs no network, and a model bundle stores
 # its scoring settings (scoring/settings.py) in its JSON
 STAGES = ["data", "scoring", "models", "runtime", "training", "tasks", "report", "serving", "cli"]
-SHARED = {"__init__", "atomic", "constants", "errors", "jsontext", "lazy", "problems", "progress", "tables"}
+SHARED = {"__init__", "atomic", "checks", "constants", "errors", "jsontext", "lazy", "problems", "progress", "tables"}
 # A registry imports the architectures it lists when first asked, and each registers itself with it.
 REGISTRATION = {("histoscreen.models.registry", "histoscreen.models.compact"), ("histoscreen.models.registry", "histoscreen.models.residual"),
                 ("histoscreen.models.registry", "histoscreen.models.resnet")}

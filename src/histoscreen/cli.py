@@ -25,6 +25,7 @@ from pathlib import Path
 
 from histoscreen import __version__
 from histoscreen.atomic import check_output_file, check_output_folder
+from histoscreen.checks import whole_number
 from histoscreen.errors import HistoscreenError, InputError, OutputExistsError, RunExistsError, SettingError
 from histoscreen.problems import printable_path
 from histoscreen.progress import Progress, silent
@@ -184,8 +185,7 @@ def _model_files(model: str | None) -> list:
 def _apply_threads(args: argparse.Namespace) -> None:
     """The thread budget is process-wide: set here, at the entry point, never in the library."""
     if getattr(args, "threads", None) is not None:
-        if args.threads < 1:
-            raise SettingError("threads", f"must be at least 1, got {args.threads}")
+        whole_number("threads", args.threads)
         from histoscreen.runtime.device import set_threads
 
         set_threads(args.threads)

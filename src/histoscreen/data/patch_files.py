@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from histoscreen.checks import whole_number
 from histoscreen.constants import (
     BACKGROUND_RGB,
     GRID_STEP,
@@ -28,7 +29,6 @@ from histoscreen.constants import (
     PATCH_SIZE,
 )
 from histoscreen.data.naming import PatchName, on_grid, parse_patch_name
-from histoscreen.errors import SettingError
 from histoscreen.problems import Problem, is_utf8_name, printable_path
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -207,8 +207,8 @@ def decode_files(
     Items with equal keys next to each other whose files are byte-identical are decoded
     once (the Kaggle archive's twins). Each chunk comes with its paths.
     """
-    if workers is not None and workers < 1:
-        raise SettingError("workers", f"must be at least 1, got {workers}")
+    if workers is not None:
+        whole_number("workers", workers)
     workers = workers or os.cpu_count() or 1
     chunks = [items[i : i + chunk_size] for i in range(0, len(items), chunk_size)]
     if workers == 1 or len(chunks) < 2:

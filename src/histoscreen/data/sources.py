@@ -21,12 +21,13 @@ from pathlib import Path
 
 import numpy as np
 
+from histoscreen.checks import whole_number
 from histoscreen.constants import KAGGLE_DUPLICATE_FOLDER, PATCH_SIZE
 from histoscreen.data.grid import NO_SLIDE, UNKNOWN_COORDINATE, SlidePositions
 from histoscreen.data.naming import PatchName, grid_index, parse_patch_name, patient_sort_key
 from histoscreen.data.patch_files import check_name, decode_files, find_files
 from histoscreen.data.store import PatchStore
-from histoscreen.errors import InputError, SettingError
+from histoscreen.errors import InputError
 from histoscreen.problems import Problem
 
 NO_LABEL = -1
@@ -268,8 +269,8 @@ class FileSource(PatchSource):
         listing_problems: Sequence[Problem] = (),
     ):
         super().__init__()
-        if workers is not None and workers < 1:
-            raise SettingError("workers", f"must be at least 1, got {workers}")
+        if workers is not None:
+            whole_number("workers", workers)
         self.problems += listing_problems
         self.description = description
         self.workers = workers

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from histoscreen.checks import choice, whole_number
 from histoscreen.errors import InputError, SettingError
 from histoscreen.data.naming import patient_sort_key
 
@@ -46,8 +47,7 @@ class PatientSplit:
                 )
 
     def patients(self, split: str) -> frozenset[str]:
-        if split not in SPLIT_NAMES:
-            raise SettingError("split", f"{split!r} is not one of {', '.join(SPLIT_NAMES)}")
+        choice("split", split, SPLIT_NAMES)
         return getattr(self, split)
 
     def split_of(self, patient: str) -> str | None:
@@ -96,8 +96,7 @@ def kfold_splits(
     every fold gets patients across the range of tumour burden. `exclude` (e.g. the
     official test patients) takes patients out of every round.
     """
-    if folds < 2:
-        raise SettingError("folds", f"must be at least 2, got {folds}")
+    whole_number("folds", folds, low=2)
     excluded = set(exclude)
     table = patient_table[~patient_table["patient"].isin(excluded)]
     if len(table) < folds:
@@ -158,13 +157,9 @@ class SplitSpec:
     extra_to_train: bool = False
 
     def __post_init__(self) -> None:
-        if self.scheme not in SPLIT_SCHEMES:
-            raise SettingError("split_scheme", f"{self.scheme!r} is not one of {', '.join(SPLIT_SCHEMES)}")
+        choice("split_scheme", self.scheme, SPLIT_SCHEMES)
         if self.scheme == "kfold":
-            if self.folds < 2:
-                raise SettingError("folds", f"must be at least 2, got {self.folds}")
-            if not 1 <= self.fold <= self.folds:
-                raise SettingError("fold", f"must be between 1 and {self.folds}, got {self.fold}")
+            whole_number("fold", self.fold, high=whole_number("folds", self.folds, low=2))
         if self.scheme == "csv" and self.csv_path is None:
             raise SettingError("split_csv", "is needed by the csv split scheme: a CSV file with columns patient,split")
 

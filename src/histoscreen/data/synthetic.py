@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
+from histoscreen.checks import number, whole_number
 from histoscreen.errors import SettingError
 from histoscreen.atomic import atomic_folder
 from histoscreen.constants import (
@@ -81,8 +82,7 @@ def generate_slide(patient_index: int, seed: int, *, idc_fraction: float | None 
         # Blob borders cut through patches and a patch needs half its area in IDC, so
         # this pixel share per slide gives about 28% IDC patches, as in the real set.
         idc_fraction = float(rng.uniform(0.14, 0.54))
-    if not 0.0 <= idc_fraction <= 1.0:
-        raise SettingError("idc_fraction", f"must be between 0 and 1, got {idc_fraction}")
+    number("idc_fraction", idc_fraction, low=0, high=1)
 
     ramp = np.linspace(-0.4, 0.8, width, dtype=np.float32)[None, :]
     tissue_field = _smooth_field(rng, height, width, cell=180) + ramp
@@ -146,8 +146,7 @@ def synthesize(
     With `doubled`, every patch is also written under IDC_regular_ps50_idx5/, exactly as
     the Kaggle archive repeats itself.
     """
-    if patients < 1:
-        raise SettingError("patients", f"must be at least 1, got {patients}")
+    whole_number("patients", patients)
     if idc_fractions is not None and len(idc_fractions) != patients:
         raise SettingError("idc_fractions", f"has {len(idc_fractions)} values for {patients} patients")
     summaries = []

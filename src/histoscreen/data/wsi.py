@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from histoscreen.checks import number
 from histoscreen.constants import BACKGROUND_RGB, COORD_ORIGIN, GRID_STEP, PATCH_SIZE
 from histoscreen.data.naming import check_slide_id
 from histoscreen.data.sources import NO_LABEL, PatchBatch, PatchSource, Shard
@@ -59,8 +60,7 @@ class TissueSettings:
     min_saturation: int = 12  # Otsu's threshold never goes below this (0-255): blank glass stays out
 
     def __post_init__(self) -> None:
-        if not 0 < self.min_tissue <= 1:
-            raise SettingError("min_tissue", f"must be in (0, 1], got {self.min_tissue}")
+        number("min_tissue", self.min_tissue, low=0, high=1, low_open=True)
         for name in ("hole_px", "speck_px"):  # not command-line settings: an API caller's mistake
             size = getattr(self, name)
             if size < 1 or size % 2 == 0:

@@ -12,10 +12,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from histoscreen.checks import choice
 from histoscreen.atomic import atomic_write_bytes, atomic_write_text, check_output_file
 from histoscreen.constants import ONNX_OPSET, PATCH_SIZE
 from histoscreen.data.wsi import check_pixel_size_setting
-from histoscreen.errors import SettingError
 from histoscreen.models.bundle import load_model, model_paths
 from histoscreen.data.views import Normalisation
 from histoscreen.models.bundle import ModelMetadata
@@ -75,8 +75,7 @@ def export_model(
 ) -> list[Path]:
     """Write the model as ONNX (uint8 patches in, logits out, plus its metadata JSON) or as
     TorchScript with a WSInfer config.json beside it. Returns the files written."""
-    if format not in EXPORT_FORMATS:
-        raise SettingError("format", f"{format!r} is not one of {', '.join(EXPORT_FORMATS)}")
+    choice("format", format, EXPORT_FORMATS)
     check_pixel_size_setting("mpp", mpp)
     model, metadata = load_model(model_path)
     out = Path(out)

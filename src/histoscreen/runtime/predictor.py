@@ -11,10 +11,11 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from histoscreen.checks import choice, whole_number
 from histoscreen.constants import PATCH_SIZE
 from histoscreen.data.grid import SlidePositions
 from histoscreen.data.views import DIHEDRAL_VIEWS
-from histoscreen.errors import ArgumentError, ModelError, SettingError
+from histoscreen.errors import ArgumentError, ModelError
 from histoscreen.models.bundle import (
     ModelMetadata, check_safetensors_file, file_sha256, load_metadata, load_model, model_paths, shipped_model_path,
 )
@@ -34,8 +35,7 @@ BACKENDS = ("auto", "torch", "onnx")
 def resolve_backend(requested: str, device: str) -> str:
     """'auto' picks ONNX Runtime on the CPU (1.9x torch's speed for the shipped model here)
     and torch on CUDA."""
-    if requested not in BACKENDS:
-        raise SettingError("backend", f"{requested!r} is not one of {', '.join(BACKENDS)}")
+    choice("backend", requested, BACKENDS)
     if requested == "auto":
         return "onnx" if device == "cpu" else "torch"
     return requested
@@ -65,8 +65,7 @@ class Predictor:
         batch_size: int = 256,
         backend: str = "auto",
     ):
-        if batch_size < 1:
-            raise SettingError("batch_size", f"must be at least 1, got {batch_size}")
+        whole_number("batch_size", batch_size)
         self.model_path = Path(model_path) if model_path is not None else shipped_model_path()
         self.device = device_name(device)
         self.backend = resolve_backend(backend, self.device)

@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from histoscreen.data.grid import SlidePositions
-from histoscreen.errors import SettingError
+from histoscreen.checks import choice, number
 from histoscreen.scoring.context import (
     CONTEXT_RADII, CONTEXT_WEIGHTS, blend_with_neighbours, context_features, learned_context, with_context,
 )
@@ -38,12 +38,10 @@ class ThresholdRule:
     min_specificity: float | None = None
 
     def __post_init__(self) -> None:
-        if self.objective not in THRESHOLD_OBJECTIVES:
-            raise SettingError("threshold_objective", f"{self.objective!r} is not one of {', '.join(THRESHOLD_OBJECTIVES)}")
+        choice("threshold_objective", self.objective, THRESHOLD_OBJECTIVES)
         for name in ("min_sensitivity", "min_specificity"):
-            floor = getattr(self, name)
-            if floor is not None and not 0 < floor <= 1:
-                raise SettingError(name, f"must be in (0, 1], got {floor}")
+            if getattr(self, name) is not None:
+                number(name, getattr(self, name), low=0, high=1, low_open=True)
 
     def describe(self) -> str:
         floors = [f"{name} >= {value}" for name, value in (("sensitivity", self.min_sensitivity), ("specificity", self.min_specificity)) if value is not None]
@@ -183,8 +181,7 @@ def fit_scoring(
     here carry over to a patient they were not made on (the learned context refitted
     without each patient in turn).
     """
-    if context_model not in CONTEXT_MODELS:
-        raise SettingError("context_model", f"{context_model!r} is not one of {', '.join(CONTEXT_MODELS)}")
+    choice("context_model", context_model, CONTEXT_MODELS)
     calibrations: dict[str, Calibration] = {}
     metrics: dict[str, dict] = {}
     leave_one_out: dict[str, dict] = {}

@@ -25,6 +25,7 @@ from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException
 
 from histoscreen import __version__
+from histoscreen.checks import whole_number
 from histoscreen.errors import HistoscreenError, SettingError
 from histoscreen.serving.jobs import JobStore
 from histoscreen.serving.uploads import UploadError
@@ -59,9 +60,10 @@ class ServeSettings:
             # an empty token made 'Authorization: Bearer ' a valid key
             raise SettingError("token", f"must be at least {MIN_TOKEN_CHARACTERS} printable characters without spaces, "
                                "e.g. python -c 'import secrets; print(secrets.token_urlsafe())'")
-        for name, value, unit in (("parallel_jobs", self.workers, 1), ("max_upload_mb", self.max_upload_bytes, 1 << 20), ("max_unzipped_mb", self.max_unzipped_bytes, 1 << 20)):
-            if value < unit:
-                raise SettingError(name, f"must be at least 1, got {value // unit}")
+        whole_number("parallel_jobs", self.workers)
+        whole_number("max_queued", self.max_queued)
+        for name, size in (("max_upload_mb", self.max_upload_bytes), ("max_unzipped_mb", self.max_unzipped_bytes)):
+            whole_number(name, whole_number(name, size) >> 20)
 
 
 def problem(status: int, detail: str, title: str | None = None, headers: dict | None = None) -> JSONResponse:

@@ -14,10 +14,11 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from histoscreen.checks import whole_number
 from histoscreen.data.sources import PatchBatch, StoreSource
 from histoscreen.data.splits import SplitSpec
 from histoscreen.data.store import PatchStore
-from histoscreen.errors import InputError, SettingError
+from histoscreen.errors import InputError
 from histoscreen.progress import Progress, silent
 from histoscreen.runtime.predictor import Predictor
 from histoscreen.scoring.metrics import Interval, bootstrap_by_patient, classification_metrics, per_patient_table
@@ -74,8 +75,7 @@ def evaluate(
 ) -> Evaluation:
     """Metrics, at the model's own threshold, for the patients of one split of a store."""
     started = time.perf_counter()
-    if bootstrap_rounds < 1:
-        raise SettingError("bootstrap_rounds", f"must be at least 1, got {bootstrap_rounds}")
+    whole_number("bootstrap_rounds", bootstrap_rounds)
     store = PatchStore(store_path)
     chosen = split_spec.resolve(store.patient_table())
     source = StoreSource(store, chosen.patients(split))

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from histoscreen.checks import number, whole_number
 from histoscreen.data.sources import Conflict, PatchBatch, PatchSource, Shard
 from histoscreen.errors import HistoscreenError, SettingError
 from histoscreen.problems import Problem
@@ -40,14 +41,11 @@ class RayEngine:
     patches_per_shard: int = 8192  # predict: about this many patches per shard (screen: one slide)
 
     def __post_init__(self) -> None:
-        if self.workers is not None and self.workers < 1:
-            raise SettingError("ray_workers", f"must be at least 1, got {self.workers}")
-        if self.cpus_per_worker < 1:
-            raise SettingError("ray_cpus_per_worker", f"must be at least 1, got {self.cpus_per_worker}")
-        if self.gpus_per_worker < 0:
-            raise SettingError("gpus_per_worker", f"must not be negative, got {self.gpus_per_worker}")
-        if self.patches_per_shard < 1:
-            raise SettingError("patches_per_shard", f"must be at least 1, got {self.patches_per_shard}")
+        if self.workers is not None:
+            whole_number("ray_workers", self.workers)
+        whole_number("ray_cpus_per_worker", self.cpus_per_worker)
+        number("gpus_per_worker", self.gpus_per_worker, low=0)
+        whole_number("patches_per_shard", self.patches_per_shard)
 
 
 @dataclass

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
+from histoscreen.checks import choice, number, whole_number
 from histoscreen.data.splits import SplitSpec
 from histoscreen.errors import SettingError
 from histoscreen.models.registry import check_architecture_kwargs
@@ -43,23 +43,19 @@ class TrainConfig:
             self.split = SplitSpec(**self.split)
         if isinstance(self.threshold_rule, dict):
             self.threshold_rule = ThresholdRule(**self.threshold_rule)
-        if self.balance not in BALANCE_CHOICES:
-            raise SettingError("balance", f"must be one of {', '.join(BALANCE_CHOICES)}, got {self.balance!r}")
+        choice("balance", self.balance, BALANCE_CHOICES)
         for name in ("epochs", "batch_size"):
-            if getattr(self, name) < 1:
-                raise SettingError(name, f"must be at least 1, got {getattr(self, name)}")
-        if not 0 <= self.border_smoothing <= 1:
-            raise SettingError("border_smoothing", f"must be between 0 and 1, got {self.border_smoothing}")
-        for name in ("learning_rate", "weight_decay", "warmup_epochs", "stain_jitter"):
-            value = getattr(self, name)
-            if not math.isfinite(value) or value < 0 or (name == "learning_rate" and value == 0):
-                raise SettingError(name, f"must be a {'positive' if name == 'learning_rate' else 'non-negative'} number, got {value}")
-        if not 0 <= self.distil_weight <= 1:
-            raise SettingError("distil_weight", f"must be between 0 and 1, got {self.distil_weight}")
+            whole_number(name, getattr(self, name))
+        for name in ("border_smoothing", "distil_weight"):
+            number(name, getattr(self, name), low=0, high=1)
+        whole_number("seed", self.seed, low=0)
+        number("learning_rate", self.learning_rate, low=0, low_open=True)
+        for name in ("weight_decay", "warmup_epochs", "stain_jitter"):
+            number(name, getattr(self, name), low=0)
         if bool(self.teachers) != (self.distil_weight > 0):
             raise SettingError("distil_weight", "distillation needs both teacher models and a weight above 0")
-        if self.max_train_patches is not None and self.max_train_patches < 1:
-            raise SettingError("max_train_patches", f"must be at least 1, got {self.max_train_patches}")
+        if self.max_train_patches is not None:
+            whole_number("max_train_patches", self.max_train_patches)
         if not isinstance(self.architecture_kwargs, dict):
             raise SettingError("architecture_kwargs", f"must be an object of options, got {self.architecture_kwargs!r}")
         check_architecture_kwargs(self.architecture_kwargs)
