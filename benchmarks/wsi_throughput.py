@@ -10,7 +10,7 @@ Generates a pyramidal JPEG TIFF (tifffile, written tile by tile, so the slide is
 memory here either) of SYNTHETIC tissue (histoscreen synth's slides tiled across the glass)
 at 0.5 µm/px, and a quarter-area one as the baseline for memory growth. Each is screened by
 `histoscreen screen FILE` with the shipped model in its own process; peak memory is the
-proportional anonymous memory of the process tree (the tile readers included). The
+proportional anonymous memory of the process tree (the tile reader threads are in it). The
 patch-store row screens the slide's own tissue tiles, cut out and packed with `prepare`.
 No figure here says anything about accuracy.
 """

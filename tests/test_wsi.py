@@ -539,3 +539,35 @@ def test_hostile_annotations_are_one_line_and_nothing_is_written(capsys, synthet
     errors = capsys.readouterr().err.strip().splitlines()
     assert code != 0 and len(errors) == 1 and words in errors[0] and "slide.geojson" in errors[0], errors
     assert not (tmp_path / "report").exists()
+
+
+def test_reader_threads_give_one_readers_tiles_in_order_and_stop_with_the_caller(synthetic_slide_image, tmp_path, monkeypatch):
+    import threading
+
+    import openslide
+
+    from histoscreen.data.wsi import WholeSlideSource
+
+    def readers() -> list[str]:
+        return [t.name for t in threading.enumerate() if t.name.startswith("slide-reader")]
+
+    readers_at_close = []
+    close = openslide.OpenSlide.close
+    monkeypatch.setattr(openslide.OpenSlide, "close", lambda self: (readers_at_close.append(readers()), close(self))[1])
+
+    slide = write_pyramid_tiff(tmp_path / "slide.tif", upscale(synthetic_slide_image, 2), 2.0, compression="zlib")
+    one = WholeSlideSource(slide, spacing_um_px=4.0, workers=1, band_tiles=8)
+    assert len(one._bands()) > 6  # enough bands for the readers to run ahead and out of order
+    expected = list(one.batches(batch_size=16))
+    threaded = list(WholeSlideSource(slide, spacing_um_px=4.0, workers=3, band_tiles=8).batches(batch_size=16))
+    assert len(threaded) == len(expected)
+    for got, want in zip(threaded, expected):
+        np.testing.assert_array_equal(got.xs, want.xs)
+        np.testing.assert_array_equal(got.ys, want.ys)
+        np.testing.assert_array_equal(got.pixels, want.pixels)
+    # a caller that stops after one batch: the readers are gone when the generator is closed
+    batches = WholeSlideSource(slide, spacing_um_px=4.0, workers=3, band_tiles=8).batches(batch_size=16)
+    next(batches)
+    batches.close()
+    assert not readers()
+    assert readers_at_close and not any(readers_at_close), readers_at_close  # no read may run on a closed slide

@@ -104,7 +104,7 @@ def _runtime_options(group: argparse.ArgumentParser, *, workers: bool, batch_siz
         group.add_argument("--batch-size", type=int, default=256,
                            help="patches per forward pass (default 256: as fast here as larger batches, with a quarter of the memory)")
     if workers:
-        group.add_argument("--workers", type=int, help="decoding processes for PNG input (default: all cores)")
+        group.add_argument("--workers", type=int, help="decoding processes for PNG input, reader threads for slide files (default: all cores)")
 
 
 def _slide_options(group: argparse.ArgumentParser) -> None:

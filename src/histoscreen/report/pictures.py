@@ -19,17 +19,24 @@ def save_png(pixels: np.ndarray, path: Path) -> None:
     Image.fromarray(pixels).save(path, optimize=False, compress_level=6)
 
 
-def shrink(mosaic: np.ndarray, longest: int) -> np.ndarray:
-    height, width = mosaic.shape[:2]
+def as_picture(mosaic: np.ndarray | Image.Image) -> Image.Image:
+    """A slide's picture as a Pillow image. Making one copies the pixels (0.1 s for a whole
+    slide's, more when the array is a cropped view): make it once per slide and pass it on."""
+    return mosaic if isinstance(mosaic, Image.Image) else Image.fromarray(mosaic)
+
+
+def shrink(mosaic: np.ndarray | Image.Image, longest: int) -> np.ndarray:
+    picture = as_picture(mosaic)
+    width, height = picture.size
     scale = min(1.0, longest / max(height, width))
     if scale == 1.0:
-        return mosaic
+        return np.asarray(picture)
     size = (max(1, round(width * scale)), max(1, round(height * scale)))
-    return np.asarray(Image.fromarray(mosaic).resize(size, Image.Resampling.BOX))
+    return np.asarray(picture.resize(size, Image.Resampling.BOX))
 
 
 def heatmap_image(
-    mosaic: np.ndarray,
+    mosaic: np.ndarray | Image.Image,
     grid: SlideGrid,
     patch_values: np.ndarray,
     threshold: float,
@@ -45,9 +52,10 @@ def heatmap_image(
     tenth of the time matplotlib takes."""
     from matplotlib import colormaps
 
-    view = shrink(mosaic, VIEW_PX).astype(np.float32)
+    picture = as_picture(mosaic)
+    view = shrink(picture, VIEW_PX).astype(np.float32)
     height, width = view.shape[:2]
-    slide_px_per_view_px = reduction * mosaic.shape[1] / width
+    slide_px_per_view_px = reduction * picture.size[0] / width
     rows = (np.arange(height) * slide_px_per_view_px // GRID_STEP).astype(np.int64)
     columns = (np.arange(width) * slide_px_per_view_px // GRID_STEP).astype(np.int64)
     items = grid.cells.find(np.repeat(rows, width), np.tile(columns, height)).reshape(height, width)
@@ -84,7 +92,7 @@ def heatmap_image(
     y = bar_top + round((1 - threshold) * (bar_height - 1))
     draw.line([(bar_left - 3, y), (bar_left + 21, y)], fill=OUTLINE_RGB, width=3)
     draw.text((bar_left, bar_top + bar_height + 6), values_label.replace(" ", "\n", 1), fill=(0, 0, 0), font=font)
-    canvas.save(path)
+    canvas.save(path, compress_level=3)  # half the time of the default 6 for a 6% larger file
 
 
 def evidence_overlay(patch: np.ndarray, cam: np.ndarray) -> np.ndarray:

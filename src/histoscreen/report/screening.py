@@ -17,7 +17,6 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from PIL import Image
 
 from histoscreen.atomic import atomic_folder, child_path
 from histoscreen.models.bundle import model_paths
@@ -27,6 +26,7 @@ from histoscreen.progress import Progress, silent
 from histoscreen.report.html import write_index, write_slide_page
 from histoscreen.report.pictures import (
     THUMBNAIL_PX,
+    as_picture,
     explanation_figure,
     heatmap_image,
     probability_overlay,
@@ -143,12 +143,13 @@ def write_slide(result: SlideResult, report_folder: Path, settings: dict, pages:
     folder.mkdir(parents=True)
     slide, grid, threshold = result.slide, result.grid, result.threshold
     mosaic, reduction = result.mosaic, result.reduction
-    Image.fromarray(mosaic).save(folder / "mosaic.jpg", quality=90)
-    save_png(shrink(mosaic, THUMBNAIL_PX), folder / "thumbnail.png")
-    heatmap_image(mosaic, grid, result.probabilities, threshold, folder / "heatmap.png", reduction=reduction,
+    picture = as_picture(mosaic)
+    picture.save(folder / "mosaic.jpg", quality=90)
+    save_png(shrink(picture, THUMBNAIL_PX), folder / "thumbnail.png")
+    heatmap_image(picture, grid, result.probabilities, threshold, folder / "heatmap.png", reduction=reduction,
                   title=f"{result.patient}: IDC probability (cyan outline: at or above threshold {threshold:.2f})")
     if slide.has_labels:
-        heatmap_image(mosaic, grid, slide.labels, 0.5, folder / "truth.png", reduction=reduction,
+        heatmap_image(picture, grid, slide.labels, 0.5, folder / "truth.png", reduction=reduction,
                       title=f"{result.patient}: ground truth (IDC = 1, outlined)", values_label="true label")
     scale = result.level0_per_grid_px
     lefts, tops = level0_corners(slide.xs, slide.ys, scale)

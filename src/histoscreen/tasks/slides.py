@@ -357,12 +357,22 @@ def tiles_geojson(
     """Every scored patch as a QuPath detection (a square over its cell, in the slide's pixel
     coordinates) classified IDC or non-IDC, with its probability in `measurements`."""
     features = []
-    for x, y, probability, call, doubt in zip(slide.xs, slide.ys, probabilities, calls, uncertain):
-        left, top = int(x) - COORD_ORIGIN, int(y) - COORD_ORIGIN
-        corners = [(left, top), (left + GRID_STEP, top), (left + GRID_STEP, top + GRID_STEP), (left, top + GRID_STEP), (left, top)]
+    # a slide's squares share a few hundred distinct corner coordinates: each is scaled once,
+    # exactly as _scaled does (a third of the time of writing a whole slide's tiles)
+    x_of, y_of = ({}, {})
+
+    def corner(value: int, known: dict, axis: int) -> float:
+        if value not in known:
+            known[value] = _scaled((value, value), scale, None if bounds is None else (bounds[axis], bounds[axis]))[0]
+        return known[value]
+
+    for x, y, probability, call, doubt in zip(slide.xs.tolist(), slide.ys.tolist(), probabilities, calls, uncertain):
+        left, top = x - COORD_ORIGIN, y - COORD_ORIGIN
+        x0, x1 = corner(left, x_of, 0), corner(left + GRID_STEP, x_of, 0)
+        y0, y1 = corner(top, y_of, 1), corner(top + GRID_STEP, y_of, 1)
         features.append({
             "type": "Feature",
-            "geometry": {"type": "Polygon", "coordinates": [[_scaled(c, scale, bounds) for c in corners]]},
+            "geometry": {"type": "Polygon", "coordinates": [[[x0, y0], [x1, y0], [x1, y1], [x0, y1], [x0, y0]]]},
             "properties": {
                 "objectType": "detection",
                 "classification": {"name": "IDC", "color": [220, 40, 40]} if call else {"name": "non-IDC", "color": [60, 140, 220]},
