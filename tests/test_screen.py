@@ -350,3 +350,44 @@ def test_the_report_reader_reads_what_the_writer_wrote_and_refuses_a_later_layou
     (copy / "slides.json").write_text(json.dumps({**payload, "format_version": payload["format_version"] + 1}))
     with pytest.raises(InputError, match="this version of histoscreen reads histoscreen-screening-report up to version 1"):
         ReportReader(copy)
+
+
+IMPORT_SPY = '''
+import json, sys, threading
+
+imports = []
+
+
+class Spy:
+    """Records which thread imports which module; finds nothing itself."""
+
+    def find_spec(self, name, path=None, target=None):
+        imports.append((threading.current_thread().name, name))
+        return None
+
+
+sys.meta_path.insert(0, Spy())
+from histoscreen.report import write_screening_report
+from histoscreen.tasks import Screening
+
+write_screening_report(Screening([sys.argv[1]], model=sys.argv[2]), sys.argv[3])
+print(json.dumps(sorted({name for thread, name in imports if thread.startswith("report-writer")})))
+'''
+
+
+def test_the_report_writer_thread_imports_nothing(synthetic_archive, tiny_model, tmp_path):
+    """The writer draws one slide while the next is decoded by forked processes; a fork taken
+    while it imports a module leaves that module's lock held in the child, and a decoder that
+    needs it hangs (the demo did once). Everything it needs is imported before it starts.
+    Run in a fresh interpreter, where nothing is imported yet."""
+    import json
+    import subprocess
+    import sys
+
+    script = tmp_path / "spy.py"
+    script.write_text(IMPORT_SPY)
+    done = subprocess.run([sys.executable, str(script), str(synthetic_archive), str(tiny_model), str(tmp_path / "report")],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == []
+    assert len(list((tmp_path / "report" / "slides").glob("*.html"))) == 3

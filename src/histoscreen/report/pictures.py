@@ -15,6 +15,21 @@ VIEW_PX = 1000  # longest side of the pictures on a slide's page
 OUTLINE_RGB = (0, 229, 255)
 
 
+def load_drawing_modules() -> None:
+    """Import now, in the calling thread, what drawing a slide imports on first use:
+    matplotlib's colour maps, Pillow's file formats and its default font.
+
+    The report writer draws in a thread while the next slide's patches are decoded by
+    forked processes. A fork taken while another thread is importing a module copies that
+    module's lock, held by a thread the child does not have, and a decoder that needs the
+    module waits for ever: the demo hung so once."""
+    from matplotlib import colormaps
+
+    colormaps["inferno"]
+    Image.init()
+    ImageFont.load_default(size=14)
+
+
 def save_png(pixels: np.ndarray, path: Path) -> None:
     Image.fromarray(pixels).save(path, optimize=False, compress_level=6)
 

@@ -29,6 +29,7 @@ from histoscreen.report.pictures import (
     as_picture,
     explanation_figure,
     heatmap_image,
+    load_drawing_modules,
     probability_overlay,
     save_png,
     shrink,
@@ -108,6 +109,7 @@ def write_screening_report(
         # memory levels off with the batch's length.
         pending = None
         progress(SLIDES_STAGE, 0, len(screening))
+        load_drawing_modules()  # before the writer thread starts: it must import nothing (see there)
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="report-writer") as writer:
             for number, result in enumerate(screening.results(progress), start=1):
                 writing = writer.submit(write_slide, result, partial, screening.settings, pages)
