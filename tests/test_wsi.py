@@ -571,3 +571,29 @@ def test_reader_threads_give_one_readers_tiles_in_order_and_stop_with_the_caller
     batches.close()
     assert not readers()
     assert readers_at_close and not any(readers_at_close), readers_at_close  # no read may run on a closed slide
+
+
+def test_explained_patches_are_cut_from_the_slides_picture_not_read_again(synthetic_slide_image, synthetic_archive, tiny_model,
+                                                                         tmp_path, monkeypatch):
+    """A tile is read once: the patches to explain come from the picture painted while the
+    slide streamed past, and they are the pixels the source would give again."""
+    from histoscreen.data.sources import FileSource
+    from histoscreen.data.wsi import WholeSlideSource
+
+    slide = write_pyramid_tiff(tmp_path / "slide.tif", upscale(synthetic_slide_image, 2), 2.0, compression="zlib")
+    screening = Screening([slide, synthetic_archive], model=tiny_model)
+    again = []
+    for kind in (WholeSlideSource, FileSource):
+        read_cells = kind.read_cells
+        monkeypatch.setattr(kind, "read_cells", lambda self, *args, read_cells=read_cells: (again.append(len(args[1])), read_cells(self, *args))[1])
+    results = list(screening.results())
+    short = sum(int(((r.slide.heights[rows] < 50) | (r.slide.widths[rows] < 50)).sum())
+                for r in results for rows in [[e.row for e in r.explanations]])
+    assert len(results) == 4 and sum(again) == short, (again, short)  # only short edge patches are read again
+    assert short > 0 and sum(len(r.explanations) for r in results) > 4 * short  # both paths taken
+    sources = {slide_id: source for source in screening.sources for slide_id in source.slide_ids()}
+    for result in results:
+        rows = [e.row for e in result.explanations]
+        assert rows
+        expected = sources[result.patient].read_cells(result.patient, result.slide.xs[rows], result.slide.ys[rows])
+        np.testing.assert_array_equal(np.stack([e.pixels for e in result.explanations]), expected)

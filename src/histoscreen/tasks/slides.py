@@ -100,6 +100,16 @@ class MosaicCanvas:
             self._bottom = max(self._bottom, int((tops + heights).max()))
             self._right = max(self._right, int((lefts + widths).max()))
 
+    def cut(self, xs: np.ndarray, ys: np.ndarray) -> np.ndarray | None:
+        """The painted pixels of the cells at `xs`, `ys` (as painted: the last patch of a cell,
+        background past a short edge patch), or None when the picture is reduced."""
+        if self.reduction != 1:
+            return None
+        tops = (np.asarray(ys) - COORD_ORIGIN - self.origin[1]).tolist()
+        lefts = (np.asarray(xs) - COORD_ORIGIN - self.origin[0]).tolist()
+        cells = [self._pixels[top : top + PATCH_SIZE, left : left + PATCH_SIZE] for top, left in zip(tops, lefts)]
+        return np.stack(cells) if cells else np.empty((0, PATCH_SIZE, PATCH_SIZE, 3), dtype=np.uint8)
+
     def image(self) -> np.ndarray:
         """The picture, cropped to the patches painted (edge patches may end short of their cell)."""
         return self._pixels[: self._bottom, : self._right]

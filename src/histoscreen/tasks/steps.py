@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from histoscreen.constants import COORD_ORIGIN, GRID_STEP
+from histoscreen.constants import COORD_ORIGIN, GRID_STEP, PATCH_SIZE
 from histoscreen.data.annotations import label_cells, read_annotations
 from histoscreen.data.naming import grid_index
 from histoscreen.data.sources import NO_LABEL, PatchBatch, PatchSource
@@ -192,8 +192,27 @@ def _screen_slide(
     doubtful = [i for i in np.argsort(np.abs(probabilities - threshold)) if uncertain[i] and i not in suspicious]
     chosen = [(int(i), "most suspicious") for i in suspicious] + [(int(i), "uncertain") for i in doubtful[: options.explained_per_kind]]
     rows = [row for row, _ in chosen]
-    pixels = source.read_cells(slide_id, slide.xs[rows], slide.ys[rows])
+    pixels = _explained_pixels(source, slide_id, slide, grid, canvas, np.asarray(rows, dtype=np.int64))
     maps = explanation_maps(predictor, pixels)
     explanations = [Explanation(row, kind, patch, evidence) for (row, kind), patch, evidence in zip(chosen, pixels, maps)]
     return SlideResult(slide, grid, canvas.image(), canvas.reduction, probabilities, uncertain, disagree, threshold, summary,
                        explanations, source.level0_per_grid_px, source.level0_size, source.settings())
+
+
+def _explained_pixels(source: PatchSource, slide_id: str, slide: PatchBatch, grid: SlideGrid, canvas: MosaicCanvas,
+                      rows: np.ndarray) -> np.ndarray:
+    """The pixels of the patches to explain, cut from the slide's picture where it holds them
+    whole (drawn at full resolution, a full 50-px patch that stands for its cell), so a tile
+    is read once; the others (a picture too large to draw at full resolution, a short edge
+    patch, a cell named twice) are read again from the source."""
+    xs, ys = slide.xs[rows], slide.ys[rows]
+    whole = (slide.heights[rows] == PATCH_SIZE) & (slide.widths[rows] == PATCH_SIZE)
+    whole &= grid.cells.item_of_cell[grid.cells.cell_of_item[rows]] == rows
+    cut = canvas.cut(xs[whole], ys[whole])
+    if cut is None:
+        return source.read_cells(slide_id, xs, ys)
+    pixels = np.empty((len(rows), PATCH_SIZE, PATCH_SIZE, 3), dtype=np.uint8)
+    pixels[whole] = cut
+    if not whole.all():
+        pixels[~whole] = source.read_cells(slide_id, xs[~whole], ys[~whole])
+    return pixels
