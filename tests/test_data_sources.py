@@ -124,3 +124,44 @@ def test_shards_opened_in_turn_yield_what_the_source_yields(synthetic_archive, t
         np.testing.assert_array_equal(parts.pixels, whole.pixels)
         assert sum(s.duplicates for s in opened) == source.duplicates
     assert folder_source.duplicates > 0 and NO_SLIDE in folder_source.slide_ids()
+
+
+CHILD_IMPORT_SPY = '''
+import os, sys
+
+parent, log = os.getpid(), sys.argv[2]
+
+
+class Spy:
+    """Appends every import made in a process other than this one (a forked decoder) to the log."""
+
+    def find_spec(self, name, path=None, target=None):
+        if os.getpid() != parent:
+            with open(log, "a") as out:
+                out.write(name + "\\n")
+        return None
+
+
+sys.meta_path.insert(0, Spy())
+from pathlib import Path
+from histoscreen.data.patch_files import decode_files
+
+files = sorted(str(p) for p in Path(sys.argv[1]).rglob("*.png"))[:600]
+print(sum(len(paths) for paths, _ in decode_files([(f, i) for i, f in enumerate(files)], workers=2, chunk_size=100)))
+'''
+
+
+def test_forked_decoders_import_nothing(synthetic_archive, tmp_path):
+    """A decoder forked while another thread of the caller imports a module inherits that
+    module's lock, held, and hangs if it needs the module (the demo hung once so): what
+    decoding imports is imported before the fork. A fresh interpreter, where nothing of
+    Pillow's formats is imported yet."""
+    import subprocess
+    import sys
+
+    script, log = tmp_path / "spy.py", tmp_path / "child-imports.txt"
+    script.write_text(CHILD_IMPORT_SPY)
+    done = subprocess.run([sys.executable, str(script), str(synthetic_archive), str(log)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert int(done.stdout.strip()) == min(600, len(list(synthetic_archive.rglob("*.png"))))
+    assert not log.exists() or log.read_text().split() == [], log.read_text()

@@ -215,6 +215,11 @@ def decode_files(
         for chunk in chunks:
             yield [path for path, _ in chunk], _decode_chunk(chunk)
         return
+    # A forked worker must import nothing: a module that another thread (a report writer, a
+    # web request) was importing at the fork stays locked in the child for ever. Opening a
+    # PNG imports Pillow's formats on first use, so they are imported here, in the forking
+    # thread, which waits for any import of them already under way.
+    Image.init()
     # imap keeps the order and only a few chunks in flight, so memory stays bounded
     # whatever the size of the set. Freezing the garbage collector's view of the parent's
     # objects keeps forked workers from touching (and so copying) every page of them.
