@@ -555,11 +555,10 @@ def _settings_cases():
     ]
 
 
-@pytest.mark.parametrize("index", range(22))
-def test_every_public_setting_is_checked_at_the_boundary_and_named(index):
+@pytest.mark.parametrize("build, setting", _settings_cases(), ids=[setting for _, setting in _settings_cases()])
+def test_every_public_setting_is_checked_at_the_boundary_and_named(build, setting):
     from histoscreen.errors import SettingError
 
-    build, setting = _settings_cases()[index]
     with pytest.raises(SettingError) as refused:
         build()
     assert refused.value.setting == setting, refused.value

@@ -293,7 +293,7 @@ class WholeSlideSource(PatchSource):
         with _openslide().OpenSlide(str(self.path)) as slide:
             read = functools.partial(_read_band, slide, self.level, self.level_downsample, self.level0_per_grid_px)
             # Threads, not processes: OpenSlide and Pillow decode and resample with the GIL
-            # released, and a forked reader pool cost a 2-core batch 10-15% in copied pages.
+            # released, and a forked reader pool cost a 2-core batch 15-20% in copied pages.
             results = _in_order(read, bands, workers) if workers > 1 else (read(*band) for band in bands)
             try:
                 for (rows, columns), pixels in zip(bands, results):

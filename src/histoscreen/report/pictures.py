@@ -22,7 +22,8 @@ def load_drawing_modules() -> None:
     The report writer draws in a thread while the next slide's patches are decoded by
     forked processes. A fork taken while another thread is importing a module copies that
     module's lock, held by a thread the child does not have, and a decoder that needs the
-    module waits for ever: the demo hung so once."""
+    module waits for ever: the demo hung so once. (The decoders import nothing either,
+    data.patch_files.decode_files: this keeps the writer from holding a lock at a fork at all.)"""
     from matplotlib import colormaps
 
     colormaps["inferno"]

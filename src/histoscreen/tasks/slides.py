@@ -8,6 +8,7 @@ box: a patch named far from the others costs no more than any other.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -322,8 +323,12 @@ def _signed_area(ring: list[tuple[int, int]]) -> float:
 def _scaled(point: tuple[int, int], scale: float, bounds: tuple[int, int] | None) -> list:
     """A grid point in the slide's pixels, kept inside the slide: clamping the corners of
     axis-aligned outlines clips them to the slide's edge (edge tiles reach beyond it)."""
-    x, y = (point[0], point[1]) if scale == 1 else (round(point[0] * scale, 2), round(point[1] * scale, 2))
-    return [x, y] if bounds is None else [min(x, bounds[0]), min(y, bounds[1])]
+    return [_scaled_coordinate(point[axis], scale, None if bounds is None else bounds[axis]) for axis in (0, 1)]
+
+
+def _scaled_coordinate(value: int, scale: float, bound: int | None) -> float:
+    scaled = value if scale == 1 else round(value * scale, 2)
+    return scaled if bound is None else min(scaled, bound)
 
 
 def level0_corners(xs: np.ndarray, ys: np.ndarray, scale: float) -> tuple[np.ndarray, np.ndarray]:
@@ -367,19 +372,14 @@ def tiles_geojson(
     """Every scored patch as a QuPath detection (a square over its cell, in the slide's pixel
     coordinates) classified IDC or non-IDC, with its probability in `measurements`."""
     features = []
-    # a slide's squares share a few hundred distinct corner coordinates: each is scaled once,
-    # exactly as _scaled does (a third of the time of writing a whole slide's tiles)
-    x_of, y_of = ({}, {})
-
-    def corner(value: int, known: dict, axis: int) -> float:
-        if value not in known:
-            known[value] = _scaled((value, value), scale, None if bounds is None else (bounds[axis], bounds[axis]))[0]
-        return known[value]
-
+    # a slide's squares share a few hundred distinct corner coordinates: each is scaled once
+    # (a third of the time of writing a whole slide's tiles)
+    x_bound, y_bound = (None, None) if bounds is None else bounds
+    x_of = functools.cache(lambda value: _scaled_coordinate(value, scale, x_bound))
+    y_of = functools.cache(lambda value: _scaled_coordinate(value, scale, y_bound))
     for x, y, probability, call, doubt in zip(slide.xs.tolist(), slide.ys.tolist(), probabilities, calls, uncertain):
         left, top = x - COORD_ORIGIN, y - COORD_ORIGIN
-        x0, x1 = corner(left, x_of, 0), corner(left + GRID_STEP, x_of, 0)
-        y0, y1 = corner(top, y_of, 1), corner(top + GRID_STEP, y_of, 1)
+        x0, x1, y0, y1 = x_of(left), x_of(left + GRID_STEP), y_of(top), y_of(top + GRID_STEP)
         features.append({
             "type": "Feature",
             "geometry": {"type": "Polygon", "coordinates": [[[x0, y0], [x1, y0], [x1, y1], [x0, y1], [x0, y0]]]},
