@@ -64,6 +64,7 @@ MODES = {  # card label: (evaluate options, folder)
 
 def main() -> None:
     import cv
+    from cv_ceiling import ceiling
     from model_card import model_card
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -95,7 +96,7 @@ def main() -> None:
     from histoscreen.models.bundle import figures_stamp
 
     card = model_card(metadata, evaluations, {seed: json.loads(path.read_text()) for seed, path in results.items()},
-                      figures_stamp(model))
+                      figures_stamp(model), {seed: ceiling(args.cv, seed) for seed in results})
     (args.work / "MODEL_CARD.md").write_text(card)
     print(card)
     if args.install:

@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -51,3 +52,17 @@ def test_every_benchmark_script_imports_and_explains_itself(script):
     result = subprocess.run([sys.executable, str(REPO / "benchmarks" / script), "--help"], capture_output=True, text=True,
                             timeout=300, cwd=REPO)
     assert result.returncode == 0 and "usage:" in result.stdout, result.stderr[-2000:]
+
+
+def test_the_accuracy_ceiling_is_the_best_accuracy_of_any_threshold(monkeypatch):
+    """cv_ceiling's oracle, which the model card prints as the bound on every threshold rule,
+    against trying every threshold, on scores with many ties (tied patches are called together)."""
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    from cv_ceiling import best_accuracy
+
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        size = int(rng.integers(1, 40))
+        labels, scores = rng.integers(0, 2, size), rng.integers(0, 5, size).astype(float)
+        tried = max(((scores >= threshold) == labels).mean() for threshold in [*scores, np.inf])
+        assert best_accuracy(labels, scores) == pytest.approx(tried)
