@@ -173,6 +173,11 @@ class FoldLogits:
     held_out: dict[str, np.ndarray]
     val: dict[str, np.ndarray]
 
+    @classmethod
+    def load(cls, path: Path) -> FoldLogits:
+        data = np.load(path)
+        return cls(*({name: data[f"{part}_{name}"] for name in ("views", "labels", "patients", "xs", "ys")} for part in ("held_out", "val")))
+
 
 def fold_logits(recipe: str, store_path: Path, work: Path, fold_of: dict[str, int], fold: int) -> FoldLogits:
     from histoscreen.data import PatchStore, StoreSource
@@ -190,8 +195,7 @@ def fold_logits(recipe: str, store_path: Path, work: Path, fold_of: dict[str, in
                           f"{part}_patients": batch.patients.astype(str), f"{part}_xs": batch.xs, f"{part}_ys": batch.ys})
         np.savez(cache.with_suffix(".partial.npz"), **saved)
         cache.with_suffix(".partial.npz").rename(cache)
-    data = np.load(cache)
-    return FoldLogits(*({name: data[f"{part}_{name}"] for name in ("views", "labels", "patients", "xs", "ys")} for part in ("held_out", "val")))
+    return FoldLogits.load(cache)
 
 
 @dataclass

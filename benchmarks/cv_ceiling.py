@@ -32,7 +32,7 @@ import numpy as np
 import pandas as pd
 
 import cv
-from histoscreen.scoring.metrics import bootstrap_by_patient, classification_metrics
+from histoscreen.scoring.metrics import bootstrap_by_patient, classification_metrics, sigmoid
 from measure import cpu_model
 
 SHIPPED = cv.Procedure("model", "blend", "BA")
@@ -89,7 +89,7 @@ def ceiling(work: Path, seed: int, recipe: str = "with-extra", also: str | None 
         every_margin = margin_logits(part, model)
         extra.append((part.labels[~official], every_margin[~official], part.patients[~official].astype(str)))
         margins, labels = every_margin[official], part.labels[official]
-        figures = cv.patch_figures(labels, 1 / (1 + np.exp(-margins)), 0.5)
+        figures = cv.patch_figures(labels, sigmoid(margins), 0.5)
         row = {"accuracy": figures["accuracy"], "ceiling": best_accuracy(labels, margins), "roc_auc": figures["roc_auc"]}
         if pair:
             other = cv.Part.of(cv.fold_logits(also, store, work, fold_of, k).held_out)
@@ -111,7 +111,7 @@ def ceiling(work: Path, seed: int, recipe: str = "with-extra", also: str | None 
               "near_idc_false_positives": float(near[false_positive.to_numpy()].mean()),
               "near_idc_negatives": float(near[table.label.to_numpy() == 0].mean())}
     labels, margins, patients = (np.concatenate(column) for column in zip(*extra))
-    probabilities = 1 / (1 + np.exp(-margins))
+    probabilities = sigmoid(margins)
     interval = bootstrap_by_patient(labels, probabilities, patients, 0.5, rounds=2000)["balanced_accuracy"]
     pooled = {"patients": len(set(patients)), "balanced_accuracy": classification_metrics(labels, probabilities, 0.5)["balanced_accuracy"],
               "low": interval.low, "high": interval.high}
